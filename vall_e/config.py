@@ -1,0 +1,481 @@
+"""Typed configuration: dataclasses loaded from YAML, with `key.sub=value` overrides on every command.
+
+Usage from a command::
+
+    cfg, args = parse_config(argv, parser)   # pulls `yaml=...` and `key=value` out of argv
+
+* `yaml=PATH` loads a YAML file; its folder becomes `cfg.cfg_path`, from which every run path hangs
+  (`ckpt/`, `logs/`, `.cache/`, `data.h5`, `metrics.png`), as in the reference implementation.
+* `section.key=value` overrides one field; the value is parsed as YAML and checked against the
+  field's type, so `trainer.iterations=10` is an int and `dataset.training=[a,b]` a list.
+* An unknown key is an error naming it and suggesting the closest known key.
+* `help=true` prints every field with its default and meaning.
+
+Unlike the reference, nothing in a config file is ever evaluated as Python: speaker and group names
+come from the path (`{group}/{speaker}/{file}`) through plain format strings.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from vall_e.errors import UserError
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with a help text (mutable defaults are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DatasetConfig:
+    training: list[str] = _f([], "speaker folders ({group}/{speaker}/) used for training, relative to the YAML's folder")
+    validation: list[str] = _f([], "speaker folders for validation; empty = hold out validation_fraction of training")
+    noise: list[str] = _f([], "folders of noise clips (reserved for noise-augmentation tasks)")
+    validation_fraction: float = _f(0.05, "share of each speaker's utterances held out when `validation` is empty")
+    speaker_name_format: str = _f("{group}_{speaker}", "speaker key from path parts: {group} = folder above the speaker folder, {speaker} = speaker folder")
+    speaker_languages: dict[str, list[str]] = _f({}, "language code -> list of group names spoken in it")
+    language: str = _f("en", "language of groups not listed in speaker_languages")
+    hdf5_name: str = _f("data.h5", "HDF5 file name under the YAML's folder")
+    use_hdf5: bool = _f(False, "read samples from the HDF5 file instead of the folders")
+    validate: bool = _f(True, "filter training utterances by duration_range and phones_range")
+    workers: int = _f(0, "DataLoader worker processes")
+    phones_range: list[int] = _f([4, 512], "allowed phoneme count (including <s> and </s>)")
+    duration_range: list[float] = _f([1.0, 32.0], "allowed duration in seconds")
+    min_utterances: int = _f(2, "drop speakers with fewer utterances")
+    random_utterance: float = _f(1.0, "probability the prompt comes from another utterance of the speaker (and of adding another piece)")
+    max_prompts: int = _f(3, "most utterances joined into one prompt")
+    prompt_duration: float = _f(3.0, "target prompt length in seconds (±1 s jitter); 0 = whole utterance")
+    sample_type: str = _f("speaker", "how an index maps to an utterance: path | speaker | group")
+
+
+@dataclass
+class ModelConfig:
+    kind: str = _f("ar+nar", "ar+nar = one network for both; ar,nar = the reference's separate AR and NAR networks")
+    size: str = _f("full", "preset: tiny | quarter | half | full | double, or a float f (floor(1024 f) wide)")
+    d_model: int = _f(0, "model width; 0 = from the preset")
+    n_heads: int = _f(0, "attention heads; 0 = from the preset")
+    n_layers: int = _f(0, "layers; 0 = from the preset")
+    ffn_mult: int = _f(4, "feed-forward width as a multiple of d_model")
+    backbone: str = _f("transformer", "transformer | llama | mixtral | retnet | bitnet")
+    experts: int = _f(1, "mixture-of-experts count (mixtral, retnet)")
+    n_levels: int = _f(8, "codec levels (RVQ codebooks)")
+    n_codes: int = _f(1024, "codes per level; the AR's STOP id equals this")
+    n_text_tokens: int = _f(256, "text vocabulary size (must exceed the symbol map's largest id)")
+    n_langs: int = _f(8, "language embedding entries")
+    dropout: float = _f(0.1, "dropout while training")
+    p_ar: float = _f(0.0, "share of samples trained as AR (level 0); 0 = uniform over levels")
+    text_loss_weight: float = _f(0.0, "weight of the next-phoneme loss on the text (the reference uses 1)")
+    max_positions: int = _f(8192, "longest sequence (text + prompt + response)")
+    frozen_params: list[str] = _f([], "parameter-name prefixes excluded from training")
+    name: str = _f("", "run/checkpoint name; empty = derived from kind, size and backbone")
+
+    @property
+    def full_name(self) -> str:
+        if self.name:
+            return self.name
+        parts = [self.kind.replace(",", "-")]
+        if self.size != "full":
+            parts.append(str(self.size))
+        if self.backbone != "transformer":
+            parts.append(f"{self.experts}x{self.backbone}" if self.experts > 1 else self.backbone)
+        return "-".join(parts)
+
+
+@dataclass
+class HyperparametersConfig:
+    batch_size: int = _f(8, "utterances per micro-batch (when frames_per_batch is 0)")
+    frames_per_batch: int = _f(0, "padded-frame budget per micro-batch for length bucketing; 0 = fixed batch_size")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    gradient_clipping: float = _f(100.0, "clip the gradient norm to this; 0 = off")
+    optimizer: str = _f("adamw", "adamw | sgd | prodigy | adamw8bit")
+    optimizer_params: dict[str, Any] = _f({}, "extra optimizer keyword arguments")
+    learning_rate: float = _f(3.25e-4, "peak learning rate (Prodigy: its d_coef)")
+    betas: list[float] = _f([0.9, 0.96], "AdamW betas (the reference's)")
+    eps: float = _f(1e-7, "AdamW epsilon (the reference's)")
+    weight_decay: float = _f(0.01, "AdamW weight decay (the reference's)")
+    scheduler: str = _f("cosine", "constant | cosine | linear | onecycle")
+    warmup_steps: int = _f(0, "linear warm-up steps")
+    min_lr_ratio: float = _f(0.1, "cosine/linear schedules end at learning_rate * this")
+
+
+@dataclass
+class EvaluationConfig:
+    batch_size: int = _f(16, "validation batch size")
+    frequency: int = _f(250, "evaluate every N steps; 0 = never")
+    size: int = _f(16, "validation utterances per evaluation")
+    steps: int = _f(500, "longest AR output while synthesizing evaluation samples")
+    synthesize: int = _f(2, "validation and training samples synthesized to wavs per evaluation")
+    ar_temperature: float = _f(0.95, "AR temperature for evaluation samples")
+    nar_temperature: float = _f(0.25, "NAR temperature for evaluation samples")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_optimization_level: int = _f(0, "ZeRO stage (0-3)")
+    use_compression_training: bool = _f(False, "DeepSpeed 8-bit compression training")
+    compression_bits: int = _f(8, "bits for compression training")
+    config: dict[str, Any] = _f({}, "extra DeepSpeed config merged on top of the generated one")
+
+
+@dataclass
+class TrainerConfig:
+    backend: str = _f("local", "local (also DDP under torchrun) | deepspeed")
+    iterations: int = _f(100_000, "stop at this optimizer step")
+    save_frequency: int = _f(100, "save a checkpoint every N steps; 0 = evaluation.frequency")
+    keep_last_checkpoints: int = _f(4, "keep this many checkpoints; 0 = all")
+    save_on_quit: bool = _f(True, "`quit`, SIGINT and SIGTERM save before exiting")
+    export_on_save: bool = _f(False, "also export model.safetensors on every save")
+    export_on_quit: bool = _f(False, "export model.safetensors on quit")
+    load_tag: str = _f("", "checkpoint step to resume from; empty = `latest`")
+    load_state_dict: bool = _f(False, "start from ckpt/{name}/model.safetensors instead of a training checkpoint")
+    load_states: bool = _f(True, "restore optimizer, scheduler and sampler states on resume")
+    strict_loading: bool = _f(True, "require every weight to match when loading")
+    restart_step_count: bool = _f(False, "reset the step and token counters after loading")
+    weight_dtype: str = _f("float32", "float32 | bfloat16 | float16: mixed-precision compute dtype")
+    amp: bool = _f(True, "autocast to weight_dtype (weights stay fp32) when weight_dtype is not float32")
+    activation_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    check_for_oom: bool = _f(True, "skip and count out-of-memory batches instead of crashing (GPU)")
+    log_frequency: int = _f(1, "write a metrics line every N steps")
+    tensorboard: bool = _f(True, "also log to TensorBoard when it is installed")
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig, metadata={"help": "DeepSpeed settings"})
+
+
+@dataclass
+class InferenceConfig:
+    weight_dtype: str = _f("float32", "float32 | bfloat16 | float16 for inference")
+    max_ar_steps: int = _f(0, "hard cap on AR steps; 0 = follow the text length")
+    compile: bool = _f(False, "torch.compile the AR decode step")
+
+
+@dataclass
+class CodecConfig:
+    name: str = _f("encodec", "encodec | world (offline, no download)")
+    model: str = _f("facebook/encodec_24khz", "EnCodec hub id or local folder")
+    bandwidth: float = _f(6.0, "EnCodec bandwidth in kbps (6.0 = 8 levels)")
+    codebooks: str = _f("", "offline codec's fitted codebooks (safetensors); relative to the YAML's folder")
+    device: str = _f("cpu", "device the codec runs on")
+
+
+@dataclass
+class BitsAndBytesConfig:
+    enabled: bool = _f(False, "use bitsandbytes (8-bit optimizers and linear layers)")
+    linear: bool = _f(False, "swap the backbone's linear layers (bitsandbytes 8-bit, or BitLinear with bitnet)")
+    bitnet: bool = _f(False, "with `linear`: use BitNet b1.58 BitLinear layers (no bitsandbytes needed)")
+
+
+@dataclass
+class Config:
+    device: str = _f("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
+    seed: int = _f(0, "random seed")
+    dataset: DatasetConfig = field(default_factory=DatasetConfig, metadata={"help": "data"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model architecture"})
+    hyperparameters: HyperparametersConfig = field(default_factory=HyperparametersConfig, metadata={"help": "optimisation"})
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig, metadata={"help": "evaluation during training"})
+    trainer: TrainerConfig = field(default_factory=TrainerConfig, metadata={"help": "training loop"})
+    inference: InferenceConfig = field(default_factory=InferenceConfig, metadata={"help": "inference"})
+    codec: CodecConfig = field(default_factory=CodecConfig, metadata={"help": "audio codec"})
+    bitsandbytes: BitsAndBytesConfig = field(default_factory=BitsAndBytesConfig, metadata={"help": "quantised layers"})
+    cfg_path: Path = field(default=Path("data"), metadata={"help": "root of run paths; set from the YAML's folder"})
+
+    # ----- run paths, all under the YAML's folder as in the reference -----
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.cfg_path / "ckpt"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.cfg_path / "logs"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.cfg_path / ".cache"
+
+    @property
+    def hdf5_path(self) -> Path:
+        return self.cfg_path / self.dataset.hdf5_name
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.cfg_path / "metrics.png"
+
+    @property
+    def symmap_path(self) -> Path:
+        return self.cfg_path / "symmap.json"
+
+    def resolve_path(self, p: str | Path) -> Path:
+        """A path from the config, relative to the YAML's folder unless absolute."""
+        p = Path(p)
+        return p if p.is_absolute() else self.cfg_path / p
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["cfg_path"] = str(self.cfg_path)
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and overrides
+# --------------------------------------------------------------------------------------------
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting where it is lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    bad = UserError(f"config key {key!r} expects {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            if a is type(None) and value is None:
+                return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except UserError:
+                pass
+        raise bad
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"config key {key!r} is a section; expected a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    if tp is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        raise bad
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (item_tp,) = args[:1] or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        k_tp, v_tp = args or (Any, Any)
+        return {str(k): _coerce(v, v_tp, f"{key}.{k}") for k, v in value.items()}
+    return value
+
+
+def _unknown_key(key: str, known: Sequence[str], prefix: str) -> UserError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    hint = f"; did you mean {prefix + close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+    return UserError(f"unknown config key {prefix + key!r}{hint}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    types_ = _field_types(cls)
+    kwargs = {}
+    for k, v in data.items():
+        if k not in types_:
+            raise _unknown_key(str(k), list(types_), prefix)
+        kwargs[k] = _coerce(v, types_[k], prefix + k)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in _DICT_VALUED:
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+# fields whose value is itself a mapping (replace rather than merge key by key)
+_DICT_VALUED = {"speaker_languages", "optimizer_params", "config"}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing or malformed file is a one-line error naming it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: config file is not UTF-8 text") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read config file ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{path}: malformed YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config sections, got {type(data).__name__}")
+    return data
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise UserError(f"config key {key!r}: {p!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """Separate `key=value` arguments (not starting with `-`) from the rest of the command line."""
+    overrides: dict[str, str] = {}
+    rest: list[str] = []
+    for a in argv:
+        if "=" in a and not a.startswith("-") and a.split("=", 1)[0].replace(".", "").replace("_", "").isalnum():
+            k, v = a.split("=", 1)
+            overrides[k] = v
+        else:
+            rest.append(a)
+    return overrides, rest
+
+
+def load_config(yaml_path: str | Path | None = None, overrides: dict[str, str] | None = None) -> Config:
+    """Defaults, then the YAML, then the `key=value` overrides; validated against the dataclasses."""
+    tree: dict[str, Any] = {}
+    cfg_path = Path("data")
+    if yaml_path:
+        tree = load_yaml(yaml_path)
+        cfg_path = Path(yaml_path).parent
+    for k, raw in (overrides or {}).items():
+        _set_dotted(tree, k, _parse_value(raw))
+    if "cfg_path" in tree:
+        cfg_path = Path(str(tree.pop("cfg_path")))
+    cfg = _build(Config, tree)
+    cfg.cfg_path = cfg_path
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    choices = {
+        "model.kind": (cfg.model.kind, ("ar+nar", "ar,nar")),
+        "model.backbone": (cfg.model.backbone, ("transformer", "llama", "mixtral", "retnet", "bitnet")),
+        "dataset.sample_type": (cfg.dataset.sample_type, ("path", "speaker", "group")),
+        "trainer.backend": (cfg.trainer.backend, ("local", "deepspeed")),
+        "trainer.weight_dtype": (cfg.trainer.weight_dtype, ("float32", "bfloat16", "float16")),
+        "inference.weight_dtype": (cfg.inference.weight_dtype, ("float32", "bfloat16", "float16")),
+        "hyperparameters.scheduler": (cfg.hyperparameters.scheduler, ("constant", "cosine", "linear", "onecycle")),
+        "hyperparameters.optimizer": (cfg.hyperparameters.optimizer.lower(), ("adamw", "sgd", "prodigy", "adamw8bit")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise UserError(f"config key {key!r} is {value!r}; choose one of {', '.join(allowed)}")
+    for key, rng in (("dataset.phones_range", cfg.dataset.phones_range), ("dataset.duration_range", cfg.dataset.duration_range)):
+        if len(rng) != 2 or rng[0] > rng[1]:
+            raise UserError(f"config key {key!r} must be [min, max], got {rng!r}")
+    if cfg.model.n_levels < 1 or cfg.model.n_codes < 2:
+        raise UserError("config keys 'model.n_levels' and 'model.n_codes' must be positive")
+
+
+def help_text(cls: type = Config, prefix: str = "") -> str:
+    """Every field with its default and meaning, one per line."""
+    lines = []
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        if f.name == "cfg_path":
+            continue
+        value = getattr(inst, f.name)
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{prefix}{f.name}:  # {f.metadata.get('help', '')}")
+            lines.append(help_text(type(value), prefix + f.name + "."))
+        else:
+            lines.append(f"  {prefix}{f.name} = {json.dumps(value)}  # {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def parse_config(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None,
+                 ) -> tuple[Config, argparse.Namespace]:
+    """Parse `yaml=`/`key=value` overrides and `help=true`, then the command's own flags.
+
+    A `--yaml PATH` flag, when the parser declares one, is honoured like `yaml=PATH`.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides, rest = split_overrides(argv)
+    if str(overrides.pop("help", "false")).lower() in ("true", "1", "yes"):
+        print(help_text())
+        raise SystemExit(0)
+    parser = parser or argparse.ArgumentParser()
+    args = parser.parse_args(rest)
+    yaml_path = overrides.pop("yaml", None) or getattr(args, "yaml", None)
+    cfg = load_config(yaml_path, overrides)
+    return cfg, args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vall_e.config",
+                                     description="Print the resolved configuration as JSON.")
+    cfg, _ = parse_config(argv, parser)
+    print(json.dumps(cfg.to_dict(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    from vall_e.errors import run_main
+
+    run_main(main)

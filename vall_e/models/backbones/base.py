@@ -1,0 +1,78 @@
+"""The one interface every backbone implements, and the mask/position helpers they share.
+
+A backbone maps input embeddings [B, S, D] to hidden states [B, S, D]. It never sees token ids,
+the head or any configuration object: `VALLE` builds the sequence and owns the output head.
+
+Masks are given per sample, so one batch can mix AR samples (causal attention) and NAR samples
+(bidirectional attention), with padding anywhere (right padding in training, left padding in
+batched inference). Positions are derived from the validity mask, so padding never shifts a
+sample's rotary phase: position of a token = number of valid tokens before it.
+
+Incremental decoding: `forward(x, mask, cache)` with `cache` from an earlier call continues the
+sequence. `mask.valid` then covers the cached keys plus the new ones ([B, past + S]). A step-by-step
+decode must give the same hidden states as one full forward (tests check 1e-4 in fp32).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Mask:
+    """Per-sample attention pattern.
+
+    causal: Bool[B]      True = AR sample (causal), False = NAR sample (bidirectional).
+    valid:  Bool[B, K]   True = a real token, False = padding, over all keys: K = past + S.
+    """
+
+    causal: Tensor
+    valid: Tensor
+
+    @property
+    def past_length(self) -> int:  # keys already held in the cache
+        return self.valid.shape[1]
+
+    def positions(self, seq_len: int) -> Tensor:
+        """Long[B, seq_len]: positions of the last `seq_len` keys (the current queries)."""
+        pos = self.valid.long().cumsum(-1) - 1
+        return pos.clamp_min(0)[:, -seq_len:]
+
+    def attention_bias(self, seq_len: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Bool[B, 1, S, K] `allowed` matrix for the current S queries against all K keys.
+
+        Causal samples see keys at or before their own index; NAR samples see every valid key.
+        A padded query row is allowed to see itself so softmax never sees an all-masked row.
+        """
+        B, K = self.valid.shape
+        device = self.valid.device
+        q_idx = torch.arange(K - seq_len, K, device=device)[:, None]  # [S, 1]
+        k_idx = torch.arange(K, device=device)[None, :]  # [1, K]
+        causal_ok = (k_idx <= q_idx)[None]  # [1, S, K]
+        allowed = torch.where(self.causal[:, None, None], causal_ok, torch.ones_like(causal_ok))
+        allowed = allowed & self.valid[:, None, :]
+        allowed = allowed | (q_idx == k_idx)[None]  # every row keeps itself
+        return allowed[:, None]
+
+
+@dataclass
+class BackboneOutput:
+    hidden: Tensor  # [B, S, D]
+    cache: Any = None  # opaque to callers; pass back in for the next step
+    aux_loss: Tensor | None = None  # e.g. MoE router load-balancing loss (already weighted)
+
+
+class Backbone(nn.Module):
+    """Base class: subclasses implement `forward` and `new_cache`."""
+
+    d_model: int
+
+    def forward(self, x: Tensor, mask: Mask, cache: Any = None, use_cache: bool = False) -> BackboneOutput:
+        raise NotImplementedError
+
+    def new_cache(self, batch_size: int, max_length: int, device: torch.device, dtype: torch.dtype) -> Any:
+        """An empty cache for incremental decoding (preallocated where the backbone can)."""
+        raise NotImplementedError

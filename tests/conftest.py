@@ -1,0 +1,28 @@
+"""Shared pytest fixtures. Keep this small: each fixture here is used by several test files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def tiny_encodec_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny calibrated EnCodec saved with `save_pretrained`; load it with `codec.model=<this dir>`."""
+    from vall_e.codecs.tiny_encodec import make_tiny_encodec
+
+    return make_tiny_encodec(tmp_path_factory.mktemp("tiny_encodec") / "model", seed=0)
+
+
+@pytest.fixture
+def seed() -> int:
+    return 0
+
+
+@pytest.fixture
+def rng(seed: int) -> np.random.Generator:
+    """A numpy generator from `seed`; torch's global generator is seeded with it too."""
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)

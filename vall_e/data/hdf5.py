@@ -1,0 +1,239 @@
+"""`data.h5`: the whole dataset in one file, so training needs no folder walk and no metadata files.
+
+Layout (format version 1):
+
+* one group per utterance, `{split}/{group}/{speaker folder}/{id}` with split in
+  training | validation | noise: dataset `audio` [T, L] int16, dataset `text` symbol ids int16
+  (with <s> and </s>; absent for noise), attrs `id`, `speaker`, `group`, `language`, `frames`,
+  `levels`, `phones` (text length), `duration` (seconds), `phonemes` (the tokens as a JSON list, so
+  a different symbol map can re-encode them);
+* at the root: string datasets `symmap`, `languages` and `codec` (JSON), and attrs `format`,
+  `version` and `complete`.
+
+The file is written under a temporary name and renamed only when complete, so a killed build never
+leaves a `data.h5` behind; `open_hdf5` also refuses any file without the `complete` mark.
+Filters (duration, phonemes) are not applied when building: the file holds every utterance and the
+dataset filters at load time, so changing a range needs no rebuild.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from vall_e.data.listing import (DEFAULT_FRAME_RATE, PHN_SUFFIX, QNT_SUFFIX, language_of, resolve_dir,
+                                 speaker_key, speaker_parts, utterance_ids)
+from vall_e.errors import UserError
+from vall_e.utils.io import atomic_path
+
+FORMAT = "vall_e.data"
+VERSION = 1
+SPLITS = ("training", "validation", "noise")
+
+
+def group_prefix(split: str, speaker_dir: str | os.PathLike) -> str:
+    group, folder = speaker_parts(speaker_dir)
+    return f"{split}/{group}/{folder}"
+
+
+def _rebuild_hint(path: Path) -> str:
+    return "rebuild it with `python -m vall_e.data yaml=CONFIG --action hdf5`"
+
+
+def open_hdf5(path: str | os.PathLike):
+    """Open a complete data.h5 read-only; UserError for a missing, foreign or incomplete file."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: HDF5 dataset not found; build it with `python -m vall_e.data yaml=... --action hdf5`")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise UserError(f"{path}: not a readable HDF5 file ({e}); {_rebuild_hint(path)}") from None
+    if f.attrs.get("format") != FORMAT or not bool(f.attrs.get("complete", False)):
+        f.close()
+        raise UserError(f"{path}: not a complete vall_e dataset (an interrupted build or another tool's file); "
+                        f"{_rebuild_hint(path)}")
+    if int(f.attrs.get("version", 0)) > VERSION:
+        f.close()
+        raise UserError(f"{path}: dataset format version {int(f.attrs['version'])} is newer than this vall_e "
+                        f"understands ({VERSION})")
+    return f
+
+
+def _root_json(f, name: str) -> Any:
+    if name not in f:
+        raise UserError(f"{f.filename}: root entry {name!r} is missing; {_rebuild_hint(Path(f.filename))}")
+    raw = f[name][()]
+    return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+
+
+def read_symmap(f):
+    from vall_e.text.symmap import Symmap
+
+    return Symmap.from_json(_root_json(f, "symmap"))
+
+
+def read_languages(f):
+    from vall_e.text.languages import LanguageMap
+
+    return LanguageMap.from_json(_root_json(f, "languages"), source=f"{f.filename}:languages")
+
+
+def read_codec_spec(f) -> dict[str, Any]:
+    return json.loads(_root_json(f, "codec"))
+
+
+def hdf5_metadata(f, split: str, dirs: Iterable[str | os.PathLike], root: str | os.PathLike | None,
+                  ) -> dict[str, dict[str, dict[str, Any]]]:
+    """{absolute folder: {id: {frames, levels, phones}}} for configured folders, read from the attrs.
+
+    A configured folder that the file lacks is an error: the file is older than the config.
+    """
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for d in dirs:
+        d = resolve_dir(d, root)
+        prefix = group_prefix(split, d)
+        if prefix not in f:
+            raise UserError(f"{f.filename}: has no {split} folder {d} ({prefix}); {_rebuild_hint(Path(f.filename))}")
+        entries = {}
+        for uid, g in f[prefix].items():
+            a = g.attrs
+            entries[uid] = {"frames": int(a["frames"]), "levels": int(a["levels"]), "phones": int(a["phones"])}
+        out[str(d)] = entries
+    return out
+
+
+def codec_spec_for(cfg: Any, levels: int, frame_rate: float, from_files: dict[str, Any] | None) -> dict[str, Any]:
+    """The codec description stored with a dataset: the one the `.qnt.pt` files carry, over the config's."""
+    spec = {"name": cfg.codec.name, "frame_rate": frame_rate, "n_levels": levels}
+    if cfg.codec.name == "encodec":
+        spec.update(model=cfg.codec.model, bandwidth=cfg.codec.bandwidth, sample_rate=24000, n_codes=1024)
+    elif cfg.codec.codebooks:
+        spec.update(codebooks=cfg.codec.codebooks)
+    if from_files:
+        spec.update(from_files)
+    return spec
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Temporary files of builds that were killed (a clean failure removes its own)."""
+    for p in path.parent.glob(f".{path.name}.*.tmp{path.suffix}"):
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
+def build_hdf5(cfg: Any, path: str | os.PathLike | None = None, frame_rate: float = DEFAULT_FRAME_RATE,
+               progress: bool = True) -> Path:
+    """Write every utterance of the configured training/validation/noise folders to `path`.
+
+    The symbol map is built from all the phonemes (extending `{cfg_path}/symmap.json` when it
+    exists, so ids stay stable across modes and rebuilds). Returns the written path.
+    """
+    import h5py
+    from tqdm import tqdm
+
+    from vall_e.emb.codes import read_codes
+    from vall_e.text.languages import LanguageMap
+    from vall_e.text.symmap import Symmap, read_phonemes
+
+    path = Path(path) if path is not None else Path(cfg.hdf5_path)
+    d = cfg.dataset
+    jobs: list[tuple[str, Path, str]] = []  # (split, folder, id)
+    seen: set[tuple[str, Path]] = set()
+    for split in SPLITS:
+        for entry in getattr(d, split):
+            folder = resolve_dir(entry, cfg.cfg_path)
+            if (split, folder) in seen:
+                continue
+            seen.add((split, folder))
+            if split == "noise":
+                if not folder.is_dir():
+                    raise UserError(f"{folder}: noise folder not found")
+                ids = sorted(n[: -len(QNT_SUFFIX)] for n in os.listdir(folder)
+                             if n.endswith(QNT_SUFFIX) and not n.startswith("."))
+            else:
+                ids = utterance_ids(folder)
+            jobs += [(split, folder, i) for i in ids]
+    if not any(s != "noise" for s, _, _ in jobs):
+        raise UserError("no utterances found: dataset.training/validation list no speaker folder with "
+                        f"matching {QNT_SUFFIX} and {PHN_SUFFIX} files")
+
+    phonemes: dict[tuple[str, Path, str], list[str]] = {}
+    for job in tqdm(jobs, desc="reading phonemes", unit="utt", disable=not progress, leave=False):
+        split, folder, uid = job
+        if split != "noise":
+            phonemes[job] = read_phonemes(folder / f"{uid}{PHN_SUFFIX}")
+    base = Symmap.load(cfg.symmap_path) if Path(cfg.symmap_path).is_file() else None
+    symmap = Symmap.build([phonemes[k] for k in sorted(phonemes, key=lambda k: (k[0], str(k[1]), k[2]))],
+                          base=base)
+    languages = dataset_languages(cfg, LanguageMap)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
+    levels_seen: set[int] = set()
+    file_spec = None
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["version"] = VERSION
+            f.attrs["complete"] = False
+            for job in tqdm(jobs, desc=f"writing {path.name}", unit="utt", disable=not progress):
+                split, folder, uid = job
+                qnt = folder / f"{uid}{QNT_SUFFIX}"
+                codes, spec = read_codes(qnt)
+                if file_spec is None and spec:
+                    file_spec = dict(spec)
+                levels_seen.add(int(codes.shape[1]))
+                group, folder_name = speaker_parts(folder)
+                g = f.create_group(f"{split}/{group}/{folder_name}/{uid}")
+                g.create_dataset("audio", data=codes.numpy().astype(np.int16), compression="lzf")
+                a = g.attrs
+                a["id"] = uid
+                a["speaker"] = speaker_key(folder, d.speaker_name_format)
+                a["group"] = group
+                a["language"] = language_of(group, d.speaker_languages, d.language)
+                a["frames"] = int(codes.shape[0])
+                a["levels"] = int(codes.shape[1])
+                a["duration"] = codes.shape[0] / frame_rate
+                if split != "noise":
+                    tokens = phonemes[job]
+                    ids = symmap.encode(tokens, source=str(folder / f"{uid}{PHN_SUFFIX}"))
+                    arr = np.asarray(ids, dtype=np.int64)
+                    if arr.size and arr.max() > np.iinfo(np.int16).max:
+                        raise UserError(f"symbol map has {int(arr.max()) + 1} symbols; more than int16 text can hold")
+                    g.create_dataset("text", data=arr.astype(np.int16))
+                    a["phones"] = len(ids)
+                    a["phonemes"] = json.dumps(tokens, ensure_ascii=False)
+                else:
+                    a["phones"] = 0
+            if len(levels_seen) > 1:
+                raise UserError(f"codes in the dataset have different level counts {sorted(levels_seen)}; "
+                                "re-quantize them with one codec setting")
+            spec = codec_spec_for(cfg, levels_seen.pop() if levels_seen else 0, frame_rate, file_spec)
+            f.create_dataset("symmap", data=_as_json_str(symmap.to_json()))
+            f.create_dataset("languages", data=languages.to_json())
+            f.create_dataset("codec", data=json.dumps(spec))
+            f.attrs["complete"] = True
+    return path
+
+
+def _as_json_str(data: Any) -> str:
+    return data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+
+
+def dataset_languages(cfg: Any, language_map_cls: Any = None):
+    """The language map a config implies: {"en": 0}, then dataset.language, then speaker_languages' keys."""
+    if language_map_cls is None:
+        from vall_e.text.languages import LanguageMap as language_map_cls
+    m = language_map_cls()
+    m.add(cfg.dataset.language)
+    for lang in cfg.dataset.speaker_languages:
+        m.add(lang)
+    return m

@@ -1,0 +1,2 @@
+"""Data-prep commands of the reference (`python -m vall_e.emb.g2p`, `python -m vall_e.emb.qnt`) and
+the per-utterance file formats they write, thin over `vall_e.text` and `vall_e.codecs`."""

@@ -1,0 +1,133 @@
+"""`python -m vall_e.emb.g2p DIR [--suffix .txt] [--language en] [key=value ...]`
+
+Phonemizes every transcript `*{suffix}` under DIR (recursively) and writes `{id}.phn.txt` beside it,
+where id is the file name up to its first `.` (the reference's convention). Existing outputs are
+skipped, so an interrupted run resumes; every output is written atomically. Transcripts are
+phonemized in batches (one espeak call per batch) for speed. A bad transcript (not UTF-8, empty,
+nothing pronounceable) stops the run with `error: PATH: problem` and exit code 2; the outputs of the
+files before it stay.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from vall_e.errors import UserError, run_main
+from vall_e.utils.io import atomic_write_text
+
+PHN_SUFFIX = ".phn.txt"
+
+
+def output_path(src: Path) -> Path:
+    """`{folder}/{id}.phn.txt` for a transcript, id = the name up to the first '.'."""
+    return src.with_name(src.name.split(".", 1)[0] + PHN_SUFFIX)
+
+
+def find_jobs(folder: Path, suffix: str) -> tuple[list[tuple[Path, Path]], int]:
+    """(transcript, output) pairs still to do, sorted, and the number already done.
+
+    Our own outputs, hidden files (e.g. temporary files) and anything that is not a file are ignored;
+    two transcripts that would write the same output are an error.
+    """
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a folder")
+    by_out: dict[Path, list[Path]] = {}
+    for src in sorted(folder.rglob(f"*{suffix}")):
+        if src.name.startswith(".") or src.name.endswith(PHN_SUFFIX) or not src.is_file():
+            continue
+        by_out.setdefault(output_path(src), []).append(src)
+    if not by_out:
+        raise UserError(f"{folder}: no *{suffix} files found")
+    jobs, done = [], 0
+    for out, srcs in sorted(by_out.items()):
+        if out.exists():
+            done += 1
+            continue
+        if len(srcs) > 1:
+            names = ", ".join(s.name for s in srcs)
+            raise UserError(f"{out.parent}: {names} would all write {out.name}; choose one with --suffix")
+        jobs.append((srcs[0], out))
+    return jobs, done
+
+
+def read_transcript(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
+
+
+def phonemize_files(jobs: Sequence[tuple[Path, Path]], language: str, batch_size: int = 64,
+                    progress: bool = True) -> int:
+    """Phonemize and write each job in order; raise UserError at the first bad file. Returns count."""
+    from tqdm import tqdm
+
+    from vall_e.text.g2p import phonemize_many
+    from vall_e.text.symmap import format_phonemes
+
+    written = 0
+    with tqdm(total=len(jobs), desc="g2p", unit="file", disable=not progress, file=sys.stderr) as bar:
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start:start + batch_size]
+            texts: list[str] = []
+            failure: UserError | None = None
+            for src, _ in batch:  # read up to the first bad file; the ones before it still get written
+                try:
+                    texts.append(read_transcript(src))
+                except UserError as e:
+                    failure = e
+                    break
+            results = phonemize_many(texts, language, on_error="return") if texts else []
+            for (src, out), tokens in zip(batch, results):
+                if isinstance(tokens, UserError):
+                    raise UserError(f"{src}: {tokens}")
+                atomic_write_text(out, format_phonemes(tokens) + "\n")
+                written += 1
+                bar.update(1)
+            if failure is not None:
+                raise failure
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m vall_e.emb.g2p",
+        description="Write {id}.phn.txt (IPA phonemes) beside every transcript under DIR. "
+        "Also takes key=value config overrides (e.g. yaml=PATH, dataset.language=de).",
+    )
+    parser.add_argument("folder", metavar="DIR", help="folder searched recursively for transcripts")
+    parser.add_argument("--suffix", default=".txt", help="transcript file ending (default .txt)")
+    parser.add_argument("--language", default=None,
+                        help="language code, e.g. en, de, fr-fr, en-gb (default: dataset.language, en)")
+    parser.add_argument("--batch-size", type=int, default=64, help="transcripts per espeak call")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    try:
+        from vall_e.config import parse_config
+    except ImportError:  # config module missing: plain flags only
+        args = parser.parse_args(argv)
+        default_language = "en"
+    else:
+        cfg, args = parse_config(argv, parser)
+        default_language = cfg.dataset.language
+    from vall_e.text.languages import normalize_language
+
+    language = args.language or default_language
+    normalize_language(language)  # fail on a bad code before any work
+    if not args.suffix or args.suffix == PHN_SUFFIX:
+        raise UserError(f"--suffix must name the transcripts' ending, not {args.suffix!r}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    jobs, done = find_jobs(Path(args.folder), args.suffix)
+    written = phonemize_files(jobs, language, args.batch_size, progress=not args.quiet)
+    print(f"wrote {written} phoneme files, {done} already present")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

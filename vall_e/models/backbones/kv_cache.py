@@ -1,0 +1,69 @@
+"""A static, preallocated key/value cache for incremental decoding with any attention backbone.
+
+Why static: the AR decoder emits one token per step for hundreds of steps. Growing tensors with
+`torch.cat` reallocates and copies the whole cache every step (quadratic traffic); a buffer
+allocated once at the full length is written in place, so a step only touches the new slot.
+
+Layout (all layers in one allocation):
+
+    k, v: [n_layers, B, H, max_length, Dh]     one layer's view is [B, H, max_length, Dh]
+    length: int                                  slots [0, length) hold valid keys
+
+All samples share `length` (batched inference left-pads prompts so they end at the same slot;
+which slots are padding is the attention mask's business, not the cache's).
+
+Use from a backbone's forward, for the S new positions of this call:
+
+    k_all, v_all = cache.update(layer_idx, k_new, v_new)   # writes at [length, length + S)
+    ...attend with k_all, v_all  ([B, H, length + S, Dh] views, no copy)...
+    cache.advance(S)                                        # once, after the last layer
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class KVCache:
+    """Per-layer key/value buffers of a fixed capacity, written in place."""
+
+    def __init__(self, n_layers: int, batch_size: int, n_heads: int, max_length: int, head_dim: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+        shape = (n_layers, batch_size, n_heads, max_length, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def update(self, layer: int, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
+        """Write `k_new`, `v_new` [B, H, S, Dh] at slots [length, length + S) of `layer`.
+
+        Returns views of that layer's keys and values over [0, length + S). `length` is not moved:
+        call `advance(S)` once every layer has been updated.
+        """
+        start, end = self.length, self.length + k_new.shape[2]
+        if end > self.max_length:
+            raise RuntimeError(f"KV cache full: {end} positions needed, capacity {self.max_length}")
+        self.k[layer, :, :, start:end] = k_new
+        self.v[layer, :, :, start:end] = v_new
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Mark `n` more slots as filled (after all layers were updated for this call)."""
+        self.length += n
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep/reorder batch rows (e.g. drop finished samples): row i becomes old row index[i]."""
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+
+    def reset(self) -> None:
+        """Forget the contents (no reallocation); the buffers can be reused for a new prompt."""
+        self.length = 0

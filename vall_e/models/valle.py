@@ -1,0 +1,434 @@
+"""The VALL-E core: embeddings, sequence layout, per-sample AR/NAR masks, heads, loss and inference steps.
+
+One network serves both stages (kind "ar+nar", the default), or a network does only one of them
+("ar" / "nar", the reference's legacy pair). Per sample the sequence is
+
+    [text ids] SEP [language] SEP [prompt frames] SEP [response frames]
+
+* prompt frame   = sum of the n_levels level embeddings of its codes;
+* AR response    = level-0 codes through the AR table (n_codes + 1 rows; id n_codes = STOP);
+* NAR response   = for target level k, the sum of the NAR tables of levels 0..k-1 (separate from the
+                   AR table, as in the reference), plus a learned embedding of k (the reference has
+                   none; the paper conditions the NAR on its stage).
+
+Attention is causal for AR samples and bidirectional for NAR samples, chosen per sample in one batch.
+
+Heads: one per level. The AR head has n_codes + 1 outputs (STOP); each NAR head has n_codes outputs,
+so the NAR can never emit STOP (the reference's shared head let it, quirk 8). Per-level heads also
+spare one projection from serving 8 codebooks whose ids mean unrelated things; they cost
+(n_levels - 1) x d x n_codes parameters (7M at the full size, ~4%).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vall_e.errors import UserError
+
+from .backbones import build_backbone
+from .backbones.base import Mask
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("ar+nar", "ar", "nar")
+
+
+@dataclass
+class VALLEConfig:
+    """Everything needed to build a `VALLE`; JSON-able (stored in exported model metadata)."""
+
+    kind: str = "ar+nar"  # "ar+nar" | "ar" | "nar"
+    d_model: int = 1024
+    n_heads: int = 16
+    n_layers: int = 12
+    n_text_tokens: int = 256  # phoneme vocabulary size; id 0 is padding
+    ffn_mult: int = 4
+    backbone: str = "transformer"
+    experts: int = 1
+    n_levels: int = 8  # codec levels (RVQ codebooks)
+    n_codes: int = 1024  # codes per level; STOP id = n_codes
+    n_langs: int = 1
+    dropout: float = 0.1
+    p_ar: float | None = None  # share of AR samples in training (ar+nar); None = 1 / n_levels
+    text_loss_weight: float = 0.0  # weight of a next-token loss on the text of AR samples; the reference uses 1
+    max_positions: int = 8192
+    backbone_extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise UserError(f"model.kind {self.kind!r}: choose one of {', '.join(KINDS)}")
+        for key in ("d_model", "n_heads", "n_layers", "n_text_tokens", "ffn_mult", "experts", "n_codes",
+                    "n_langs", "max_positions", "n_levels"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"model.{key} {value!r}: must be a positive integer")
+        if self.kind != "ar" and self.n_levels < 2:
+            raise UserError(f"model.n_levels {self.n_levels}: a {self.kind} model needs at least 2 levels")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout {self.dropout}: must be in [0, 1)")
+        if self.p_ar is not None and not 0.0 <= self.p_ar <= 1.0:
+            raise UserError(f"model.p_ar {self.p_ar}: must be in [0, 1] (or null for 1/n_levels)")
+        if self.text_loss_weight < 0:
+            raise UserError(f"model.text_loss_weight {self.text_loss_weight}: must be >= 0")
+
+    @property
+    def has_ar(self) -> bool:
+        return self.kind in ("ar+nar", "ar")
+
+    @property
+    def has_nar(self) -> bool:
+        return self.kind in ("ar+nar", "nar")
+
+    @property
+    def stop_id(self) -> int:
+        return self.n_codes
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VALLEConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise UserError(f"model config: unknown key(s) {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+class LevelEmbedding(nn.Module):
+    """Sum of per-level code embeddings: frame [L] -> sum_l table_l(code_l), one table per level.
+
+    Stored as one [n_levels * n_codes, d] table with per-level offsets: a single gather per call.
+    """
+
+    def __init__(self, n_levels: int, n_codes: int, d_model: int) -> None:
+        super().__init__()
+        self.n_levels, self.n_codes = n_levels, n_codes
+        self.table = nn.Embedding(n_levels * n_codes, d_model)
+        self.register_buffer("offsets", torch.arange(n_levels) * n_codes, persistent=False)
+
+    def forward(self, codes: Tensor) -> Tensor:
+        """codes [T, L] with L <= n_levels (levels 0..L-1) -> [T, d]."""
+        L = codes.shape[-1]
+        if L > self.n_levels:
+            raise ValueError(f"{L} code levels given, this embedding has {self.n_levels}")
+        return self.table(codes.long() + self.offsets[:L]).sum(-2)
+
+
+@dataclass
+class ARState:
+    """Incremental AR decoding state (mutated in place by `ar_step`)."""
+
+    cache: Any  # the backbone's cache
+    valid: Tensor  # Bool[B, capacity]: which key slots are real tokens (left padding is False)
+    length: int  # filled slots
+    causal: Tensor  # Bool[B], all True
+
+
+class _Targets:
+    """Flat (sample, position, target) lists for the scored positions of a padded batch."""
+
+    def __init__(self) -> None:
+        self.samples: list[Tensor] = []
+        self.positions: list[Tensor] = []
+        self.targets: list[Tensor] = []
+
+    def add(self, sample: int, positions: Tensor, targets: Tensor) -> None:
+        self.samples.append(torch.full((len(positions),), sample))
+        self.positions.append(positions)
+        self.targets.append(targets)
+
+    def done(self) -> "_Targets":
+        self.sample, self.pos, self.target = (torch.cat(t) for t in (self.samples, self.positions, self.targets))
+        return self
+
+    def per_sample_mean(self, values: Tensor, batch_size: int) -> Tensor:
+        """Mean of per-token `values` over each sample's tokens: Float[batch_size]."""
+        sample = self.sample.to(values.device)
+        total = torch.zeros(batch_size, device=values.device).index_add_(0, sample, values)
+        return total / torch.bincount(self.sample, minlength=batch_size).clamp_min(1).to(values.device)
+
+
+class VALLE(nn.Module):
+    def __init__(self, config: VALLEConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        d = c.d_model
+        self.text_emb = nn.Embedding(c.n_text_tokens, d, padding_idx=0)
+        self.lang_emb = nn.Embedding(c.n_langs, d)
+        self.prompt_emb = LevelEmbedding(c.n_levels, c.n_codes, d)
+        self.sep = nn.Parameter(torch.zeros(d))
+        if c.has_ar:
+            self.ar_emb = nn.Embedding(c.n_codes + 1, d)  # row n_codes = STOP
+            self.ar_head = nn.Linear(d, c.n_codes + 1)
+        if c.has_nar:
+            self.nar_emb = LevelEmbedding(c.n_levels - 1, c.n_codes, d)  # input levels 0..n_levels-2
+            self.level_emb = nn.Embedding(c.n_levels - 1, d)  # row k-1 = target level k
+            self.nar_heads = nn.ModuleList(nn.Linear(d, c.n_codes) for _ in range(c.n_levels - 1))
+        if c.text_loss_weight > 0 and c.has_ar:  # the text loss is next-token, so only AR samples have one
+            self.text_head = nn.Linear(d, c.n_text_tokens)
+        self.backbone = build_backbone(c.backbone, d_model=d, n_heads=c.n_heads, n_layers=c.n_layers,
+                                       ffn_mult=c.ffn_mult, dropout=c.dropout, experts=c.experts,
+                                       max_positions=c.max_positions, **c.backbone_extra)
+        self._init_embeddings_and_heads()
+        logger.info("VALL-E %s (%s, d=%d, heads=%d, layers=%d): %.2fM parameters", c.kind, c.backbone,
+                    c.d_model, c.n_heads, c.n_layers, self.num_parameters() / 1e6)
+
+    def _init_embeddings_and_heads(self) -> None:
+        for name, module in self.named_modules():
+            if name.startswith("backbone"):
+                continue  # the backbone initializes itself
+            if isinstance(module, (nn.Embedding, nn.Linear)):
+                nn.init.normal_(module.weight, std=0.02)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        with torch.no_grad():
+            self.text_emb.weight[0].zero_()
+        nn.init.normal_(self.sep, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        if hasattr(self.backbone, "gradient_checkpointing"):
+            self.backbone.gradient_checkpointing = enabled
+
+    @property
+    def device(self) -> torch.device:
+        return self.sep.device
+
+    # ------------------------------------------------------------------ sequence building
+
+    def _prefix(self, text: Tensor, lang: Tensor, prompt: Tensor) -> Tensor:
+        """[text] SEP [lang] SEP [prompt] SEP -> [N + Tp + 4, d]."""
+        dev, sep = self.device, self.sep[None]
+        return torch.cat([
+            self.text_emb(text.to(dev).long()), sep,
+            self.lang_emb(lang.to(dev).long().reshape(1)), sep,
+            self.prompt_emb(prompt.to(dev)), sep,
+        ])
+
+    def _response(self, codes: Tensor, level: int) -> Tensor:
+        """Response input for target `level`: codes [T, >= max(level, 1)] -> [T, d]."""
+        codes = codes.to(self.device).long()
+        if level == 0:
+            return self.ar_emb(codes[:, 0])
+        return self.nar_emb(codes[:, :level]) + self.level_emb.weight[level - 1]
+
+    @staticmethod
+    def _pad(seqs: list[Tensor], left: bool = False) -> tuple[Tensor, Tensor]:
+        """Stack [S_i, d] sequences into x [B, S, d] and valid Bool[B, S] (zeros at padding)."""
+        S = max(s.shape[0] for s in seqs)
+        x = seqs[0].new_zeros(len(seqs), S, seqs[0].shape[-1])
+        valid = torch.zeros(len(seqs), S, dtype=torch.bool, device=x.device)
+        for i, s in enumerate(seqs):
+            sl = slice(S - len(s), S) if left else slice(0, len(s))
+            x[i, sl] = s
+            valid[i, sl] = True
+        return x, valid
+
+    def _langs(self, lang: Tensor | None, batch_size: int) -> Tensor:
+        if lang is None:
+            return torch.zeros(batch_size, dtype=torch.long)
+        return torch.as_tensor(lang).reshape(batch_size)
+
+    def _head(self, h: Tensor, level: int) -> Tensor:
+        return self.ar_head(h) if level == 0 else self.nar_heads[level - 1](h)
+
+    # ------------------------------------------------------------------ training
+
+    def sample_levels(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+        """Draw each sample's target level: 0 = AR, k >= 1 = NAR (uniform over 1..n_levels-1)."""
+        c = self.config
+        if c.kind == "ar":
+            return torch.zeros(batch_size, dtype=torch.long)
+        nar = torch.randint(1, c.n_levels, (batch_size,), generator=generator)
+        if c.kind == "nar":
+            return nar
+        p_ar = 1.0 / c.n_levels if c.p_ar is None else c.p_ar
+        is_ar = torch.rand(batch_size, generator=generator) < p_ar
+        return torch.where(is_ar, torch.zeros_like(nar), nar)
+
+    def forward(self, batch: dict[str, Any], reduction: str = "mean") -> tuple[Tensor, dict[str, float]]:
+        """Training loss for a batch.
+
+        batch: text list[Long[N_i]], lang Long[B] (optional), prompt list[Long[Tp_i, L]],
+        resps list[Long[T_i, n_levels]], levels Long[B] (optional; drawn when absent).
+        Returns (loss, stats). reduction="mean": scalar loss = response CE (mean over tokens)
+        + text_loss_weight * text CE + backbone aux loss. reduction="none": Float[B], each sample's
+        mean response CE + text_loss_weight * its text CE (no aux loss).
+        stats (floats): loss, nll, [text.nll], [aux], and for "ar" and "nar": tokens, nll, acc
+        (top-1), acc10 (top-10); nll/acc/acc10 are left out when the batch has no such tokens.
+        """
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', not {reduction!r}")
+        c, dev = self.config, self.device
+        B = len(batch["text"])
+        levels = batch.get("levels")
+        levels = self.sample_levels(B) if levels is None else torch.as_tensor(levels).reshape(B).cpu()
+        for k in levels.tolist():
+            if (k == 0 and not c.has_ar) or (k > 0 and not c.has_nar) or not 0 <= k < c.n_levels:
+                raise ValueError(f"target level {k} is not valid for a {c.kind} model with {c.n_levels} levels")
+
+        seqs, resp_t, text_t = self._training_layout(batch, levels)
+        x, valid = self._pad(seqs)
+        out = self.backbone(x, Mask(causal=(levels == 0).to(dev), valid=valid))
+        h = out.hidden
+
+        # response targets, each level through its own head
+        tok_level = levels[resp_t.sample]
+        h_tok = h[resp_t.sample.to(dev), resp_t.pos.to(dev)]
+        n = len(resp_t.target)
+        ce = torch.zeros(n, device=dev)
+        top1 = torch.zeros(n, dtype=torch.bool, device=dev)
+        top10 = torch.zeros(n, dtype=torch.bool, device=dev)
+        for k in tok_level.unique().tolist():
+            idx = (tok_level == k).nonzero().squeeze(1).to(dev)
+            logits = self._head(h_tok[idx], k).float()
+            t = resp_t.target[idx]
+            ce[idx] = F.cross_entropy(logits, t, reduction="none")
+            top = logits.topk(min(10, logits.shape[-1]), dim=-1).indices
+            top1[idx] = top[:, 0] == t
+            top10[idx] = (top == t[:, None]).any(-1)
+        nll = ce.mean()
+        loss, per_sample = nll, resp_t.per_sample_mean(ce, B)
+        values: dict[str, Tensor] = {"nll": nll}
+
+        if text_t is not None:  # next-token loss on the text of AR samples
+            logits = self.text_head(h[text_t.sample.to(dev), text_t.pos.to(dev)]).float()
+            tce = F.cross_entropy(logits, text_t.target, reduction="none")
+            loss = loss + c.text_loss_weight * tce.mean()
+            per_sample = per_sample + c.text_loss_weight * text_t.per_sample_mean(tce, B)
+            values["text.nll"] = tce.mean()
+        if out.aux_loss is not None:
+            loss = loss + out.aux_loss
+            values["aux"] = out.aux_loss
+        values["loss"] = loss
+
+        is_ar = (tok_level == 0).to(dev)
+        for name, sel in (("ar", is_ar), ("nar", ~is_ar)):
+            denom = sel.sum().clamp_min(1)
+            values[f"{name}.tokens"] = sel.sum()
+            values[f"{name}.nll"] = (ce * sel).sum() / denom
+            values[f"{name}.acc"] = (top1 & sel).sum() / denom
+            values[f"{name}.acc10"] = (top10 & sel).sum() / denom
+        floats = torch.stack([v.detach().float().reshape(()) for v in values.values()]).tolist()  # one sync
+        stats = dict(zip(values, floats))
+        for name in ("ar", "nar"):
+            if stats[f"{name}.tokens"] == 0:
+                for key in ("nll", "acc", "acc10"):
+                    del stats[f"{name}.{key}"]
+        return (per_sample if reduction == "none" else loss), stats
+
+    def _training_layout(self, batch: dict[str, Any], levels: Tensor
+                         ) -> tuple[list[Tensor], "_Targets", "_Targets | None"]:
+        """Input sequences [S_i, d] and the (sample, position, target) lists for responses and text.
+
+        AR (level 0): inputs are the level-0 codes; the last SEP predicts code 0, each code the next,
+        the last code STOP. NAR (level k): inputs are levels < k, targets level k at the same positions.
+        """
+        c, dev = self.config, self.device
+        text, prompt, resps = batch["text"], batch["prompt"], batch["resps"]
+        lang = self._langs(batch.get("lang"), len(text))
+        seqs, resp_t, text_t = [], _Targets(), _Targets()
+        for i, k in enumerate(levels.tolist()):
+            prefix = self._prefix(text[i], lang[i], prompt[i])
+            P, codes = prefix.shape[0], resps[i].to(dev).long()
+            T = codes.shape[0]
+            seqs.append(torch.cat([prefix, self._response(codes, k)]))
+            if k == 0:
+                resp_t.add(i, torch.arange(P - 1, P + T), F.pad(codes[:, 0], (0, 1), value=c.stop_id))
+                if hasattr(self, "text_head"):
+                    ids = text[i].to(dev).long()
+                    text_t.add(i, torch.arange(len(ids) - 1), ids[1:])
+            else:
+                resp_t.add(i, torch.arange(P, P + T), codes[:, k])
+        return seqs, resp_t.done(), (text_t.done() if text_t.samples else None)
+
+    # ------------------------------------------------------------------ inference
+
+    def _require(self, part: str) -> None:
+        ok = self.config.has_ar if part == "ar" else self.config.has_nar
+        if not ok:
+            raise ValueError(f"a {self.config.kind} model has no {part.upper()} part")
+
+    def ar_prefill(self, text: list[Tensor], lang: Tensor | None, prompt: list[Tensor],
+                   max_length: int) -> tuple[Tensor, ARState]:
+        """Start batched AR decoding: run the prefixes (left-padded so they all end at the same slot).
+
+        max_length: the most response frames that will be fed back through `ar_step` (cache capacity
+        beyond the longest prefix). Returns logits [B, n_codes + 1] for the first response frame.
+        """
+        self._require("ar")
+        B = len(text)
+        lang = self._langs(lang, B)
+        x, valid = self._pad([self._prefix(text[i], lang[i], prompt[i]) for i in range(B)], left=True)
+        P = x.shape[1]
+        capacity = P + max_length
+        valid_buf = torch.zeros(B, capacity, dtype=torch.bool, device=self.device)
+        valid_buf[:, :P] = valid
+        causal = torch.ones(B, dtype=torch.bool, device=self.device)
+        cache = self.backbone.new_cache(B, capacity, self.device, x.dtype)
+        out = self.backbone(x, Mask(causal, valid_buf[:, :P]), cache=cache, use_cache=True)
+        return self.ar_head(out.hidden[:, -1]), ARState(out.cache, valid_buf, P, causal)
+
+    def ar_step(self, tokens: Tensor, state: ARState) -> tuple[Tensor, ARState]:
+        """Feed one response frame per sample (Long[B] level-0 codes, or STOP); logits for the next."""
+        self._require("ar")
+        if state.length >= state.valid.shape[1]:
+            raise RuntimeError(f"AR decoding ran past its capacity of {state.valid.shape[1]} positions")
+        x = self.ar_emb(tokens.to(self.device).long())[:, None]
+        state.valid[:, state.length] = True
+        out = self.backbone(x, Mask(state.causal, state.valid[:, :state.length + 1]), cache=state.cache,
+                            use_cache=True)
+        state.cache = out.cache
+        state.length += 1
+        return self.ar_head(out.hidden[:, -1]), state
+
+    def ar_full(self, text: list[Tensor], lang: Tensor | None, prompt: list[Tensor],
+                resps: list[Tensor]) -> list[Tensor]:
+        """AR logits by full recomputation (no cache; the reference's way).
+
+        resps: level-0 codes Long[T_i] (or [T_i, L], column 0 used). Returns [T_i + 1, n_codes + 1]
+        per sample: row t predicts response frame t (the last row predicts the frame after T_i).
+        """
+        self._require("ar")
+        B = len(text)
+        lang = self._langs(lang, B)
+        seqs, starts = [], []
+        for i in range(B):
+            codes = resps[i] if resps[i].dim() == 2 else resps[i][:, None]
+            prefix = self._prefix(text[i], lang[i], prompt[i])
+            starts.append(prefix.shape[0] - 1)
+            seqs.append(torch.cat([prefix, self._response(codes, 0)]))
+        x, valid = self._pad(seqs)
+        h = self.backbone(x, Mask(torch.ones(B, dtype=torch.bool, device=self.device), valid)).hidden
+        return [self.ar_head(h[i, s:len(seq)]) for i, (s, seq) in enumerate(zip(starts, seqs))]
+
+    def nar_pass(self, text: list[Tensor], lang: Tensor | None, prompt: list[Tensor], resps: list[Tensor],
+                 level: int) -> list[Tensor]:
+        """Logits for code level `level` (>= 1) from levels 0..level-1 of resps [T_i, >= level], batched.
+
+        Returns [T_i, n_codes] per sample (no STOP column).
+        """
+        self._require("nar")
+        if not 1 <= level < self.config.n_levels:
+            raise ValueError(f"NAR level must be in 1..{self.config.n_levels - 1}, not {level}")
+        B = len(text)
+        lang = self._langs(lang, B)
+        seqs, starts = [], []
+        for i in range(B):
+            if resps[i].shape[1] < level:
+                raise ValueError(f"sample {i}: {resps[i].shape[1]} levels given, level {level} needs {level}")
+            prefix = self._prefix(text[i], lang[i], prompt[i])
+            starts.append(prefix.shape[0])
+            seqs.append(torch.cat([prefix, self._response(resps[i], level)]))
+        x, valid = self._pad(seqs)
+        h = self.backbone(x, Mask(torch.zeros(B, dtype=torch.bool, device=self.device), valid)).hidden
+        head = self.nar_heads[level - 1]
+        return [head(h[i, s:len(seq)]) for i, (s, seq) in enumerate(zip(starts, seqs))]

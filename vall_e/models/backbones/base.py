@@ -33,7 +33,7 @@ class Mask:
     valid: Tensor
 
     @property
-    def past_length(self) -> int:  # keys already held in the cache
+    def n_keys(self) -> int:  # cached keys plus the current queries
         return self.valid.shape[1]
 
     def positions(self, seq_len: int) -> Tensor:

@@ -1,0 +1,218 @@
+"""The TTS engine on a tiny random model: loading, batching, stopping, samplers, streaming, CLI."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+
+from vall_e.errors import UserError
+
+torch.set_num_threads(2)
+
+TEXTS = ["Hello there, how are you?", "The quick brown fox jumps over the lazy dog.", "Good morning."]
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory, tiny_encodec_dir) -> Path:
+    """A tiny untrained ar+nar model exported with the tiny EnCodec's spec."""
+    from vall_e.codecs import build_codec
+    from vall_e.export import write_export
+    from vall_e.models.valle import VALLE, VALLEConfig
+    from vall_e.text.g2p import phonemize
+    from vall_e.text.languages import LanguageMap
+    from vall_e.text.symmap import Symmap
+
+    torch.manual_seed(0)
+    symmap = Symmap.build([phonemize(t) for t in TEXTS + ["Another sentence. And one more!"]])
+    cfg = VALLEConfig(kind="ar+nar", d_model=32, n_heads=2, n_layers=2, n_text_tokens=len(symmap) + 8,
+                      n_codes=1024, n_levels=8, dropout=0.0)
+    model = VALLE(cfg)
+    codec = build_codec({"name": "encodec", "model": str(tiny_encodec_dir)})
+    path = tmp_path_factory.mktemp("model") / "model.safetensors"
+    write_export(path, {"ar+nar": model.state_dict()}, {"ar+nar": cfg.to_dict()}, symmap=symmap,
+                 langmap=LanguageMap(), codec=codec.spec())
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    from vall_e.audio import save_audio
+    from vall_e.codecs.tiny_encodec import speechlike_audio
+
+    path = tmp_path_factory.mktemp("ref") / "voice.wav"
+    save_audio(path, speechlike_audio(2.0, seed=3), 24_000)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tts(model_file):
+    from vall_e.inference import TTS
+
+    return TTS.from_pretrained(model_file, device="cpu")
+
+
+def _settings(**kw):
+    from vall_e.inference import GenerationSettings
+    from vall_e.sampling import SamplingParams
+
+    ar = replace(SamplingParams.ar_defaults(), **{"seed": 1, **kw.pop("ar", {})})
+    nar = replace(SamplingParams.nar_defaults(), **{"seed": 1, **kw.pop("nar", {})})
+    return GenerationSettings(ar=ar, nar=nar, **kw)
+
+
+def test_synthesize_shapes_and_limits(tts, reference):
+    wavs = tts.synthesize(TEXTS[:2], str(reference), _settings(max_ar_steps=40))
+    assert len(wavs) == 2
+    spf = tts.codec.sample_rate / tts.codec.frame_rate
+    for w in wavs:
+        assert w.dtype == torch.float32 and w.ndim == 1
+        assert 0 < w.shape[0] <= 40 * spf + 1  # the user's cap bounds every sequence
+        assert torch.isfinite(w).all()
+
+
+def test_step_limit_follows_text_length(tts):
+    from vall_e.inference import FRAMES_PER_PHONEME_LIMIT, MIN_AR_STEPS
+
+    short, long = tts.encode_text("Hi."), tts.encode_text(" ".join(["hello there"] * 20))
+    lims = tts._step_limits([short, long], cap=0)
+    assert lims[0] == max(MIN_AR_STEPS, FRAMES_PER_PHONEME_LIMIT * len(short))
+    assert lims[1] > lims[0]
+    assert tts._step_limits([long], cap=50) == [50]
+
+
+def test_codes_independent_of_batch(tts, reference):
+    """A text gives the same codes alone as in a batch (seeded per sequence, padding invisible)."""
+    prompt = tts.encode_reference(str(reference))
+    s = _settings(max_ar_steps=30)
+    batch = tts.generate_codes(TEXTS, [prompt] * 3, s)
+    alone = tts.generate_codes(TEXTS[:1], [prompt], s)
+    assert torch.equal(batch[0], alone[0])
+    assert batch[0].shape[1] == 8
+
+
+def test_seed_reproducible_and_varies(tts, reference):
+    prompt = tts.encode_reference(str(reference))
+    a = tts.generate_codes(TEXTS[:1], [prompt], _settings(max_ar_steps=30))
+    b = tts.generate_codes(TEXTS[:1], [prompt], _settings(max_ar_steps=30))
+    c = tts.generate_codes(TEXTS[:1], [prompt], _settings(max_ar_steps=30, ar={"seed": 2}))
+    assert torch.equal(a[0], b[0])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_repeated_code_stops_sequence(model_file, reference):
+    """A model stuck on one code (forced through its head's bias) is stopped by the repetition guard."""
+    from vall_e.inference import TTS
+
+    tts = TTS.from_pretrained(model_file, device="cpu")
+    head = tts.ar_model.ar_head
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[5] = 10.0
+    prompt = tts.encode_reference(str(reference))
+    s = _settings(max_ar_steps=200, max_repeat_frames=10, ar={"temperature": 0.0, "ras_window": 0})
+    codes = tts.generate_codes(TEXTS[:1], [prompt], s)[0]
+    assert 0 < codes.shape[0] <= 11
+    assert (codes[:, 0] == 5).all()
+
+
+def test_beam_search_runs(tts, reference):
+    prompt = tts.encode_reference(str(reference))
+    s = _settings(max_ar_steps=12, ar={"beam_width": 3})
+    codes = tts.generate_codes(TEXTS[:2], [prompt] * 2, s)
+    assert all(c.shape[0] <= 12 and c.shape[1] == 8 for c in codes)
+    assert all((c[:, 0] < 1024).all() for c in codes)
+
+
+def test_samplers_from_settings(tts, reference):
+    prompt = tts.encode_reference(str(reference))
+    for ar in ({"top_k": 20}, {"top_p": 0.8}, {"min_p": 0.1}, {"repetition_penalty": 1.3, "repetition_penalty_decay": 0.5},
+               {"mirostat_tau": 3.0, "mirostat_eta": 0.1}, {"length_penalty": 0.5}, {"min_temperature": 0.2},
+               {"max_ar_context": 5}):
+        codes = tts.generate_codes(TEXTS[:1], [prompt], _settings(max_ar_steps=15, ar=ar))
+        assert codes[0].shape[0] <= 15 and (codes[0] < 1024).all()
+
+
+def test_input_prompt_length_trims_or_repeats(tts, reference):
+    fr = tts.codec.frame_rate
+    assert tts.encode_reference(str(reference), 1.0).shape[0] == round(fr)
+    assert tts.encode_reference(str(reference), 5.0).shape[0] == round(5 * fr)  # 2 s clip, repeated
+    both = tts.encode_reference(f"{reference};{reference}", 0)
+    assert both.shape[0] == 2 * tts.encode_reference(str(reference), 0).shape[0]
+
+
+def test_stream_matches_non_streamed(tts, reference):
+    """Greedy AR+NAR: the streamed audio equals the one-shot audio away from the chunk seams."""
+    s = _settings(max_ar_steps=60, ar={"temperature": 0.0, "ras_window": 0}, nar={"temperature": 0.0},
+                  max_repeat_frames=1000, split_sentences=False)
+    full = tts.synthesize(TEXTS[1], str(reference), s)[0]
+    stats: dict[str, float] = {}
+    chunks = list(tts.stream(TEXTS[1], str(reference), s, chunk_frames=20, first_chunk_frames=10,
+                             lookahead=4, stats=stats))
+    assert len(chunks) >= 3
+    streamed = torch.cat(chunks)
+    assert abs(streamed.shape[0] - full.shape[0]) <= 1
+    n = min(streamed.shape[0], full.shape[0])
+    err = (streamed[:n] - full[:n]).abs()
+    # most samples identical up to float noise; differences only near seams
+    assert (err < 1e-3).float().mean() > 0.8
+    assert 0 < stats["time_to_first_audio"] <= stats["total_time"]
+
+
+def test_long_text_split_into_sentences(tts, reference):
+    from vall_e.inference import split_sentences
+
+    parts = split_sentences("One. Two! Three? " + "word " * 100)
+    assert parts[:3] == ["One.", "Two!", "Three?"] and all(len(p) <= 200 for p in parts)
+    wav = tts.synthesize("Hello there. Good morning.", str(reference), _settings(max_ar_steps=10, pause=0.5))[0]
+    assert wav.shape[0] >= 0.5 * tts.sample_rate  # the pause between the two sentences is there
+
+
+def test_unknown_phoneme_is_a_clear_error(tts):
+    with pytest.raises(UserError, match="unknown phoneme"):
+        tts.encode_text("Schadenfreude zwölf Brötchen", language="de")
+
+
+def test_errors(tts, reference, tmp_path):
+    with pytest.raises(UserError, match="empty text"):
+        tts.synthesize("   ", str(reference))
+    with pytest.raises(UserError, match="missing.wav"):
+        tts.synthesize("Hello.", str(tmp_path / "missing.wav"))
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF\x00\x00garbage")
+    with pytest.raises(UserError, match="bad.wav"):
+        tts.synthesize("Hello.", str(bad))
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "vall_e", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_numbered_outputs_and_join(model_file, reference, tmp_path):
+    out = tmp_path / "out.wav"
+    r = _cli("Hello there.\nGood morning.", reference, out, "--model", model_file, "--max-ar-steps", "20", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    files = sorted(tmp_path.glob("out.*.wav"))
+    assert [f.name for f in files] == ["out.1.wav", "out.2.wav"]
+    assert all(sf.info(f).frames > 0 for f in files)
+    r = _cli("Hello there.\nGood morning.", reference, "--out-path", tmp_path / "joined.flac", "--model", model_file,
+             "--max-ar-steps", "20", "--join")
+    assert r.returncode == 0, r.stderr
+    assert sf.info(tmp_path / "joined.flac").frames > 0
+
+
+def test_cli_bad_input(model_file, reference, tmp_path):
+    r = _cli("", reference, tmp_path / "x.wav", "--model", model_file)
+    assert r.returncode == 2 and "empty text" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("Hello.", tmp_path / "nope.wav", tmp_path / "x.wav", "--model", model_file)
+    assert r.returncode == 2 and "nope.wav" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x.wav").exists()
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(model_file.read_bytes()[:1000])
+    r = _cli("Hello.", reference, tmp_path / "x.wav", "--model", trunc)
+    assert r.returncode == 2 and "trunc.safetensors" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,454 @@
+"""The TTS engine: text + reference audio -> speech, with a KV-cached batched AR and batched NAR passes.
+
+    tts = TTS.from_pretrained("ckpt/ar+nar/model.safetensors", device="cpu", dtype="float32")
+    wavs = tts.synthesize(["Hello there."], references=["voice.wav"])
+
+Data flows one way: text -> phonemes -> ids; reference audio -> codec codes (the prompt);
+AR decodes level-0 codes one frame per step from a KV cache (every sequence of the batch stops on its
+own); the NAR fills levels 1..L-1 in one pass per level over the whole batch; the codec decodes.
+
+Nothing runs forever: each sequence's AR step limit follows its text length (and the user's cap),
+and a frame code repeated for too long ends that sequence.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from vall_e.errors import UserError
+from vall_e.sampling import BeamSearch, SamplingParams, TokenSampler
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+# Frames of speech per phoneme token are about 5-7 at normal speed (12-15 phonemes/s at 75 frames/s).
+# The step limit allows a generous 3x slack before cutting a sequence off.
+FRAMES_PER_PHONEME_LIMIT = 20
+MIN_AR_STEPS = 75
+
+
+@dataclass
+class GenerationSettings:
+    """Everything that shapes one synthesis besides the text and the voice."""
+
+    ar: SamplingParams = field(default_factory=SamplingParams.ar_defaults)
+    nar: SamplingParams = field(default_factory=SamplingParams.nar_defaults)
+    max_ar_steps: int = 0  # user cap on AR frames; 0 = follow the text length only
+    max_nar_levels: int = 7  # NAR passes (levels 1..max_nar_levels)
+    input_prompt_length: float = 3.0  # seconds of reference used as the prompt; 0 = all of it
+    max_repeat_frames: int = 150  # a level-0 code repeated this many frames in a row ends the sequence
+    language: str = "en"
+    split_sentences: bool = True
+    pause: float = 0.25  # seconds of silence between joined sentences
+
+
+def split_sentences(text: str, max_chars: int = 200) -> list[str]:
+    """Split long text into sentences (and over-long sentences at commas or spaces)."""
+    text = " ".join(text.split())
+    if not text:
+        return []
+    parts = [p.strip() for p in re.split(r"(?<=[.!?;:。！？])\s+", text) if p.strip()]
+    out: list[str] = []
+    for p in parts:
+        while len(p) > max_chars:
+            cut = max(p.rfind(", ", 0, max_chars), p.rfind(" ", 0, max_chars))
+            cut = cut if cut > max_chars // 3 else max_chars
+            out.append(p[:cut + 1].strip())
+            p = p[cut + 1:].strip()
+        if p:
+            out.append(p)
+    return out
+
+
+def _reorder_cache(cache: Any, index: Tensor) -> Any:
+    """Reorder a backbone cache along its batch dimension (beam search)."""
+    from vall_e.models.backbones.kv_cache import KVCache
+
+    if isinstance(cache, KVCache):
+        cache.k = cache.k.index_select(1, index)
+        cache.v = cache.v.index_select(1, index)
+        return cache
+    if hasattr(cache, "reorder"):
+        return cache.reorder(index)
+    if hasattr(cache, "reorder_cache"):  # transformers' Cache classes
+        cache.reorder_cache(index)
+        return cache
+    if isinstance(cache, Tensor):
+        return cache.index_select(0, index)
+    if isinstance(cache, (list, tuple)):
+        return type(cache)(_reorder_cache(c, index) for c in cache)
+    if isinstance(cache, dict):
+        return {k: _reorder_cache(v, index) for k, v in cache.items()}
+    if cache is None or isinstance(cache, (int, float, str)):
+        return cache
+    if hasattr(cache, "__dict__"):
+        for k, v in vars(cache).items():
+            setattr(cache, k, _reorder_cache(v, index))
+        return cache
+    raise TypeError(f"cannot reorder a cache of type {type(cache).__name__}")
+
+
+class TTS:
+    """A loaded model with its codec, symbol map and language map."""
+
+    def __init__(self, models: dict[str, Any], meta: dict[str, Any], codec: Any, device: str = "cpu",
+                 dtype: str = "float32") -> None:
+        from vall_e.text.languages import LanguageMap
+        from vall_e.text.symmap import Symmap
+
+        if dtype not in DTYPES:
+            raise UserError(f"unknown dtype {dtype!r}; choose one of float32, bfloat16, float16")
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype]
+        self.meta = meta
+        self.models = {k: m.to(self.device, self.dtype).eval() for k, m in models.items()}
+        self.ar_model = self.models.get("ar+nar") or self.models.get("ar")
+        self.nar_model = self.models.get("ar+nar") or self.models.get("nar")
+        if self.ar_model is None or self.nar_model is None:
+            raise UserError(f"the model file holds {', '.join(models)}; synthesis needs an AR and a NAR part")
+        self.symmap = Symmap.from_json(meta["symmap"]) if isinstance(meta["symmap"], str) else meta["symmap"]
+        langs = meta.get("langmap")
+        self.langmap = (LanguageMap.from_json(langs) if isinstance(langs, str) else langs) or LanguageMap()
+        self.codec = codec
+        cfg = self.ar_model.config
+        self.n_levels = cfg.n_levels
+        self.stop_id = cfg.n_codes
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "auto", dtype: str = "float32",
+                        codec_device: str | None = None) -> "TTS":
+        """Load an exported `model.safetensors`, or a training run through its YAML (its export, else
+        its latest checkpoint). The codec and G2P settings come from the model's metadata."""
+        from vall_e.codecs import build_codec
+        from vall_e.export import load_exported
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            from vall_e.config import load_config
+
+            cfg = load_config(path)
+            candidate = cfg.ckpt_dir / cfg.model.full_name / "model.safetensors"
+            if not candidate.exists():
+                raise UserError(f"{candidate}: no exported model for {path}; run "
+                                f"`python -m vall_e.export yaml={path}` first")
+            path = candidate
+        if not path.exists():
+            raise UserError(f"{path}: model file not found")
+        models, meta = load_exported(path)
+        spec = dict(meta.get("codec") or {})
+        if codec_device:
+            spec["device"] = codec_device
+        codec = build_codec(spec, base_dir=path.parent) if "base_dir" in build_codec.__code__.co_varnames \
+            else build_codec(spec)
+        return cls(models, meta, codec, device=device, dtype=dtype)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.codec.sample_rate
+
+    # ------------------------------------------------------------------ front ends
+    def encode_text(self, text: str, language: str = "en") -> Tensor:
+        from vall_e.text.g2p import phonemize
+
+        tokens = [self._known_symbol(t) for t in phonemize(text, language)]
+        return torch.tensor(self.symmap.encode(tokens, source=f"the text {text[:40]!r}"), dtype=torch.long)
+
+    def _known_symbol(self, token: str) -> str:
+        """A phoneme the model never saw falls back to itself without stress/length marks when that
+        is known (e.g. 'ɜː' -> 'ɜ'); otherwise it is kept and `encode` names it in a clear error."""
+        if token in self.symmap:
+            return token
+        for variant in (token.replace("ː", ""), token.replace("ˈ", "").replace("ˌ", ""),
+                        token.replace("ː", "").replace("ˈ", "").replace("ˌ", "")):
+            if variant and variant in self.symmap:
+                logger.warning("phoneme %r is not in the model's symbol map; using %r", token, variant)
+                return variant
+        return token
+
+    def language_id(self, language: str) -> int:
+        try:
+            return self.langmap.id(language)
+        except UserError:
+            if len(self.langmap) <= 1:  # a single-language model: the id is the only one there is
+                return 0
+            raise
+
+    def encode_reference(self, references: str | Path | Sequence[str | Path] | Tensor,
+                         prompt_seconds: float = 3.0) -> Tensor:
+        """Reference audio -> prompt codes [T, L]. Several files (or `a.wav;b.wav`) are joined."""
+        from vall_e.audio import load_audio
+        from vall_e.data.prompts import trim_or_repeat
+
+        if isinstance(references, Tensor):
+            codes = references if references.dim() == 2 else self.codec.encode(references)
+        else:
+            if isinstance(references, (str, Path)):
+                references = [p for p in str(references).split(";") if p.strip()]
+            if not references:
+                raise UserError("no reference audio given")
+            pieces = [self.codec.encode(load_audio(p, self.codec.sample_rate)) for p in references]
+            codes = torch.cat(pieces)
+        if prompt_seconds > 0:
+            codes = trim_or_repeat(codes, max(1, int(round(prompt_seconds * self.codec.frame_rate))))
+        return codes[:, : self.ar_model.config.n_levels].long()
+
+    # ------------------------------------------------------------------ decoding stages
+    def _step_limits(self, text_ids: list[Tensor], cap: int) -> list[int]:
+        limits = [max(MIN_AR_STEPS, FRAMES_PER_PHONEME_LIMIT * len(t)) for t in text_ids]
+        return [min(lim, cap) if cap > 0 else lim for lim in limits]
+
+    def generate_ar(self, text_ids: list[Tensor], langs: Tensor, prompts: list[Tensor],
+                    params: SamplingParams, max_steps: list[int], max_repeat_frames: int = 150) -> list[Tensor]:
+        """Batched AR decoding with a KV cache. Returns level-0 codes Long[T_i] per sample (no STOP)."""
+        if params.beam_width and params.beam_width > 1:
+            with torch.inference_mode():
+                return self._beam_ar(text_ids, langs, prompts, params, max_steps)
+        steps = self.ar_steps(text_ids, langs, prompts, params, max_steps, max_repeat_frames)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as end:
+                return end.value
+
+    def ar_steps(self, text_ids: list[Tensor], langs: Tensor, prompts: list[Tensor], params: SamplingParams,
+                 max_steps: list[int], max_repeat_frames: int = 150
+                 ) -> Iterator[tuple[int, Tensor, Tensor]]:
+        """The AR loop as a generator: yields (step, tokens[B], done[B]) after every step and returns
+        the level-0 codes per sample. Streaming consumes it step by step."""
+        with torch.inference_mode():
+            model = self.ar_model
+            B = len(text_ids)
+            dev = self.device
+            limit = max(max_steps)
+            logits, state = model.ar_prefill([t.to(dev) for t in text_ids], langs.to(dev),
+                                             [p.to(dev) for p in prompts], max_length=limit + 1)
+            prefix_len = state.length
+            sampler = TokenSampler(params, stop_id=self.stop_id, batch_size=B, device=dev)
+            history = torch.full((B, limit + 1), -1, dtype=torch.long, device=dev)
+            lengths = torch.zeros(B, dtype=torch.long, device=dev)
+            done = torch.zeros(B, dtype=torch.bool, device=dev)
+            caps = torch.tensor(max_steps, device=dev)
+            run = torch.zeros(B, dtype=torch.long, device=dev)  # length of the current run of one code
+            stop = torch.full((B,), self.stop_id, dtype=torch.long, device=dev)
+        for step in range(limit + 1):
+            with torch.inference_mode():
+                tokens = sampler.sample(logits.float(), history[:, :step])
+                tokens = torch.where(done | (lengths >= caps), stop, tokens)
+                done |= tokens == self.stop_id
+                if step > 0:
+                    run = torch.where((tokens == history[:, step - 1]) & ~done, run + 1, torch.zeros_like(run))
+                    looping = run >= max_repeat_frames
+                    if bool(looping.any()):
+                        for i in looping.nonzero().flatten().tolist():
+                            logger.warning("sample %d: one code repeated for %d frames; stopping it", i,
+                                           max_repeat_frames)
+                        done |= looping
+                        tokens = torch.where(looping, stop, tokens)
+                history[:, step] = torch.where(done, torch.full_like(tokens, -1), tokens)
+                lengths += (~done).long()
+            yield step, tokens, done
+            if bool(done.all()) or step == limit:
+                break
+            with torch.inference_mode():
+                if params.max_ar_context and params.max_ar_context > 0:
+                    drop = prefix_len + step - params.max_ar_context
+                    if drop >= prefix_len:  # rolling context: forget the oldest generated frame
+                        state.valid[:, drop] = False
+                logits, state = model.ar_step(tokens, state)
+        return [history[i, : int(lengths[i])].clone() for i in range(B)]
+
+    def _beam_ar(self, text_ids: list[Tensor], langs: Tensor, prompts: list[Tensor], params: SamplingParams,
+                 max_steps: list[int]) -> list[Tensor]:
+        """A real beam search: hypotheses reordered with their caches, length-normalised scores."""
+        model = self.ar_model
+        W = int(params.beam_width)
+        B = len(text_ids)
+        dev = self.device
+        limit = max(max_steps)
+        rep = lambda xs: [x.to(dev) for x in xs for _ in range(W)]  # noqa: E731
+        logits, state = model.ar_prefill(rep(text_ids), langs.to(dev).repeat_interleave(W), rep(prompts),
+                                         max_length=limit + 1)
+        beams = BeamSearch(batch_size=B, beam_width=W, stop_id=self.stop_id, device=dev,
+                           max_length=limit + 1, length_alpha=params.beam_length_alpha)
+        for step in range(limit + 1):
+            logprobs = torch.log_softmax(logits.float() / max(params.temperature, 1e-5), dim=-1)
+            if step >= limit:  # force every live hypothesis to stop at the limit
+                logprobs = torch.full_like(logprobs, -math.inf)
+                logprobs[:, self.stop_id] = 0.0
+            tokens, index = beams.step(logprobs)
+            if beams.is_done() or step == limit:
+                break
+            state.cache = _reorder_cache(state.cache, index)
+            state.valid = state.valid.index_select(0, index)
+            logits, state = model.ar_step(tokens, state)
+        return [seq.to(dev).long() for seq in beams.best()]
+
+    @torch.inference_mode()
+    def generate_nar(self, text_ids: list[Tensor], langs: Tensor, prompts: list[Tensor], level0: list[Tensor],
+                     params: SamplingParams, max_levels: int = 7) -> list[Tensor]:
+        """Fill code levels 1..max_levels with one batched pass per level. Returns [T_i, 1 + max_levels]."""
+        model = self.nar_model
+        dev = self.device
+        resps = [c.to(dev).long()[:, None] for c in level0]
+        keep = [i for i, r in enumerate(resps) if r.shape[0] > 0]
+        if not keep:
+            return [r for r in resps]
+        n_levels = min(max_levels + 1, self.n_levels)
+        # One sampler row per text, keyed by its batch position, so a text samples the same codes
+        # whichever other texts share its batch. No repetition history: the previous level's codes
+        # come from another codebook (the reference's quirk 5).
+        sampler = TokenSampler(replace(params, beam_width=0), stop_id=None, batch_size=len(keep), device=dev,
+                               sequence_ids=keep)
+        for level in range(1, n_levels):
+            logits = model.nar_pass([text_ids[i].to(dev) for i in keep], langs[keep].to(dev),
+                                    [prompts[i].to(dev) for i in keep], [resps[i] for i in keep], level)
+            padded = torch.nn.utils.rnn.pad_sequence([lg.float() for lg in logits], batch_first=True)
+            codes = sampler.sample(padded)
+            for j, i in enumerate(keep):
+                resps[i] = torch.cat([resps[i], codes[j, : logits[j].shape[0], None]], dim=1)
+        return resps
+
+    # ------------------------------------------------------------------ public API
+    def generate_codes(self, texts: Sequence[str], prompts: Sequence[Tensor], settings: GenerationSettings,
+                       languages: Sequence[str] | None = None) -> list[Tensor]:
+        """Texts (one per prompt) -> codes [T_i, L] per text."""
+        if len(texts) != len(prompts):
+            raise ValueError("one prompt per text is needed")
+        languages = list(languages or [settings.language] * len(texts))
+        text_ids = [self.encode_text(t, lang) for t, lang in zip(texts, languages)]
+        langs = torch.tensor([self.language_id(lang) for lang in languages], dtype=torch.long)
+        if settings.ar.seed is not None:
+            torch.manual_seed(settings.ar.seed)
+        steps = self._step_limits(text_ids, settings.max_ar_steps)
+        level0 = self.generate_ar(text_ids, langs, list(prompts), settings.ar, steps, settings.max_repeat_frames)
+        return self.generate_nar(text_ids, langs, list(prompts), level0, settings.nar, settings.max_nar_levels)
+
+    def decode(self, codes: list[Tensor]) -> list[Tensor]:
+        out = []
+        for c in codes:
+            if c.shape[0] == 0:
+                out.append(torch.zeros(0))
+            else:
+                out.append(self.codec.decode(c.cpu()).float().cpu())
+        return out
+
+    def synthesize(self, texts: str | Sequence[str], references: Any, settings: GenerationSettings | None = None,
+                   **overrides: Any) -> list[Tensor]:
+        """Synthesize each text with the voice of `references` (one shared voice, or one per text).
+
+        Long texts are split into sentences that are synthesized together in one batch and joined
+        with short pauses. Returns float32 waveforms at `self.sample_rate`.
+        """
+        from vall_e.audio import concat_with_pauses
+
+        settings = replace(settings or GenerationSettings(), **overrides)
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts or any(not t or not t.strip() for t in texts):
+            raise UserError("empty text: nothing to synthesize")
+        if isinstance(references, (list, tuple)) and len(references) == len(texts) and len(texts) > 1:
+            prompts = [self.encode_reference(r, settings.input_prompt_length) for r in references]
+        else:
+            prompt = self.encode_reference(references, settings.input_prompt_length)
+            prompts = [prompt] * len(texts)
+        pieces, owners = [], []
+        for i, t in enumerate(texts):
+            sentences = split_sentences(t) if settings.split_sentences else [" ".join(t.split())]
+            pieces += sentences
+            owners += [i] * len(sentences)
+        codes = self.generate_codes(pieces, [prompts[o] for o in owners], settings)
+        wavs = self.decode(codes)
+        out = []
+        for i in range(len(texts)):
+            mine = [w for w, o in zip(wavs, owners) if o == i]
+            out.append(concat_with_pauses(mine, self.sample_rate, settings.pause) if len(mine) > 1 else mine[0])
+        return out
+
+    def stream(self, text: str, references: Any, settings: GenerationSettings | None = None,
+               chunk_frames: int = 75, first_chunk_frames: int = 25, lookahead: int = 8,
+               stats: dict[str, float] | None = None, **overrides: Any) -> Iterator[Tensor]:
+        """Yield audio chunks while the AR runs.
+
+        Every `chunk_frames` new AR frames (the first after `first_chunk_frames`), the NAR fills the
+        levels of all frames generated so far and the codec decodes the newly settled frames, holding
+        back `lookahead` frames so the bidirectional NAR and the codec see some future context. The
+        concatenated chunks equal the non-streamed output except near the chunk seams.
+        `stats`, when given, receives `time_to_first_audio` and `total_time` in seconds.
+        """
+        settings = replace(settings or GenerationSettings(), **overrides)
+        if not text or not text.strip():
+            raise UserError("empty text: nothing to synthesize")
+        t0 = time.perf_counter()
+        prompt = self.encode_reference(references, settings.input_prompt_length)
+        sentences = split_sentences(text) if settings.split_sentences else [" ".join(text.split())]
+        pause = torch.zeros(int(settings.pause * self.sample_rate))
+        first = True
+        for n, sentence in enumerate(sentences):
+            for chunk in self._stream_one(sentence, prompt, settings, chunk_frames, first_chunk_frames, lookahead):
+                if first and stats is not None:
+                    stats["time_to_first_audio"] = time.perf_counter() - t0
+                first = False
+                yield chunk
+            if n + 1 < len(sentences) and len(pause):
+                yield pause
+        if stats is not None:
+            stats["total_time"] = time.perf_counter() - t0
+
+    def _stream_one(self, text: str, prompt: Tensor, settings: GenerationSettings, chunk_frames: int,
+                    first_chunk_frames: int, lookahead: int) -> Iterator[Tensor]:
+        text_ids = [self.encode_text(text, settings.language)]
+        langs = torch.tensor([self.language_id(settings.language)])
+        steps = self._step_limits(text_ids, settings.max_ar_steps)
+        if settings.ar.seed is not None:
+            torch.manual_seed(settings.ar.seed)
+        frames: list[int] = []
+        emitted = 0  # frames already turned into audio
+
+        def settle(upto: int, final: bool) -> Tensor | None:
+            nonlocal emitted
+            end = upto if final else upto - lookahead
+            if end <= emitted:
+                return None
+            level0 = torch.tensor(frames[:upto], dtype=torch.long)
+            codes = self.generate_nar(text_ids, langs, [prompt], [level0], settings.nar, settings.max_nar_levels)[0]
+            wav = self._decode_span(codes, emitted, end, final)
+            emitted = end
+            return wav
+
+        for _, tokens, done in self.ar_steps(text_ids, langs, [prompt], settings.ar, steps,
+                                             settings.max_repeat_frames):
+            if bool(done[0]):
+                break
+            frames.append(int(tokens[0]))
+            target = first_chunk_frames if emitted == 0 else chunk_frames
+            if len(frames) - emitted >= target + lookahead:
+                chunk = settle(len(frames), final=False)
+                if chunk is not None:
+                    yield chunk
+        chunk = settle(len(frames), final=True)
+        if chunk is not None:
+            yield chunk
+
+    def _decode_span(self, codes: Tensor, start: int, end: int, final: bool, context: int = 12) -> Tensor:
+        """Decode frames [start, end) with `context` frames of codec context on each side, then cut."""
+        fr = self.codec.frame_rate
+        sr = self.codec.sample_rate
+        lo = max(0, start - context)
+        hi = end if final else min(codes.shape[0], end + context)
+        wav = self.codec.decode(codes[lo:hi].cpu()).float()
+        spf = sr / fr
+        a = int(round((start - lo) * spf))
+        b = int(round((end - lo) * spf)) if not final else wav.shape[0]
+        return wav[a:b]

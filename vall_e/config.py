@@ -127,6 +127,7 @@ class DeepSpeedConfig:
     zero_optimization_level: int = _f(0, "ZeRO stage (0-3)")
     use_compression_training: bool = _f(False, "DeepSpeed 8-bit compression training")
     compression_bits: int = _f(8, "bits for compression training")
+    offload: bool = _f(False, "ZeRO CPU offload of optimizer state and parameters")
     config: dict[str, Any] = _f({}, "extra DeepSpeed config merged on top of the generated one")
 
 

@@ -1,0 +1,177 @@
+"""`python -m vall_e.export yaml=... [--dtype float32|bfloat16|float16] [--out PATH]`
+
+Writes `ckpt/{name}/model.safetensors` from the latest training checkpoint: the weights plus, in the
+safetensors metadata (JSON strings), everything synthesis needs, so one file is enough:
+
+    format          "vall-e"            format_version  "1"
+    models          {name: VALLEConfig.to_dict()}   ("ar+nar", or "ar" and "nar")
+    symmap          the phoneme symbol map (JSON)   langmap  the language map (JSON)
+    codec           the codec spec      stats   {step, samples, tokens, val_loss}
+    dtype           the weights' dtype  checksum  sha256 over every tensor (names, dtypes, shapes, bytes)
+
+A lone network's keys are its plain `state_dict` keys; a pair's are prefixed "ar." and "nar.".
+The reference exported a pickle (`fp32.pth`); a safetensors file cannot run code when loaded, and the
+checksum turns a damaged or edited file into an error instead of a silently wrong model.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from vall_e.engines.checkpoint import (find_checkpoint, flat_weights, load_checkpoint, load_model_weights,
+                                       load_safetensors, save_safetensors, split_weights)
+from vall_e.errors import UserError
+from vall_e.utils.io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "vall-e"
+FORMAT_VERSION = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def tensor_checksum(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _as_json_text(value: Any) -> str:
+    if value is None:
+        return "{}"
+    if isinstance(value, str):
+        return value
+    if hasattr(value, "to_json"):
+        return value.to_json()
+    return json.dumps(value, ensure_ascii=False)
+
+
+def write_export(path: Path, state_dicts: dict[str, dict[str, Tensor]], configs: dict[str, dict[str, Any]],
+                 symmap: Any = None, langmap: Any = None, codec: dict[str, Any] | None = None,
+                 stats: dict[str, Any] | None = None, dtype: str = "float32") -> Path:
+    """Write one self-contained model file (atomically)."""
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if set(state_dicts) != set(configs):
+        raise ValueError(f"weights for {sorted(state_dicts)} but configs for {sorted(configs)}")
+    tensors = flat_weights(state_dicts, prefix=len(state_dicts) > 1)
+    target = DTYPES[dtype]
+    tensors = {k: (t.to(target) if t.is_floating_point() else t) for k, t in tensors.items()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "models": json.dumps(configs),
+        "symmap": _as_json_text(symmap),
+        "langmap": _as_json_text(langmap),
+        "codec": json.dumps(codec or {}),
+        "stats": json.dumps(stats or {}),
+        "dtype": dtype,
+        "checksum": tensor_checksum(tensors),
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_safetensors(tmp, tensors, metadata)
+    return path
+
+
+def read_export(path: str | Path) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
+    """(state dicts by network name, meta), verified. meta: format_version, models (configs), symmap and
+    langmap (JSON text), codec, stats, dtype."""
+    path = Path(path)
+    tensors, md = load_safetensors(path)
+    if md.get("format") != FORMAT:
+        raise UserError(f"{path}: not a vall-e model file (no 'format: vall-e' metadata); export one with "
+                        "`python -m vall_e.export yaml=...`")
+    try:
+        version = int(md.get("format_version", "0"))
+        configs = json.loads(md["models"])
+        meta = {"format_version": version, "models": configs, "symmap": md.get("symmap", "{}"),
+                "langmap": md.get("langmap", "{}"), "codec": json.loads(md.get("codec", "{}")),
+                "stats": json.loads(md.get("stats", "{}")), "dtype": md.get("dtype", "")}
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{path}: damaged model metadata ({e})") from None
+    if version > FORMAT_VERSION:
+        raise UserError(f"{path}: format version {version} is newer than this vall-e understands ({FORMAT_VERSION})")
+    if not isinstance(configs, dict) or not configs:
+        raise UserError(f"{path}: damaged model metadata (no model configs)")
+    if md.get("checksum") != tensor_checksum(tensors):
+        raise UserError(f"{path}: weights do not match the file's checksum (damaged or edited)")
+    names = list(configs)
+    return split_weights(tensors, names, prefix=len(names) > 1), meta
+
+
+def _default_factory(config: dict[str, Any]) -> nn.Module:
+    from vall_e.models.valle import VALLE, VALLEConfig
+
+    return VALLE(VALLEConfig.from_dict(config))
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: str | None = None,
+                  model_factory: Callable[[dict[str, Any]], nn.Module] | None = None,
+                  ) -> tuple[dict[str, nn.Module], dict[str, Any]]:
+    """Rebuild the network(s) of an exported file, in eval mode. Returns (models by name, meta)."""
+    state_dicts, meta = read_export(path)
+    factory = model_factory or _default_factory
+    models: dict[str, nn.Module] = {}
+    for name, cfg in meta["models"].items():
+        try:
+            model = factory(cfg)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{path}: model config for {name!r} is not usable ({e})") from None
+        load_model_weights(model, state_dicts[name], strict=True, source=str(path))
+        if dtype is not None:
+            if dtype not in DTYPES:
+                raise UserError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+            model = model.to(DTYPES[dtype])
+        models[name] = model.to(device).eval()
+    return models, meta
+
+
+def export_checkpoint(step_dir: Path, out: Path, dtype: str = "float32") -> Path:
+    """Export a training checkpoint folder to `out`."""
+    weights, state = load_checkpoint(step_dir)
+    meta = state.get("meta") or {}
+    configs = meta.get("models")
+    if not configs:
+        raise UserError(f"{step_dir / 'state.pt'}: has no model configs to export")
+    names = list(configs)
+    stats = {k: state.get(k) for k in ("step", "samples", "tokens")}
+    stats["val_loss"] = state.get("val_loss")
+    return write_export(out, split_weights(weights, names), configs, meta.get("symmap"), meta.get("langmap"),
+                        meta.get("codec"), stats, dtype)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from vall_e.config import parse_config
+
+    parser = argparse.ArgumentParser(prog="python -m vall_e.export",
+                                     description="Export model.safetensors from the latest training checkpoint.")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights' dtype in the file")
+    parser.add_argument("--out", default=None, help="output path (default ckpt/{name}/model.safetensors)")
+    cfg, args = parse_config(argv, parser)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run_dir = cfg.ckpt_dir / cfg.model.full_name
+    step_dir = find_checkpoint(run_dir, cfg.trainer.load_tag)
+    if step_dir is None:
+        raise UserError(f"{run_dir}: no training checkpoint to export (no 'latest' file); train first")
+    out = Path(args.out) if args.out else run_dir / "model.safetensors"
+    export_checkpoint(step_dir, out, args.dtype)
+    print(f"exported {step_dir} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    from vall_e.errors import run_main
+
+    run_main(main)

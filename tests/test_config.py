@@ -88,7 +88,7 @@ def test_non_utf8_and_missing_yaml(tmp_path):
 
 def test_example_config_loads():
     cfg = load_config(ROOT / "data" / "config.yaml")
-    assert cfg.model.size == "quarter"
+    assert cfg.model.size == "quarter" and cfg.codec.name == "world"
     assert cfg.cfg_path == ROOT / "data"
 
 

@@ -135,6 +135,7 @@ class DeepSpeedConfig:
 class TrainerConfig:
     backend: str = _f("local", "local (also DDP under torchrun) | deepspeed")
     iterations: int = _f(100_000, "stop at this optimizer step")
+    max_minutes: float = _f(0.0, "also stop (saving first) after this many minutes of training; 0 = no limit")
     save_frequency: int = _f(100, "save a checkpoint every N steps; 0 = evaluation.frequency")
     keep_last_checkpoints: int = _f(4, "keep this many checkpoints; 0 = all")
     save_on_quit: bool = _f(True, "`quit`, SIGINT and SIGTERM save before exiting")

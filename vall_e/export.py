@@ -57,6 +57,20 @@ def _as_json_text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+CODEC_PREFIX = "__codec__."
+
+
+def _embed_codec_tensors(tensors: dict[str, Tensor], codec: dict[str, Any] | None) -> dict[str, str] | None:
+    """An offline codec's fitted codebooks travel inside the model file, so one file is enough."""
+    if not codec or codec.get("name") != "world" or not codec.get("codebooks"):
+        return None
+    from vall_e.codecs.rvq import ResidualVQ
+
+    rvq_tensors, rvq_meta = ResidualVQ.load(codec["codebooks"]).to_tensors()
+    tensors.update({CODEC_PREFIX + k: v for k, v in rvq_tensors.items()})
+    return rvq_meta
+
+
 def write_export(path: Path, state_dicts: dict[str, dict[str, Tensor]], configs: dict[str, dict[str, Any]],
                  symmap: Any = None, langmap: Any = None, codec: dict[str, Any] | None = None,
                  stats: dict[str, Any] | None = None, dtype: str = "float32") -> Path:
@@ -68,6 +82,7 @@ def write_export(path: Path, state_dicts: dict[str, dict[str, Tensor]], configs:
     tensors = flat_weights(state_dicts, prefix=len(state_dicts) > 1)
     target = DTYPES[dtype]
     tensors = {k: (t.to(target) if t.is_floating_point() else t) for k, t in tensors.items()}
+    codec_meta = _embed_codec_tensors(tensors, codec)
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -79,6 +94,8 @@ def write_export(path: Path, state_dicts: dict[str, dict[str, Tensor]], configs:
         "dtype": dtype,
         "checksum": tensor_checksum(tensors),
     }
+    if codec_meta is not None:
+        metadata["codec_tensors"] = json.dumps(codec_meta)
     path = Path(path)
     with atomic_path(path) as tmp:
         save_safetensors(tmp, tensors, metadata)
@@ -107,6 +124,12 @@ def read_export(path: str | Path) -> tuple[dict[str, dict[str, Tensor]], dict[st
         raise UserError(f"{path}: damaged model metadata (no model configs)")
     if md.get("checksum") != tensor_checksum(tensors):
         raise UserError(f"{path}: weights do not match the file's checksum (damaged or edited)")
+    codec_tensors = {k[len(CODEC_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(CODEC_PREFIX)}
+    if codec_tensors:
+        try:
+            meta["codec_tensors"] = (codec_tensors, json.loads(md.get("codec_tensors", "{}")))
+        except ValueError as e:
+            raise UserError(f"{path}: damaged codec metadata ({e})") from None
     names = list(configs)
     return split_weights(tensors, names, prefix=len(names) > 1), meta
 

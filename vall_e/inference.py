@@ -151,8 +151,14 @@ class TTS:
         spec = dict(meta.get("codec") or {})
         if codec_device:
             spec["device"] = codec_device
-        codec = build_codec(spec, base_dir=path.parent) if "base_dir" in build_codec.__code__.co_varnames \
-            else build_codec(spec)
+        if meta.get("codec_tensors") and spec.get("name") == "world":  # codebooks embedded in the file
+            from vall_e.codecs.rvq import ResidualVQ
+            from vall_e.codecs.world import WorldCodec
+
+            codec = WorldCodec(ResidualVQ.from_tensors(*meta["codec_tensors"], source=str(path)),
+                               device=spec.get("device", "cpu"))
+        else:
+            codec = build_codec(spec)
         return cls(models, meta, codec, device=device, dtype=dtype)
 
     @property
@@ -171,8 +177,9 @@ class TTS:
         is known (e.g. 'ɜː' -> 'ɜ'); otherwise it is kept and `encode` names it in a clear error."""
         if token in self.symmap:
             return token
-        for variant in (token.replace("ː", ""), token.replace("ˈ", "").replace("ˌ", ""),
-                        token.replace("ː", "").replace("ˈ", "").replace("ˌ", "")):
+        bare = token.replace("ː", "").replace("ˈ", "").replace("ˌ", "")
+        for variant in (token.replace("ː", ""), token.replace("ˈ", "").replace("ˌ", ""), bare,
+                        bare + "ˈ", bare + "ˌ", "ˈ" + bare, "ˌ" + bare, bare + "ː"):
             if variant and variant in self.symmap:
                 logger.warning("phoneme %r is not in the model's symbol map; using %r", token, variant)
                 return variant

@@ -700,6 +700,10 @@ class Trainer:
                             self.save("autosave")
                             if tr.export_on_save:
                                 self.export()
+                        if tr.max_minutes and time.monotonic() - self._t0 >= 60 * tr.max_minutes:
+                            if self.is_main:
+                                logger.info("time budget of %g min reached at step %d", tr.max_minutes, self.step)
+                            break
                     lines, stop = control.poll()
                     quit_now = False
                     for line in lines:

@@ -10,12 +10,10 @@ from __future__ import annotations
 import math
 import sys
 import time
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pytest
-import soxr
 import torch
 
 from vall_e.codecs.base import registered_codecs
@@ -23,6 +21,8 @@ from vall_e.codecs.rvq import ResidualVQ, fit_rvq, kmeans
 from vall_e.codecs.world import (WorldCodec, fit_world_codec, import_pyworld, main, world_features,
                                  world_synthesize)
 from vall_e.errors import UserError
+# metrics as in the prototype (22.05 kHz WORLD analysis, SPTK mel-cepstrum, MCD/DTW, F0 RMSE)
+from vall_e.metrics import analyse as _analyse, f0_rmse_frames as f0_rmse, mcd, mcd_dtw
 
 SR = 24_000
 N_CODES = 256
@@ -38,95 +38,6 @@ def _corpus(root: Path) -> dict[str, list[np.ndarray]]:
     for p in sorted(root.rglob("*.wav")):
         by_spk.setdefault(p.parent.name, []).append(load_audio(p, SR).numpy())
     return by_spk
-
-
-# ---------------------------------------------------------------------------------------------
-# metrics, as in the prototype (22.05 kHz analysis, SPTK mel-cepstrum)
-
-MR = 22_050
-
-
-@lru_cache(maxsize=4)
-def _freqt_matrix(n_in: int, order: int, alpha: float) -> np.ndarray:
-    """SPTK freqt (frequency warping of a cepstrum) is linear: build its matrix once."""
-    c1 = np.eye(n_in)  # batch of unit cepstra
-    b = 1 - alpha * alpha
-    g = np.zeros((n_in, order + 1))
-    for i in range(n_in - 1, -1, -1):
-        d = g.copy()
-        g[:, 0] = c1[:, i] + alpha * d[:, 0]
-        g[:, 1] = b * d[:, 0] + alpha * d[:, 1]
-        for j in range(2, order + 1):
-            g[:, j] = d[:, j - 1] + alpha * (d[:, j] - g[:, j - 1])
-    return g
-
-
-def _sp2mc(sp: np.ndarray, order: int = 24, alpha: float = 0.455) -> np.ndarray:
-    """pysptk.sp2mc: power spectrum -> mel-cepstrum (log amplitude, natural log)."""
-    c = np.fft.irfft(np.log(np.maximum(sp, 1e-30)), axis=1)
-    n_in = sp.shape[1]
-    c = c[:, :n_in].copy()
-    c[:, 0] /= 2
-    c[:, -1] /= 2
-    return c @ _freqt_matrix(n_in, order, alpha)
-
-
-def _analyse(wav: np.ndarray) -> dict[str, np.ndarray]:
-    pw = import_pyworld()
-    x = soxr.resample(np.asarray(wav, np.float64), SR, MR).astype(np.float64)
-    f0, t = pw.dio(x, MR, f0_floor=60.0, f0_ceil=500.0, frame_period=5.0)
-    f0 = pw.stonemask(x, f0, t, MR)
-    sp = pw.cheaptrick(x, f0, t, MR)
-    centres = np.round(t * MR).astype(int)
-    pad = np.pad(x, 256)
-    rms = np.array([np.sqrt(np.mean(pad[c:c + 512] ** 2) + 1e-20) for c in centres])
-    db = 20 * np.log10(rms)
-    return {"f0": f0, "mc": _sp2mc(sp), "speech": db > db.max() - 40}
-
-
-_K = 10 / math.log(10) * math.sqrt(2)
-
-
-def mcd(ref: dict, deg: dict) -> float:
-    n = min(len(ref["f0"]), len(deg["f0"]))
-    d = ref["mc"][:n, 1:] - deg["mc"][:n, 1:]
-    return float(np.mean(_K * np.sqrt((d * d).sum(1))[ref["speech"][:n]]))
-
-
-def mcd_dtw(a: dict, b: dict) -> float:
-    """MCD averaged along the DTW path over speech frames, steps (1,1), (1,0), (0,1)."""
-    x, y = a["mc"][a["speech"], 1:], b["mc"][b["speech"], 1:]
-    cost = _K * np.sqrt(((x[:, None, :] - y[None, :, :]) ** 2).sum(-1))
-    n, m = cost.shape
-    acc = np.empty((n, m))
-    acc[0] = np.cumsum(cost[0])
-    for i in range(1, n):
-        diag = np.concatenate([[np.inf], acc[i - 1, :-1]])
-        best = np.minimum(diag, acc[i - 1]) + cost[i]
-        s = np.cumsum(cost[i])  # horizontal steps: acc[i, j] = min(best[j], acc[i, j-1] + cost[i, j])
-        acc[i] = np.minimum.accumulate(best - s) + s
-    i, j, total, steps = n - 1, m - 1, cost[n - 1, m - 1], 1
-    while i > 0 or j > 0:
-        cands = []
-        if i > 0 and j > 0:
-            cands.append((acc[i - 1, j - 1], i - 1, j - 1))
-        if i > 0:
-            cands.append((acc[i - 1, j], i - 1, j))
-        if j > 0:
-            cands.append((acc[i, j - 1], i, j - 1))
-        _, i, j = min(cands)
-        total += cost[i, j]
-        steps += 1
-    return float(total / steps)
-
-
-def f0_rmse(ref: dict, deg: dict) -> tuple[float, float]:
-    """(RMSE in cents, RMSE in Hz) over speech frames voiced in both."""
-    n = min(len(ref["f0"]), len(deg["f0"]))
-    a, b = ref["f0"][:n], deg["f0"][:n]
-    both = (a > 0) & (b > 0) & ref["speech"][:n]
-    cents = 1200 * np.log2(b[both] / a[both])
-    return float(np.sqrt(np.mean(cents ** 2))), float(np.sqrt(np.mean((b[both] - a[both]) ** 2)))
 
 
 # ---------------------------------------------------------------------------------------------

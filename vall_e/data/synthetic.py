@@ -1,17 +1,20 @@
-"""A generated multi-speaker English speech corpus, made offline with espeak-ng (no downloads).
+"""A generated multi-speaker speech corpus in English, German, French and Spanish, made offline with
+espeak-ng (no downloads).
 
 Speech comes from the espeak-ng library of the espeakng-loader wheel, driven through ctypes: a private
 copy of the library (see `vall_e.text.espeak`) is initialised in synchronous mode and a callback
 collects its int16 samples at espeak's native 22050 Hz, which soxr resamples to the requested rate.
-Speakers differ by espeak voice variant (`en-us+m1`, `en-us+f2`, ...), accent, speaking rate, pitch
-and pitch range. Sentences come from a small seeded generator (common words, simple grammatical
-sentences of 4 to 12 words), so the same seed always gives the same corpus.
+Speakers differ by espeak voice variant (`en-us+m1`, `de+f2`, ...), accent, speaking rate, pitch
+and pitch range. Sentences come from small seeded generators, one per language (common words, simple
+grammatical sentences of 4 to 12 words), so the same seed always gives the same corpus.
 
 Layout: `{out}/{group}/{speaker}/{id}.wav` (16-bit PCM) and `{id}.txt` (the sentence), the standard
-`{group}/{speaker}/` folders the data tools read. `python -m vall_e.emb.g2p` and `vall_e.emb.qnt`
-turn them into training files.
+`{group}/{speaker}/` folders the data tools read. With several languages each language's speakers go
+in a group named after the language (`{out}/en/us_m1/`, `{out}/de/de_m1/`), so that
+`dataset.speaker_languages: {de: [de], fr: [fr], es: [es]}` tells the data tools which is which.
+`python -m vall_e.emb.g2p` and `vall_e.emb.qnt` turn them into training files.
 
-    python -m vall_e.data.synthetic OUT [--speakers 4] [--utterances 20] [--seed 0]
+    python -m vall_e.data.synthetic OUT [--speakers 4] [--utterances 20] [--seed 0] [--language en,de,fr,es]
 """
 from __future__ import annotations
 
@@ -63,15 +66,74 @@ VOICES: tuple[Voice, ...] = (
     Voice("us_f5", "en-us+f5", rate=155, pitch=50, range=80),
 )
 
+# The other languages: the same pattern of variants and prosody, espeak's regional voices for variety.
+# (espeak-ng names the French voice `fr`; `fr-fr` is only its phonemizer language code.)
+DE_VOICES: tuple[Voice, ...] = (
+    Voice("de_m1", "de+m1", rate=165, pitch=40, range=45),
+    Voice("de_f2", "de+f2", rate=180, pitch=60, range=70),
+    Voice("de_m3", "de+m3", rate=185, pitch=50, range=40),
+    Voice("de_f4", "de+f4", rate=160, pitch=55, range=60),
+    Voice("de_m7", "de+m7", rate=170, pitch=35, range=55),
+    Voice("de_f1", "de+f1", rate=175, pitch=65, range=50),
+    Voice("de_m2", "de+m2", rate=190, pitch=45, range=65),
+    Voice("de_f5", "de+f5", rate=155, pitch=50, range=80),
+)
+FR_VOICES: tuple[Voice, ...] = (
+    Voice("fr_m1", "fr+m1", rate=165, pitch=40, range=45),
+    Voice("fr_f2", "fr+f2", rate=180, pitch=60, range=70),
+    Voice("be_m3", "fr-be+m3", rate=185, pitch=50, range=40),
+    Voice("fr_f4", "fr+f4", rate=160, pitch=55, range=60),
+    Voice("ch_m7", "fr-ch+m7", rate=170, pitch=35, range=55),
+    Voice("be_f1", "fr-be+f1", rate=175, pitch=65, range=50),
+    Voice("fr_m2", "fr+m2", rate=190, pitch=45, range=65),
+    Voice("ch_f5", "fr-ch+f5", rate=155, pitch=50, range=80),
+)
+ES_VOICES: tuple[Voice, ...] = (
+    Voice("es_m1", "es+m1", rate=165, pitch=40, range=45),
+    Voice("es_f2", "es+f2", rate=180, pitch=60, range=70),
+    Voice("lat_m3", "es-419+m3", rate=185, pitch=50, range=40),
+    Voice("es_f4", "es+f4", rate=160, pitch=55, range=60),
+    Voice("es_m7", "es+m7", rate=170, pitch=35, range=55),
+    Voice("lat_f1", "es-419+f1", rate=175, pitch=65, range=50),
+    Voice("lat_m2", "es-419+m2", rate=190, pitch=45, range=65),
+    Voice("es_f5", "es+f5", rate=155, pitch=50, range=80),
+)
+LANGUAGE_VOICES: dict[str, tuple[Voice, ...]] = {"en": VOICES, "de": DE_VOICES, "fr": FR_VOICES, "es": ES_VOICES}
+LANGUAGES: tuple[str, ...] = tuple(LANGUAGE_VOICES)  # the corpus languages, by short code
+_LANGUAGE_ALIASES = {"en": "en", "en-us": "en", "de": "de", "de-de": "de", "fr": "fr", "fr-fr": "fr",
+                     "es": "es", "es-es": "es"}
 
-def speakers(n: int) -> list[Voice]:
-    """The first `n` corpus speakers: the table, then variations of it (other rate and pitch)."""
+
+def corpus_language(code: str) -> str:
+    """The corpus's short code (`en`, `de`, `fr`, `es`) for a user code such as `en-US` or `fr-fr`."""
+    key = code.strip().lower().replace("_", "-") if isinstance(code, str) else None
+    if key not in _LANGUAGE_ALIASES:
+        raise UserError(f"the synthetic corpus has sentences in {', '.join(LANGUAGES)} only; "
+                        f"unsupported language {code!r}")
+    return _LANGUAGE_ALIASES[key]
+
+
+def corpus_languages(language: str | Sequence[str]) -> list[str]:
+    """Short codes of `language`: one code, a comma-separated list (`"en,de"`) or a list of codes."""
+    parts = language.split(",") if isinstance(language, str) else list(language)
+    if isinstance(language, str) and not language.strip() or not parts:
+        raise UserError(f"language must name at least one of {', '.join(LANGUAGES)}, got {language!r}")
+    codes = [corpus_language(p) for p in parts]
+    dupes = sorted({c for c in codes if codes.count(c) > 1})
+    if dupes:
+        raise UserError(f"language {language!r} names {', '.join(dupes)} more than once")
+    return codes
+
+
+def speakers(n: int, language: str = "en") -> list[Voice]:
+    """The first `n` speakers of a language: its table, then variations of it (other rate and pitch)."""
     if n < 1:
         raise UserError(f"number of speakers must be at least 1, got {n}")
+    table = LANGUAGE_VOICES[corpus_language(language)]
     out = []
     for k in range(n):
-        base = VOICES[k % len(VOICES)]
-        lap = k // len(VOICES)
+        base = table[k % len(table)]
+        lap = k // len(table)
         if lap == 0:
             out.append(base)
         else:  # deterministic variation per lap: different rate, pitch and range
@@ -279,7 +341,7 @@ def _clause(rng: random.Random) -> list[str]:
     return words
 
 
-def make_sentence(rng: random.Random) -> str:
+def _en_sentence(rng: random.Random) -> str:
     """One simple grammatical English sentence of 4 to 12 words."""
     while True:
         kind = rng.random()
@@ -301,55 +363,376 @@ def make_sentence(rng: random.Random) -> str:
             return " ".join(words) + end
 
 
-def make_sentences(n: int, seed: int = 0) -> list[str]:
-    """`n` sentences, the same for the same seed."""
-    rng = random.Random(f"sentences:{seed}")
-    return [make_sentence(rng) for _ in range(n)]
+# The other languages share one sentence shape (statement, two joined statements, question,
+# request); each has its own word order and agreement. Nouns carry their gender, and only nouns that
+# take no elision or contraction surprises are used (no vowel-initial French nouns, no German weak
+# nouns like "Student"), so every generated phrase is grammatical.
+
+
+class _Grammar:
+    """A language's sentence parts; `sentence` assembles them like the English generator."""
+
+    conjunctions: tuple[str, ...] = ()
+
+    def clause(self, rng: random.Random) -> list[str]:
+        raise NotImplementedError
+
+    def question(self, rng: random.Random) -> list[str]:
+        raise NotImplementedError
+
+    def request(self, rng: random.Random) -> list[str]:
+        raise NotImplementedError
+
+    def sentence(self, rng: random.Random) -> str:
+        while True:
+            kind = rng.random()
+            if kind < 0.6:
+                words, end = self.clause(rng), "."
+            elif kind < 0.75:
+                a, b = self.clause(rng), self.clause(rng)
+                words, end = a[:-1] + [a[-1] + ","] + rng.choice(self.conjunctions).split() + b, "."
+            elif kind < 0.9:
+                words, end = self.question(rng), "?"
+            else:
+                words, end = self.request(rng), "."
+            if 4 <= len(words) <= 12:
+                first = words[0]
+                k = next(i for i, c in enumerate(first) if c.isalpha())  # past a leading "¿"
+                words[0] = first[:k] + first[k].upper() + first[k + 1:]
+                return " ".join(words) + end
+
+
+class _German(_Grammar):
+    """Present tense, verb second; articles and adjective endings agree in case and gender."""
+
+    people = (("Lehrer", "m"), ("Arzt", "m"), ("Freund", "m"), ("Bäcker", "m"), ("Fahrer", "m"),
+              ("Hund", "m"), ("Vogel", "m"), ("Katze", "f"), ("Lehrerin", "f"), ("Ärztin", "f"),
+              ("Freundin", "f"), ("Mädchen", "n"), ("Kind", "n"), ("Pferd", "n"))
+    things = (("Brief", "m"), ("Tisch", "m"), ("Korb", "m"), ("Apfel", "m"), ("Mantel", "m"),
+              ("Schlüssel", "m"), ("Buch", "n"), ("Boot", "n"), ("Haus", "n"), ("Fenster", "n"),
+              ("Lied", "n"), ("Bild", "n"), ("Fahrrad", "n"), ("Tür", "f"), ("Lampe", "f"),
+              ("Flasche", "f"), ("Karte", "f"), ("Kiste", "f"), ("Tasche", "f"), ("Geschichte", "f"))
+    adjectives = ("klein", "alt", "grün", "hell", "kalt", "schwer", "warm", "leer", "rot", "neu",
+                  "blau", "groß", "sauber", "seltsam")
+    people_adjectives = ("alt", "jung", "klein", "ruhig", "fleißig", "freundlich", "glücklich", "klug")
+    # determiner -> ((nominative m, f, n), (accusative m, f, n)); "der"/"dieser" take weak adjective endings
+    determiners = {"der": (("der", "die", "das"), ("den", "die", "das")),
+                   "ein": (("ein", "eine", "ein"), ("einen", "eine", "ein")),
+                   "mein": (("mein", "meine", "mein"), ("meinen", "meine", "mein")),
+                   "unser": (("unser", "unsere", "unser"), ("unseren", "unsere", "unser")),
+                   "dieser": (("dieser", "diese", "dieses"), ("diesen", "diese", "dieses"))}
+    weak_endings = (("e", "e", "e"), ("en", "e", "e"))
+    mixed_endings = (("er", "e", "es"), ("en", "e", "es"))
+    # (3rd person singular, imperative); objects: things, people or animals, either
+    thing_verbs = (("findet", "finde"), ("malt", "male"), ("trägt", "trage"), ("öffnet", "öffne"),
+                   ("putzt", "putze"), ("kauft", "kaufe"), ("verkauft", "verkaufe"), ("wäscht", "wasche"),
+                   ("holt", "hole"), ("sucht", "suche"))
+    person_verbs = (("besucht", "besuche"), ("trifft", "triff"), ("fragt", "frage"), ("grüßt", "grüße"),
+                    ("ruft", "rufe"), ("kennt", "kenne"))
+    any_verbs = (("sieht", "sieh"), ("hört", "höre"), ("zeichnet", "zeichne"), ("beobachtet", "beobachte"))
+    intransitive = (("schläft", "schlaf"), ("lacht", "lache"), ("wartet", "warte"), ("tanzt", "tanze"),
+                    ("singt", "singe"), ("arbeitet", "arbeite"), ("lächelt", "lächle"), ("liest", "lies"),
+                    ("schwimmt", "schwimm"), ("spielt", "spiele"))
+    adverbs = ("heute", "gestern", "wieder", "langsam", "schnell", "leise", "früh", "später", "oft", "gern")
+    places = ("am Fluss", "im Garten", "auf dem Markt", "am Fenster", "auf der Straße", "in der Küche",
+              "hinter dem Haus", "in der Schule", "unter der alten Brücke", "in der Stadt")
+    names = ("Anna", "Peter", "Maria", "Thomas", "Laura", "Lukas", "Julia", "Felix")
+    conjunctions = ("und", "aber", "denn")
+
+    def noun_phrase(self, rng: random.Random, person: bool, case: int) -> list[str]:
+        """A name or `det [adj] Noun`; case 0 = nominative, 1 = accusative."""
+        if person and rng.random() < 0.25:
+            return [rng.choice(self.names)]
+        noun, gender = rng.choice(self.people if person else self.things)
+        g = "mfn".index(gender)
+        adj = rng.choice(self.people_adjectives if person else self.adjectives) if rng.random() < 0.5 else None
+        det = rng.choice(("der", "der", "ein", "mein", "unser", "dieser"))
+        words = [self.determiners[det][case][g]]
+        if adj:
+            endings = self.weak_endings if det in ("der", "dieser") else self.mixed_endings
+            words.append(adj + endings[case][g])
+        return words + [noun]
+
+    def verb_object(self, rng: random.Random) -> tuple[tuple[str, str], list[str]]:
+        r = rng.random()
+        if r < 0.4:
+            return rng.choice(self.thing_verbs), self.noun_phrase(rng, False, 1)
+        if r < 0.55:
+            return rng.choice(self.person_verbs), self.noun_phrase(rng, True, 1)
+        if r < 0.7:
+            return rng.choice(self.any_verbs), self.noun_phrase(rng, rng.random() < 0.5, 1)
+        return rng.choice(self.intransitive), []
+
+    def clause(self, rng: random.Random) -> list[str]:
+        subject = self.noun_phrase(rng, True, 0)
+        verb, obj = self.verb_object(rng)
+        words = subject + [verb[0]]
+        if rng.random() < 0.3:  # time/manner before the object and the place
+            words.append(rng.choice(self.adverbs))
+        words += obj
+        if rng.random() < 0.4:
+            words += rng.choice(self.places).split()
+        return words
+
+    def question(self, rng: random.Random) -> list[str]:
+        subject = self.noun_phrase(rng, True, 0)
+        verb, obj = self.verb_object(rng)
+        words = [verb[0]] + subject + obj
+        if rng.random() < 0.4:
+            words += rng.choice(self.places).split()
+        return words
+
+    def request(self, rng: random.Random) -> list[str]:
+        verb, obj = self.verb_object(rng)
+        words = ["bitte", verb[1]] + obj
+        if rng.random() < 0.6:
+            words += rng.choice(self.places).split()
+        return words
+
+
+class _French(_Grammar):
+    """Passé composé with avoir; articles and adjectives (after the noun) agree in gender."""
+
+    people = (("professeur", "m"), ("médecin", "m"), ("boulanger", "m"), ("voisin", "m"), ("voisine", "f"),
+              ("fermier", "m"), ("chien", "m"), ("chat", "m"), ("cheval", "m"), ("fille", "f"),
+              ("garçon", "m"), ("pilote", "m"), ("danseuse", "f"), ("cousine", "f"))
+    things = (("livre", "m"), ("bateau", "m"), ("panier", "m"), ("tableau", "m"), ("sac", "m"),
+              ("manteau", "m"), ("vélo", "m"), ("chapeau", "m"), ("verre", "m"), ("lettre", "f"),
+              ("maison", "f"), ("table", "f"), ("fenêtre", "f"), ("porte", "f"), ("chanson", "f"),
+              ("lampe", "f"), ("bouteille", "f"), ("boîte", "f"), ("carte", "f"), ("pomme", "f"))
+    # (masculine, feminine)
+    adjectives = (("rouge", "rouge"), ("vert", "verte"), ("bleu", "bleue"), ("noir", "noire"),
+                  ("froid", "froide"), ("lourd", "lourde"), ("vide", "vide"), ("propre", "propre"),
+                  ("étrange", "étrange"), ("blanc", "blanche"))
+    people_adjectives = (("heureux", "heureuse"), ("calme", "calme"), ("fatigué", "fatiguée"),
+                         ("content", "contente"), ("sage", "sage"), ("patient", "patiente"))
+    determiners = (("le", "la"), ("le", "la"), ("un", "une"), ("mon", "ma"), ("notre", "notre"),
+                   ("ce", "cette"))
+    # (past participle, imperative); all conjugate with avoir
+    thing_verbs = (("trouvé", "trouvez"), ("peint", "peignez"), ("porté", "portez"), ("ouvert", "ouvrez"),
+                   ("nettoyé", "nettoyez"), ("acheté", "achetez"), ("vendu", "vendez"), ("lavé", "lavez"),
+                   ("cherché", "cherchez"), ("pris", "prenez"))
+    person_verbs = (("suivi", "suivez"), ("appelé", "appelez"), ("aidé", "aidez"), ("rencontré", "rencontrez"),
+                    ("remercié", "remerciez"), ("salué", "saluez"))
+    any_verbs = (("vu", "voyez"), ("regardé", "regardez"), ("remarqué", "remarquez"), ("dessiné", "dessinez"))
+    intransitive = (("dormi", "dormez"), ("ri", "riez"), ("attendu", "attendez"), ("dansé", "dansez"),
+                    ("chanté", "chantez"), ("travaillé", "travaillez"), ("souri", "souriez"),
+                    ("marché", "marchez"), ("mangé", "mangez"), ("joué", "jouez"))
+    adverbs = ("aujourd'hui", "hier", "encore", "lentement", "vite", "tôt", "souvent", "doucement",
+               "plus tard", "ce matin")
+    places = ("près de la rivière", "dans le jardin", "au marché", "à la fenêtre", "sur la route",
+              "dans la cuisine", "derrière la maison", "à l'école", "sous le vieux pont", "en ville")
+    names = ("Marie", "Pierre", "Julie", "Paul", "Sophie", "Louis", "Claire", "Thomas")  # no vowel start
+    conjunctions = ("et", "mais", "donc")
+
+    def noun_phrase(self, rng: random.Random, person: bool) -> list[str]:
+        if person and rng.random() < 0.25:
+            return [rng.choice(self.names)]
+        noun, gender = rng.choice(self.people if person else self.things)
+        g = "mf".index(gender)
+        adj = rng.choice(self.people_adjectives if person else self.adjectives) if rng.random() < 0.5 else None
+        return [rng.choice(self.determiners)[g], noun] + ([adj[g]] if adj else [])
+
+    def verb_object(self, rng: random.Random) -> tuple[tuple[str, str], list[str]]:
+        r = rng.random()
+        if r < 0.4:
+            return rng.choice(self.thing_verbs), self.noun_phrase(rng, False)
+        if r < 0.55:
+            return rng.choice(self.person_verbs), self.noun_phrase(rng, True)
+        if r < 0.7:
+            return rng.choice(self.any_verbs), self.noun_phrase(rng, rng.random() < 0.5)
+        return rng.choice(self.intransitive), []
+
+    def clause(self, rng: random.Random) -> list[str]:
+        subject = self.noun_phrase(rng, True)
+        verb, obj = self.verb_object(rng)
+        words = subject + ["a", verb[0]] + obj
+        if rng.random() < 0.4:
+            words += rng.choice(self.places).split()
+        if rng.random() < 0.3:
+            words += rng.choice(self.adverbs).split()
+        return words
+
+    def question(self, rng: random.Random) -> list[str]:
+        subject = self.noun_phrase(rng, True)  # never vowel-initial, so "que" needs no elision
+        verb, obj = self.verb_object(rng)
+        words = ["est-ce", "que"] + subject + ["a", verb[0]] + obj
+        if rng.random() < 0.4:
+            words += rng.choice(self.places).split()
+        return words
+
+    def request(self, rng: random.Random) -> list[str]:
+        verb, obj = self.verb_object(rng)
+        words = ["s'il", "vous", "plaît,", verb[1]] + obj
+        if rng.random() < 0.6:
+            words += rng.choice(self.places).split()
+        return words
+
+
+class _Spanish(_Grammar):
+    """Preterite; articles and adjectives (after the noun) agree in gender; personal "a" (a + el = al)."""
+
+    people = (("maestro", "m"), ("maestra", "f"), ("médico", "m"), ("doctora", "f"), ("panadero", "m"),
+              ("vecino", "m"), ("vecina", "f"), ("amigo", "m"), ("amiga", "f"), ("niño", "m"),
+              ("niña", "f"), ("perro", "m"), ("gato", "m"), ("caballo", "m"))
+    things = (("libro", "m"), ("barco", "m"), ("cesto", "m"), ("cuadro", "m"), ("sombrero", "m"),
+              ("abrigo", "m"), ("coche", "m"), ("vaso", "m"), ("carta", "f"), ("casa", "f"), ("mesa", "f"),
+              ("ventana", "f"), ("puerta", "f"), ("canción", "f"), ("lámpara", "f"), ("botella", "f"),
+              ("caja", "f"), ("manzana", "f"), ("silla", "f"), ("llave", "f"))
+    adjectives = (("rojo", "roja"), ("verde", "verde"), ("azul", "azul"), ("nuevo", "nueva"),
+                  ("viejo", "vieja"), ("pequeño", "pequeña"), ("grande", "grande"), ("frío", "fría"),
+                  ("limpio", "limpia"), ("vacío", "vacía"), ("blanco", "blanca"))
+    people_adjectives = (("alegre", "alegre"), ("cansado", "cansada"), ("joven", "joven"),
+                         ("amable", "amable"), ("tranquilo", "tranquila"), ("viejo", "vieja"))
+    determiners = (("el", "la"), ("el", "la"), ("un", "una"), ("mi", "mi"), ("nuestro", "nuestra"),
+                   ("este", "esta"))
+    # (preterite, formal imperative)
+    thing_verbs = (("encontró", "encuentre"), ("pintó", "pinte"), ("llevó", "lleve"), ("abrió", "abra"),
+                   ("limpió", "limpie"), ("compró", "compre"), ("movió", "mueva"), ("lavó", "lave"),
+                   ("vendió", "venda"), ("buscó", "busque"))
+    person_verbs = (("visitó", "visite"), ("siguió", "siga"), ("ayudó", "ayude"), ("llamó", "llame"),
+                    ("saludó", "salude"), ("conoció", "conozca"))
+    any_verbs = (("vio", "vea"), ("miró", "mire"), ("escuchó", "escuche"), ("dibujó", "dibuje"))
+    intransitive = (("durmió", "duerma"), ("corrió", "corra"), ("esperó", "espere"), ("bailó", "baile"),
+                    ("cantó", "cante"), ("trabajó", "trabaje"), ("sonrió", "sonría"), ("caminó", "camine"),
+                    ("llegó", "llegue"), ("descansó", "descanse"))
+    adverbs = ("hoy", "ayer", "otra vez", "despacio", "temprano", "más tarde", "de nuevo", "esta mañana",
+               "rápidamente", "tranquilamente")
+    places = ("cerca del río", "en el jardín", "en el mercado", "junto a la ventana", "en la calle",
+              "en la cocina", "detrás de la casa", "en la escuela", "bajo el viejo puente", "en la ciudad")
+    names = ("Ana", "Pablo", "Lucía", "Carlos", "Sofía", "Miguel", "Elena", "Diego")  # none starts with i
+    conjunctions = ("y", "pero", "así que")
+
+    def noun_phrase(self, rng: random.Random, person: bool, obj: bool = False) -> list[str]:
+        """A name or `det noun [adj]`; a person as object takes the personal "a"."""
+        if person and rng.random() < 0.25:
+            words = [rng.choice(self.names)]
+        else:
+            noun, gender = rng.choice(self.people if person else self.things)
+            g = "mf".index(gender)
+            adj = rng.choice(self.people_adjectives if person else self.adjectives) if rng.random() < 0.5 else None
+            words = [rng.choice(self.determiners)[g], noun] + ([adj[g]] if adj else [])
+        if person and obj:
+            words = ["al"] + words[1:] if words[0] == "el" else ["a"] + words
+        return words
+
+    def verb_object(self, rng: random.Random) -> tuple[tuple[str, str], list[str]]:
+        r = rng.random()
+        if r < 0.4:
+            return rng.choice(self.thing_verbs), self.noun_phrase(rng, False, True)
+        if r < 0.55:
+            return rng.choice(self.person_verbs), self.noun_phrase(rng, True, True)
+        if r < 0.7:
+            return rng.choice(self.any_verbs), self.noun_phrase(rng, rng.random() < 0.5, True)
+        return rng.choice(self.intransitive), []
+
+    def clause(self, rng: random.Random) -> list[str]:
+        subject = self.noun_phrase(rng, True)
+        verb, obj = self.verb_object(rng)
+        words = subject + [verb[0]] + obj
+        if rng.random() < 0.4:
+            words += rng.choice(self.places).split()
+        if rng.random() < 0.3:
+            words += rng.choice(self.adverbs).split()
+        return words
+
+    def question(self, rng: random.Random) -> list[str]:
+        subject = self.noun_phrase(rng, True)
+        verb, obj = self.verb_object(rng)
+        words = ["¿" + verb[0]] + subject + obj
+        if rng.random() < 0.4:
+            words += rng.choice(self.places).split()
+        return words
+
+    def request(self, rng: random.Random) -> list[str]:
+        verb, obj = self.verb_object(rng)
+        words = ["por", "favor,", verb[1]] + obj
+        if rng.random() < 0.6:
+            words += rng.choice(self.places).split()
+        return words
+
+
+_GRAMMARS: dict[str, _Grammar] = {"de": _German(), "fr": _French(), "es": _Spanish()}
+
+
+def make_sentence(rng: random.Random, language: str = "en") -> str:
+    """One simple grammatical sentence of 4 to 12 words in `language` (en, de, fr or es)."""
+    lang = corpus_language(language)
+    if lang == "en":
+        return _en_sentence(rng)
+    return _GRAMMARS[lang].sentence(rng)
+
+
+def _rng_seed(lang: str, seed: int | str) -> str:
+    """The sentence seed string of a language; English keeps the seeds it always had."""
+    return f"{seed}" if lang == "en" else f"{lang}:{seed}"
+
+
+def make_sentences(n: int, seed: int = 0, language: str = "en") -> list[str]:
+    """`n` sentences in `language`, the same for the same seed."""
+    lang = corpus_language(language)
+    rng = random.Random(f"sentences:{_rng_seed(lang, seed)}")
+    return [make_sentence(rng, lang) for _ in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------
 # corpus
 
 
+def speaker_plan(n_speakers: int, language: str | Sequence[str] = "en") -> dict[str, list[Voice]]:
+    """Speakers per corpus language: `n_speakers` dealt out in turn over the languages, in order."""
+    langs = corpus_languages(language)
+    if n_speakers < 1:
+        raise UserError(f"number of speakers must be at least 1, got {n_speakers}")
+    if n_speakers < len(langs):
+        raise UserError(f"{n_speakers} speaker(s) cannot cover {len(langs)} languages ({', '.join(langs)}); "
+                        "use at least one speaker per language")
+    counts = [n_speakers // len(langs) + (i < n_speakers % len(langs)) for i in range(len(langs))]
+    return {lang: speakers(c, lang) for lang, c in zip(langs, counts)}
+
+
 def generate_corpus(out_dir: str | Path, n_speakers: int = 4, n_utterances: int = 20, seed: int = 0,
-                    sample_rate: int = 24000, language: str = "en", group: str = "synth",
+                    sample_rate: int = 24000, language: str | Sequence[str] = "en", group: str = "synth",
                     progress: bool = True) -> list[Path]:
     """Write `{out_dir}/{group}/{speaker}/{id}.wav` + `{id}.txt`; return all the wav paths.
 
-    Utterances whose wav and txt both exist are skipped (an interrupted run resumes). Each
-    utterance's sentence depends only on (seed, speaker index, utterance index).
+    `language` is one code (en, de, fr, es) or several (`"en,de,fr,es"` or a list); the speakers are
+    then dealt out over them in turn and each language's speakers go in the group `{out_dir}/{lang}`
+    instead of `group`. Utterances whose wav and txt both exist are skipped (an interrupted run
+    resumes). Each utterance's sentence depends only on (language, seed, speaker index within its
+    language, utterance index), so an English group is the same alone or beside other languages.
     """
     from tqdm import tqdm
 
-    if str(language).strip().lower().replace("_", "-") not in ("en", "en-us"):
-        raise UserError(f"the synthetic corpus has English sentences only; language must be 'en', not {language!r}")
+    plan = speaker_plan(n_speakers, language)
     if n_utterances < 1:
         raise UserError(f"number of utterances must be at least 1, got {n_utterances}")
     if not group or "/" in group or "\\" in group or group.startswith("."):
         raise UserError(f"group must be a plain folder name, got {group!r}")
     import soundfile as sf
 
-    root = Path(out_dir) / group
-    voices = speakers(n_speakers)
+    multi = len(plan) > 1
     paths: list[Path] = []
-    with tqdm(total=len(voices) * n_utterances, desc="corpus", unit="utt", disable=not progress,
+    with tqdm(total=n_speakers * n_utterances, desc="corpus", unit="utt", disable=not progress,
               file=sys.stderr) as bar:
-        for k, voice in enumerate(voices):
-            folder = root / voice.name
-            for i in range(n_utterances):
-                uid = f"{voice.name}_{i:04d}"
-                wav_path, txt_path = folder / f"{uid}.wav", folder / f"{uid}.txt"
-                paths.append(wav_path)
-                bar.update(1)
-                if wav_path.exists() and txt_path.exists():
-                    continue
-                text = make_sentence(random.Random(f"{seed}:{k}:{i}"))
-                wav = synthesize(text, voice, sample_rate)
-                pad = np.zeros(int(round(PAD_SECONDS * sample_rate)), np.float32)
-                wav = np.concatenate([pad, wav, pad])
-                with atomic_path(wav_path) as tmp:
-                    sf.write(tmp, wav, sample_rate, subtype="PCM_16", format="WAV")
-                atomic_write_text(txt_path, text + "\n")
+        for lang, voices in plan.items():
+            root = Path(out_dir) / (lang if multi else group)
+            for k, voice in enumerate(voices):
+                folder = root / voice.name
+                for i in range(n_utterances):
+                    uid = f"{voice.name}_{i:04d}"
+                    wav_path, txt_path = folder / f"{uid}.wav", folder / f"{uid}.txt"
+                    paths.append(wav_path)
+                    bar.update(1)
+                    if wav_path.exists() and txt_path.exists():
+                        continue
+                    text = make_sentence(random.Random(f"{_rng_seed(lang, seed)}:{k}:{i}"), lang)
+                    wav = synthesize(text, voice, sample_rate)
+                    pad = np.zeros(int(round(PAD_SECONDS * sample_rate)), np.float32)
+                    wav = np.concatenate([pad, wav, pad])
+                    with atomic_path(wav_path) as tmp:
+                        sf.write(tmp, wav, sample_rate, subtype="PCM_16", format="WAV")
+                    atomic_write_text(txt_path, text + "\n")
     return paths
 
 
@@ -361,12 +744,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--utterances", type=int, default=20, help="utterances per speaker (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="sentence seed (default 0)")
     parser.add_argument("--sample-rate", type=int, default=24000, help="output sample rate (default 24000)")
-    parser.add_argument("--group", default="synth", help="group folder name (default synth)")
+    parser.add_argument("--language", default="en",
+                        help=f"language, or comma-separated languages whose speakers each get a group named "
+                             f"after the language ({','.join(LANGUAGES)}; default en)")
+    parser.add_argument("--group", default="synth", help="group folder name of a one-language corpus (default synth)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     paths = generate_corpus(args.out, args.speakers, args.utterances, args.seed, args.sample_rate,
-                            group=args.group, progress=not args.quiet)
-    print(f"{len(paths)} utterances in {Path(args.out) / args.group}")
+                            language=args.language, group=args.group, progress=not args.quiet)
+    langs = corpus_languages(args.language)
+    if len(langs) == 1:
+        print(f"{len(paths)} utterances in {Path(args.out) / args.group}")
+    else:
+        print(f"{len(paths)} utterances in {', '.join(str(Path(args.out) / lang) for lang in langs)}")
+        groups = ", ".join(f"{lang}: [{lang}]" for lang in langs)
+        print(f"for training, set dataset.speaker_languages: {{{groups}}}")
     return 0
 
 

@@ -47,6 +47,7 @@ class GenerationSettings:
     max_nar_levels: int = 7  # NAR passes (levels 1..max_nar_levels)
     input_prompt_length: float = 3.0  # seconds of reference used as the prompt; 0 = all of it
     max_repeat_frames: int = 150  # a level-0 code repeated this many frames in a row ends the sequence
+    min_frames_per_phoneme: float = 1.0  # STOP is banned before this many frames per phoneme (premature stops)
     language: str = "en"
     split_sentences: bool = True
     pause: float = 0.25  # seconds of silence between joined sentences
@@ -68,6 +69,10 @@ def split_sentences(text: str, max_chars: int = 200) -> list[str]:
         if p:
             out.append(p)
     return out
+
+
+def _bare(token: str) -> str:
+    return token.replace("ː", "").replace("ˈ", "").replace("ˌ", "")
 
 
 def _reorder_cache(cache: Any, index: Tensor) -> Any:
@@ -173,17 +178,24 @@ class TTS:
         return torch.tensor(self.symmap.encode(tokens, source=f"the text {text[:40]!r}"), dtype=torch.long)
 
     def _known_symbol(self, token: str) -> str:
-        """A phoneme the model never saw falls back to itself without stress/length marks when that
-        is known (e.g. 'ɜː' -> 'ɜ'); otherwise it is kept and `encode` names it in a clear error."""
+        """A phoneme the model never saw falls back to a known symbol with the same base phone and
+        other stress/length marks (e.g. 'ɜː' -> 'ɜ', 'hˌ' -> 'hˈ'); a phone with no such relative is
+        kept, and `encode` names it in a clear error."""
         if token in self.symmap:
             return token
-        bare = token.replace("ː", "").replace("ˈ", "").replace("ˌ", "")
-        for variant in (token.replace("ː", ""), token.replace("ˈ", "").replace("ˌ", ""), bare,
-                        bare + "ˈ", bare + "ˌ", "ˈ" + bare, "ˌ" + bare, bare + "ː"):
-            if variant and variant in self.symmap:
-                logger.warning("phoneme %r is not in the model's symbol map; using %r", token, variant)
-                return variant
+        variant = self._bare_index().get(_bare(token))
+        if variant is not None:
+            logger.warning("phoneme %r is not in the model's symbol map; using %r", token, variant)
+            return variant
         return token
+
+    def _bare_index(self) -> dict[str, str]:
+        if not hasattr(self, "_bare_cache"):
+            index: dict[str, str] = {}
+            for sym in self.symmap.symbols:
+                index.setdefault(_bare(sym), sym)
+            self._bare_cache = index
+        return self._bare_cache
 
     def language_id(self, language: str) -> int:
         try:
@@ -218,12 +230,13 @@ class TTS:
         return [min(lim, cap) if cap > 0 else lim for lim in limits]
 
     def generate_ar(self, text_ids: list[Tensor], langs: Tensor, prompts: list[Tensor],
-                    params: SamplingParams, max_steps: list[int], max_repeat_frames: int = 150) -> list[Tensor]:
+                    params: SamplingParams, max_steps: list[int], max_repeat_frames: int = 150,
+                    min_steps: list[int] | None = None) -> list[Tensor]:
         """Batched AR decoding with a KV cache. Returns level-0 codes Long[T_i] per sample (no STOP)."""
         if params.beam_width and params.beam_width > 1:
             with torch.inference_mode():
                 return self._beam_ar(text_ids, langs, prompts, params, max_steps)
-        steps = self.ar_steps(text_ids, langs, prompts, params, max_steps, max_repeat_frames)
+        steps = self.ar_steps(text_ids, langs, prompts, params, max_steps, max_repeat_frames, min_steps)
         while True:
             try:
                 next(steps)
@@ -231,7 +244,7 @@ class TTS:
                 return end.value
 
     def ar_steps(self, text_ids: list[Tensor], langs: Tensor, prompts: list[Tensor], params: SamplingParams,
-                 max_steps: list[int], max_repeat_frames: int = 150
+                 max_steps: list[int], max_repeat_frames: int = 150, min_steps: list[int] | None = None
                  ) -> Iterator[tuple[int, Tensor, Tensor]]:
         """The AR loop as a generator: yields (step, tokens[B], done[B]) after every step and returns
         the level-0 codes per sample. Streaming consumes it step by step."""
@@ -250,9 +263,13 @@ class TTS:
             caps = torch.tensor(max_steps, device=dev)
             run = torch.zeros(B, dtype=torch.long, device=dev)  # length of the current run of one code
             stop = torch.full((B,), self.stop_id, dtype=torch.long, device=dev)
+            floor = torch.tensor(min_steps or [0] * B, device=dev).clamp(max=caps)
         for step in range(limit + 1):
             with torch.inference_mode():
-                tokens = sampler.sample(logits.float(), history[:, :step])
+                logits = logits.float()
+                if step < int(floor.max()):  # too early to stop: ban STOP for those rows
+                    logits[:, self.stop_id] = torch.where(lengths < floor, -torch.inf, logits[:, self.stop_id])
+                tokens = sampler.sample(logits, history[:, :step])
                 tokens = torch.where(done | (lengths >= caps), stop, tokens)
                 done |= tokens == self.stop_id
                 if step > 0:
@@ -340,7 +357,9 @@ class TTS:
         if settings.ar.seed is not None:
             torch.manual_seed(settings.ar.seed)
         steps = self._step_limits(text_ids, settings.max_ar_steps)
-        level0 = self.generate_ar(text_ids, langs, list(prompts), settings.ar, steps, settings.max_repeat_frames)
+        floors = [int(settings.min_frames_per_phoneme * len(t)) for t in text_ids]
+        level0 = self.generate_ar(text_ids, langs, list(prompts), settings.ar, steps, settings.max_repeat_frames,
+                                  floors)
         return self.generate_nar(text_ids, langs, list(prompts), level0, settings.nar, settings.max_nar_levels)
 
     def decode(self, codes: list[Tensor]) -> list[Tensor]:
@@ -434,8 +453,9 @@ class TTS:
             emitted = end
             return wav
 
+        floors = [int(settings.min_frames_per_phoneme * len(text_ids[0]))]
         for _, tokens, done in self.ar_steps(text_ids, langs, [prompt], settings.ar, steps,
-                                             settings.max_repeat_frames):
+                                             settings.max_repeat_frames, floors):
             if bool(done[0]):
                 break
             frames.append(int(tokens[0]))

@@ -102,7 +102,7 @@ def init_distributed(cfg: Any) -> tuple[int, int, torch.device]:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(cfg.resolved_device())
-    if device.type == "cuda" and world > 1:
+    if device.type == "cuda" and (world > 1 or device.index is None):
         device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import inspect
+
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache, LlamaConfig, LlamaModel, StaticCache
@@ -77,13 +79,13 @@ class HFBackbone(Backbone):
         if mask.valid.shape[0] != B or mask.causal.shape[0] != B:
             raise ValueError(f"mask batch {mask.valid.shape[0]} does not match input batch {B}")
         if cache is None and use_cache:
-            cache = DynamicCache(config=self.config)
+            cache = _dynamic_cache(self.config)
             setattr(cache, _LENGTH, 0)
         past = _cache_length(cache) if cache is not None else 0
         if mask.valid.shape[1] != past + S:
             raise ValueError(f"mask.valid covers {mask.valid.shape[1]} keys; expected past {past} + new {S}")
         kv_len = past + S
-        if cache is not None:  # a static cache returns its whole buffer as keys
+        if cache is not None and isinstance(cache, StaticCache):  # keys span the whole buffer
             kv_len = int(cache.get_mask_sizes(S, 0)[0])
             if kv_len < past + S:
                 raise ValueError(f"the cache holds {kv_len} positions; {past + S} are needed")
@@ -92,8 +94,8 @@ class HFBackbone(Backbone):
             inputs_embeds=x,
             attention_mask=attn,
             position_ids=mask.positions(S),
-            cache=cache,
             use_cache=cache is not None,
+            **{_CACHE_KWARG: cache},
             **kwargs,
         )
         if cache is not None:
@@ -101,9 +103,22 @@ class HFBackbone(Backbone):
         return out, cache
 
     def new_cache(self, batch_size: int, max_length: int, device: torch.device, dtype: torch.dtype) -> Any:
-        cache = StaticCache(config=self.config, max_cache_len=max_length)
+        # A DynamicCache: transformers' StaticCache changed its key-length semantics between 5.x
+        # releases (seen on 5.17 vs 5.24), and our masks must match the keys exactly.
+        cache = _dynamic_cache(self.config)
         setattr(cache, _LENGTH, 0)
         return cache
+
+
+def _dynamic_cache(config: Any) -> DynamicCache:
+    try:
+        return DynamicCache(config=config)
+    except TypeError:  # older 5.x
+        return DynamicCache()
+
+
+# transformers renamed the model's cache argument within 5.x: pass it under the name it takes
+_CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 
 class LlamaBackbone(HFBackbone):

@@ -17,9 +17,11 @@ come from the path (`{group}/{speaker}/{file}`) through plain format strings.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import json
+import math
 import sys
 import types
 import typing
@@ -282,14 +284,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise bad
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise bad
+        if number is None:
+            raise bad
+        if not math.isfinite(number):
+            raise UserError(f"config key {key!r} expects a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -340,6 +347,58 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 # fields whose value is itself a mapping (replace rather than merge key by key)
 _DICT_VALUED = {"speaker_languages", "optimizer_params", "config"}
 
+# A config is small; more values than this (e.g. YAML aliases expanding exponentially, the
+# "billion laughs") is refused before anything walks or copies it.
+MAX_CONFIG_VALUES = 100_000
+
+
+class _Loader(yaml.SafeLoader):
+    """`yaml.SafeLoader` (plain data only, no Python objects) that also refuses duplicate keys, which
+    YAML would otherwise resolve silently to the last one."""
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+            seen.add(key)
+        except TypeError:  # unhashable: the base constructor reports it
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _safe_yaml(text: str, where: str) -> Any:
+    """Parse YAML text into plain data; UserError (naming `where`) for anything malformed or hostile."""
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise UserError(f"{where}: malformed YAML: nested too deeply") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{where}: malformed YAML{at}: {problem}") from None
+    count, stack = 0, [data]
+    while stack:  # iterative: a recursive alias or a huge expansion cannot blow the stack
+        x = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise UserError(f"{where}: more than {MAX_CONFIG_VALUES} values (expanded YAML aliases?); "
+                            "a config is much smaller")
+        if isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return data
+
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing or malformed file is a one-line error naming it."""
@@ -352,13 +411,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: config file is not UTF-8 text") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read config file ({e.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"{path}: malformed YAML{where}: {problem}") from None
+    data = _safe_yaml(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -377,11 +430,16 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _parse_value(raw: str) -> Any:
+def _parse_value(raw: str, key: str = "") -> Any:
+    """An override's value as YAML; text that is not valid YAML stays a plain string."""
+    if raw == "":
+        return ""
     try:
-        return yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        return raw
+        return _safe_yaml(raw, f"config key {key!r}")
+    except UserError as e:
+        if "malformed YAML" in str(e) and "nested too deeply" not in str(e):
+            return raw
+        raise
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
@@ -404,10 +462,28 @@ def load_config(yaml_path: str | Path | None = None, overrides: dict[str, str] |
     if yaml_path:
         tree = load_yaml(yaml_path)
         cfg_path = Path(yaml_path).parent
+    file_tree = copy.deepcopy(tree) if yaml_path else None
     for k, raw in (overrides or {}).items():
-        _set_dotted(tree, k, _parse_value(raw))
+        _set_dotted(tree, k, _parse_value(raw, k))
+    try:
+        return _finish(tree, cfg_path)
+    except UserError as e:
+        if file_tree is not None:  # the file alone has the same problem: say which file
+            try:
+                _finish(file_tree, cfg_path)
+            except UserError as alone:
+                if str(alone) == str(e):
+                    raise UserError(f"{yaml_path}: {e}") from None
+        raise
+
+
+def _finish(tree: dict[str, Any], cfg_path: Path) -> Config:
+    tree = dict(tree)
     if "cfg_path" in tree:
-        cfg_path = Path(str(tree.pop("cfg_path")))
+        value = tree.pop("cfg_path")
+        if isinstance(value, bool) or not isinstance(value, (str, int, float, Path)) or not str(value):
+            raise UserError(f"config key 'cfg_path' expects a folder path, got {value!r}")
+        cfg_path = Path(str(value))
     cfg = _build(Config, tree)
     cfg.cfg_path = cfg_path
     _validate(cfg)
@@ -433,6 +509,25 @@ def _validate(cfg: Config) -> None:
             raise UserError(f"config key {key!r} must be [min, max], got {rng!r}")
     if cfg.model.n_levels < 1 or cfg.model.n_codes < 2:
         raise UserError("config keys 'model.n_levels' and 'model.n_codes' must be positive")
+    _check_non_negative(cfg)
+
+
+# numbers that may be negative; every other number in the config is a count, size, rate or duration
+_SIGNED = {"seed"}
+
+
+def _check_non_negative(obj: Any, prefix: str = "") -> None:
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _check_non_negative(value, key + ".")
+        elif key in _SIGNED or isinstance(value, bool):
+            continue
+        elif isinstance(value, (int, float)) and value < 0:
+            raise UserError(f"config key {key!r} must not be negative, got {value!r}")
+        elif isinstance(value, list) and any(isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0
+                                             for v in value):
+            raise UserError(f"config key {key!r} must not hold negative numbers, got {value!r}")
 
 
 def help_text(cls: type = Config, prefix: str = "") -> str:
@@ -473,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vall_e.config",
                                      description="Print the resolved configuration as JSON.")
     cfg, _ = parse_config(argv, parser)
-    print(json.dumps(cfg.to_dict(), indent=2))
+    print(json.dumps(cfg.to_dict(), indent=2, default=str))  # YAML dates etc. in free-form dicts
     return 0
 
 

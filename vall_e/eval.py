@@ -30,6 +30,9 @@ import numpy as np
 from vall_e.errors import UserError, run_main
 
 REPORT_VERSION = 1
+# Longest audio file scored (prompt, reference or synthesized clip): the signal metrics analyse whole
+# clips, so an hours-long file is refused from its header instead of exhausting memory.
+MAX_AUDIO_SECONDS = 120.0
 COLUMNS = ("id", "text", "prompt", "reference")
 # per-item numeric metrics, in table order: (key, table header, format)
 METRICS = (
@@ -159,9 +162,11 @@ def _check_audio(p: Path, where: str) -> None:
     if not p.is_file():
         raise UserError(f"{where}: audio file {p} not found")
     try:
-        audio_duration(p)
+        seconds = audio_duration(p)
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
+    if seconds > MAX_AUDIO_SECONDS:
+        raise UserError(f"{where}: {p} lasts {seconds:.1f} s, longer than the {MAX_AUDIO_SECONDS:g} s evaluated")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +193,7 @@ def _load(a: Audio) -> tuple[np.ndarray, int]:
         sr = int(sf.info(str(a)).samplerate)
     except Exception:
         sr = 24_000  # load_audio below reports what is wrong with the file
-    return load_audio(a, sr, allow_silent=True).numpy(), sr
+    return load_audio(a, sr, allow_silent=True, max_seconds=MAX_AUDIO_SECONDS).numpy(), sr
 
 
 def _finite(x: float | None) -> float | None:

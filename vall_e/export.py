@@ -122,6 +122,10 @@ def read_export(path: str | Path) -> tuple[dict[str, dict[str, Tensor]], dict[st
         raise UserError(f"{path}: format version {version} is newer than this vall-e understands ({FORMAT_VERSION})")
     if not isinstance(configs, dict) or not configs:
         raise UserError(f"{path}: damaged model metadata (no model configs)")
+    for key in ("codec", "stats"):
+        if not isinstance(meta[key], dict):
+            raise UserError(f"{path}: damaged model metadata ('{key}' must be a JSON object)")
+    _check_maps(meta["symmap"], meta["langmap"], str(path))
     if md.get("checksum") != tensor_checksum(tensors):
         raise UserError(f"{path}: weights do not match the file's checksum (damaged or edited)")
     codec_tensors = {k[len(CODEC_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(CODEC_PREFIX)}
@@ -132,6 +136,32 @@ def read_export(path: str | Path) -> tuple[dict[str, dict[str, Tensor]], dict[st
             raise UserError(f"{path}: damaged codec metadata ({e})") from None
     names = list(configs)
     return split_weights(tensors, names, prefix=len(names) > 1), meta
+
+
+def _check_maps(symmap: Any, langmap: Any, source: str) -> None:
+    """A stored symbol or language map must be a JSON object (checked in full where it is used)."""
+    for name, text in (("symmap", symmap), ("langmap", langmap)):
+        try:
+            value = json.loads(_as_json_text(text))
+        except ValueError as e:
+            raise UserError(f"{source}: damaged {name} metadata ({e})") from None
+        if not isinstance(value, dict):
+            raise UserError(f"{source}: damaged {name} metadata (a JSON object expected, got {type(value).__name__})")
+
+
+def _check_weights(model: nn.Module, weights: dict[str, Tensor], source: str) -> None:
+    """`weights` fit `model` exactly (names and shapes), as strict loading needs; UserError otherwise."""
+    own = model.state_dict()
+    for k, t in weights.items():
+        if k in own and tuple(own[k].shape) != tuple(t.shape):
+            raise UserError(f"{source}: weight {k!r} has shape {tuple(t.shape)}, the model expects "
+                            f"{tuple(own[k].shape)} (different model config?)")
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    if missing or unexpected:
+        what = f"missing {len(missing)} weight(s) e.g. {missing[0]!r}" if missing else \
+            f"unexpected {len(unexpected)} weight(s) e.g. {unexpected[0]!r}"
+        raise UserError(f"{source}: {what}")
 
 
 def _default_factory(config: dict[str, Any]) -> nn.Module:
@@ -150,7 +180,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: s
     for name, cfg in meta["models"].items():
         try:
             model = factory(cfg)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, UserError) as e:
             raise UserError(f"{path}: model config for {name!r} is not usable ({e})") from None
         load_model_weights(model, state_dicts[name], strict=True, source=str(path))
         if dtype is not None:
@@ -169,9 +199,22 @@ def export_checkpoint(step_dir: Path, out: Path, dtype: str = "float32") -> Path
     if not configs:
         raise UserError(f"{step_dir / 'state.pt'}: has no model configs to export")
     names = list(configs)
+    source = str(step_dir / "model.safetensors")
+    per_model = split_weights(weights, names)
+    # Check before writing that the file will load: the weights fit the configs, the maps parse.
+    for name in names:
+        try:
+            with torch.device("meta"):  # shapes and names only: no memory, no init time
+                model = _default_factory(configs[name])
+        except (TypeError, ValueError, UserError) as e:
+            raise UserError(f"{step_dir / 'state.pt'}: model config for {name!r} is not usable ({e})") from None
+        _check_weights(model, per_model.get(name, {}), source)
+    _check_maps(meta.get("symmap"), meta.get("langmap"), str(step_dir / "state.pt"))
+    if not isinstance(meta.get("codec") or {}, dict):
+        raise UserError(f"{step_dir / 'state.pt'}: the stored codec spec is not a mapping")
     stats = {k: state.get(k) for k in ("step", "samples", "tokens")}
     stats["val_loss"] = state.get("val_loss")
-    return write_export(out, split_weights(weights, names), configs, meta.get("symmap"), meta.get("langmap"),
+    return write_export(out, per_model, configs, meta.get("symmap"), meta.get("langmap"),
                         meta.get("codec"), stats, dtype)
 
 

@@ -35,6 +35,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 # The step limit allows a generous 3x slack before cutting a sequence off.
 FRAMES_PER_PHONEME_LIMIT = 20
 MIN_AR_STEPS = 75
+MAX_REFERENCE_SECONDS = 120.0  # a reference longer than this is refused from its header (never loaded)
 
 
 @dataclass
@@ -185,7 +186,10 @@ class TTS:
             return token
         variant = self._bare_index().get(_bare(token))
         if variant is not None:
-            logger.warning("phoneme %r is not in the model's symbol map; using %r", token, variant)
+            warned = self.__dict__.setdefault("_warned_symbols", set())
+            if token not in warned:  # once per symbol, not per occurrence
+                warned.add(token)
+                logger.warning("phoneme %r is not in the model's symbol map; using %r", token, variant)
             return variant
         return token
 
@@ -218,7 +222,8 @@ class TTS:
                 references = [p for p in str(references).split(";") if p.strip()]
             if not references:
                 raise UserError("no reference audio given")
-            pieces = [self.codec.encode(load_audio(p, self.codec.sample_rate)) for p in references]
+            pieces = [self.codec.encode(load_audio(p, self.codec.sample_rate, max_seconds=MAX_REFERENCE_SECONDS))
+                      for p in references]
             codes = torch.cat(pieces)
         if prompt_seconds > 0:
             codes = trim_or_repeat(codes, max(1, int(round(prompt_seconds * self.codec.frame_rate))))
@@ -353,6 +358,12 @@ class TTS:
             raise ValueError("one prompt per text is needed")
         languages = list(languages or [settings.language] * len(texts))
         text_ids = [self.encode_text(t, lang) for t, lang in zip(texts, languages)]
+        limit = self.ar_model.config.max_positions
+        for t, ids, prompt in zip(texts, text_ids, prompts):
+            if len(ids) + prompt.shape[0] + 4 > limit:
+                raise UserError(f"text too long for the model: {len(ids)} phonemes plus a {prompt.shape[0]}-frame "
+                                f"prompt exceed its {limit} positions; split it into sentences "
+                                f"(text starts {t[:40]!r})")
         langs = torch.tensor([self.language_id(lang) for lang in languages], dtype=torch.long)
         if settings.ar.seed is not None:
             torch.manual_seed(settings.ar.seed)

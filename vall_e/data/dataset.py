@@ -239,7 +239,13 @@ class VALLEDataset(Dataset):
     def codes(self, utt: Utterance) -> Tensor:
         """LongTensor [T, L] of an utterance (levels cut to model.n_levels)."""
         if self.use_hdf5:
-            codes = torch.from_numpy(self._file()[utt.key]["audio"][()]).long()
+            n_codes = self.codec_spec.get("n_codes", 1024)
+            n_codes = n_codes if isinstance(n_codes, int) and not isinstance(n_codes, bool) else 1024
+            codes = torch.from_numpy(h5fmt.read_array(self._file(), utt.key, "audio", ndim=2, n_values=n_codes)
+                                     .astype("int64"))
+            if codes.shape[1] < self.n_levels:
+                raise UserError(f"{self.hdf5_path}:{utt.key}/audio: has {codes.shape[1]} code levels, "
+                                f"model.n_levels is {self.n_levels}")
         else:
             from vall_e.emb.codes import load_codes
 
@@ -254,10 +260,17 @@ class VALLEDataset(Dataset):
         if self.use_hdf5:
             g = self._file()[utt.key]
             if not self._reencode:
-                return torch.from_numpy(g["text"][()].astype("int64"))
+                return torch.from_numpy(h5fmt.read_array(self._file(), utt.key, "text", ndim=1,
+                                                         n_values=len(self.symmap)).astype("int64"))
             import json
 
-            tokens = json.loads(g.attrs["phonemes"])
+            try:
+                tokens = json.loads(g.attrs["phonemes"])
+                if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+                    raise ValueError("not a list of strings")
+            except (KeyError, ValueError, TypeError) as e:
+                raise UserError(f"{self.hdf5_path}:{utt.key}: damaged 'phonemes' attribute ({e}); "
+                                "rebuild it with `python -m vall_e.data yaml=CONFIG --action hdf5`") from None
             return torch.tensor(self.symmap.encode(tokens, source=f"{self.hdf5_path}:{utt.key}"), dtype=torch.long)
         from vall_e.text.symmap import read_phonemes
 

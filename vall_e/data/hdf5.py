@@ -75,7 +75,7 @@ def _root_json(f, name: str) -> Any:
 def read_symmap(f):
     from vall_e.text.symmap import Symmap
 
-    return Symmap.from_json(_root_json(f, "symmap"))
+    return Symmap.from_json(_root_json(f, "symmap"), source=f"{f.filename}:symmap")
 
 
 def read_languages(f):
@@ -85,7 +85,31 @@ def read_languages(f):
 
 
 def read_codec_spec(f) -> dict[str, Any]:
-    return json.loads(_root_json(f, "codec"))
+    try:
+        spec = json.loads(_root_json(f, "codec"))
+    except ValueError as e:
+        raise UserError(f"{f.filename}:codec: not valid JSON ({e}); {_rebuild_hint(Path(f.filename))}") from None
+    if not isinstance(spec, dict):
+        raise UserError(f"{f.filename}:codec: expected a JSON object; {_rebuild_hint(Path(f.filename))}")
+    return spec
+
+
+def read_array(f, key: str, name: str, *, ndim: int, n_values: int) -> np.ndarray:
+    """Dataset `name` of utterance `key`, checked: integers, `ndim` dimensions, non-empty, each value in
+    [0, n_values). A damaged or edited file is a UserError naming it, never a crash inside training."""
+    where = f"{f.filename}:{key}/{name}"
+    try:
+        arr = f[key][name][()]
+    except (KeyError, OSError, ValueError) as e:
+        raise UserError(f"{where}: cannot be read ({e}); {_rebuild_hint(Path(f.filename))}") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "iu":
+        raise UserError(f"{where}: expected integers, got {getattr(arr, 'dtype', type(arr).__name__)}")
+    if arr.ndim != ndim or arr.size == 0:
+        raise UserError(f"{where}: expected a non-empty {ndim}-d array, got shape {list(arr.shape)}")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= n_values:
+        raise UserError(f"{where}: values must lie in [0, {n_values}), found [{lo}, {hi}]")
+    return arr
 
 
 def hdf5_metadata(f, split: str, dirs: Iterable[str | os.PathLike], root: str | os.PathLike | None,
@@ -103,7 +127,11 @@ def hdf5_metadata(f, split: str, dirs: Iterable[str | os.PathLike], root: str | 
         entries = {}
         for uid, g in f[prefix].items():
             a = g.attrs
-            entries[uid] = {"frames": int(a["frames"]), "levels": int(a["levels"]), "phones": int(a["phones"])}
+            try:
+                entries[uid] = {k: int(a[k]) for k in ("frames", "levels", "phones")}
+            except (KeyError, ValueError, TypeError) as e:
+                raise UserError(f"{f.filename}:{prefix}/{uid}: damaged attributes ({e}); "
+                                f"{_rebuild_hint(Path(f.filename))}") from None
         out[str(d)] = entries
     return out
 

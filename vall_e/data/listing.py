@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -66,11 +67,17 @@ def speaker_parts(speaker_dir: str | os.PathLike) -> tuple[str, str]:
 
 def speaker_key(speaker_dir: str | os.PathLike, name_format: str = "{group}_{speaker}") -> str:
     group, spk = speaker_parts(speaker_dir)
+    bad = UserError(f"config key 'dataset.speaker_name_format' {name_format!r} is invalid "
+                    "(only plain {group} and {speaker} fields are allowed)")
     try:
-        return name_format.format(group=group, speaker=spk)
-    except (KeyError, IndexError, ValueError) as e:
-        raise UserError(f"config key 'dataset.speaker_name_format' {name_format!r} is invalid "
-                        f"(only {{group}} and {{speaker}} are known): {e}") from None
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(name_format)
+                  if name is not None]
+    except ValueError:
+        raise bad from None
+    # plain fields only: no attribute or index lookups ({group.__class__}), conversions or specs
+    if any(name not in ("group", "speaker") or spec or conv for name, spec, conv in fields):
+        raise bad
+    return name_format.format(group=group, speaker=spk)
 
 
 def language_of(group: str, speaker_languages: dict[str, list[str]], default: str) -> str:
@@ -138,7 +145,8 @@ def speaker_metadata(speaker_dir: str | os.PathLike, write: bool = True, progres
     changed = set(cached) != set(ids)
     for uid in ids:
         entry = cached.get(uid)
-        fresh = (isinstance(entry, dict) and all(k in entry for k in ("frames", "levels", "phones"))
+        fresh = (isinstance(entry, dict)
+                 and all(type(entry.get(k)) is int and entry[k] >= 0 for k in ("frames", "levels", "phones"))
                  and entry.get("qnt") == _stamp(speaker_dir / f"{uid}{QNT_SUFFIX}")
                  and entry.get("phn") == _stamp(speaker_dir / f"{uid}{PHN_SUFFIX}"))
         if not fresh:

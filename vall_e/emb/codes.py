@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,16 @@ from vall_e.utils.io import atomic_path
 # Codes in the reference's bare-tensor files come from EnCodec: 1024 codes per level.
 REFERENCE_N_CODES = 1024
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def refusal_reason(e: Exception) -> str:
+    """The useful line of `torch.load(weights_only=True)`'s refusal (what it would not load), without
+    torch's advice to retry with `weights_only=False`, which would run the file's code."""
+    for line in str(e).splitlines():
+        line = line.strip()
+        if line.startswith(("Trying to load unsupported", "Unsupported")):
+            return line[:160]
+    return "not plain tensor data"
 
 
 def save_codes(path: str | os.PathLike, codes: Tensor, codec_spec: dict[str, Any]) -> Path:
@@ -49,10 +60,12 @@ def read_codes(path: str | os.PathLike, *, n_codes: int | None = None,
     if not path.is_file():
         raise UserError(f"{path}: no such codes file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"{path}: refused to load: the file holds objects other than tensors ({first[:160]})") from None
+        raise UserError(f"{path}: refused to load: the file holds Python objects other than tensors, "
+                        f"which could run code ({refusal_reason(e)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, KeyError,
             TypeError, IndexError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -82,16 +95,24 @@ def read_codes(path: str | os.PathLike, *, n_codes: int | None = None,
         raise UserError(f"{path}: the codes are empty (shape {list(codes.shape)})")
 
     if n_codes is None:
-        n_codes = int(spec.get("n_codes", REFERENCE_N_CODES)) if spec else REFERENCE_N_CODES
+        n_codes = _spec_int(spec, "n_codes", path) if spec and "n_codes" in spec else REFERENCE_N_CODES
     lo, hi = int(codes.min()), int(codes.max())
     if lo < 0 or hi >= n_codes:
         raise UserError(f"{path}: code values must lie in [0, {n_codes}), found [{lo}, {hi}]")
     want_levels = n_levels
     if spec and want_levels is None and "n_levels" in spec:
-        want_levels = int(spec["n_levels"])
+        want_levels = _spec_int(spec, "n_levels", path)
     if want_levels is not None and codes.shape[1] < want_levels:
         raise UserError(f"{path}: has {codes.shape[1]} code levels, {want_levels} needed")
     return codes.long().contiguous(), spec
+
+
+def _spec_int(spec: dict[str, Any], key: str, path: Path) -> int:
+    """A positive integer entry of a stored codec spec (the file may have been edited)."""
+    value = spec[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{path}: the codec spec's {key!r} must be a positive integer, got {value!r}")
+    return value
 
 
 def load_codes(path: str | os.PathLike, *, n_codes: int | None = None, n_levels: int | None = None) -> Tensor:

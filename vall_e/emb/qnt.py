@@ -16,6 +16,9 @@ from typing import Any, Sequence
 from vall_e.errors import UserError, run_main
 
 QNT_SUFFIX = ".qnt.pt"
+# Longest clip encoded by default. A codec encodes a clip in one pass, so a file of hours would need
+# tens of GB; it is refused from its header instead (training utterances last seconds).
+DEFAULT_MAX_SECONDS = 600.0
 
 
 def file_id(path: Path) -> str:
@@ -64,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--suffix", default=".wav", help="audio file suffix to look for (default .wav)")
     p.add_argument("--device", default=None, help="device for the codec (default: codec.device)")
     p.add_argument("--batch-size", type=int, default=16, help="clips encoded together (default 16)")
-    p.add_argument("--max-seconds", type=float, default=None, help="reject files longer than this")
+    p.add_argument("--max-seconds", type=float, default=DEFAULT_MAX_SECONDS,
+                   help=f"reject files longer than this (default {DEFAULT_MAX_SECONDS:g}; 0 = no limit)")
     p.add_argument("--fit", action="store_true",
                    help="with codec.name=world: fit the codebooks on DIR's audio first "
                         "(written to codec.codebooks, default DIR/codebooks.safetensors)")
@@ -80,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"{root}: no such folder")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not args.max_seconds >= 0:
+        raise UserError(f"--max-seconds must be 0 (no limit) or positive, got {args.max_seconds}")
+    max_seconds = args.max_seconds or None
     files = find_audio(root, args.suffix)
     if not files:
         print(f"no *{args.suffix} files under {root}", file=sys.stderr)
@@ -91,6 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.fit:
         if cfg.codec.name != "world":
             raise UserError(f"--fit only applies to codec.name=world (got codec.name={cfg.codec.name})")
+        if max_seconds is not None:  # fitting loads every file: refuse over-long ones from their headers
+            from vall_e.audio import audio_duration
+
+            for p in files:
+                if audio_duration(p) > max_seconds:
+                    raise UserError(f"{p}: {audio_duration(p):.1f} s is longer than the limit of {max_seconds:g} s "
+                                    "(--max-seconds raises it; 0 = no limit)")
         spec["codebooks"] = str(_fit_world(cfg, root, files))
         print(f"fitted codebooks: {spec['codebooks']}", file=sys.stderr)
 
@@ -118,8 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             wavs, error = [], None
             for p in batch:
                 try:
-                    wavs.append(load_audio(p, codec.sample_rate, max_seconds=args.max_seconds))
+                    wavs.append(load_audio(p, codec.sample_rate, max_seconds=max_seconds))
                 except UserError as e:
+                    if "longer than the limit" in str(e):
+                        e = UserError(f"{e} (--max-seconds raises it; 0 = no limit)")
                     error = e  # encode the files loaded before it, then stop
                     break
             for p, codes in zip(batch, codec.encode_batch(wavs) if wavs else []):

@@ -17,9 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -254,15 +256,24 @@ def verify_checkpoint(step_dir: Path) -> dict[str, Any]:
             raise ValueError("not a vall-e checkpoint manifest")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise UserError(f"{mpath}: damaged checkpoint manifest ({e})") from None
-    if int(manifest.get("version", 0)) > VERSION:
+    version = manifest.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise UserError(f"{mpath}: damaged checkpoint manifest (version {version!r})")
+    if version > VERSION:
         raise UserError(f"{mpath}: checkpoint format version {manifest.get('version')} is newer than this "
                         f"vall-e understands ({VERSION})")
     for rel, info in files.items():
+        parts = Path(str(rel)).parts
+        if not parts or Path(str(rel)).is_absolute() or ".." in parts:
+            raise UserError(f"{mpath}: damaged checkpoint manifest (names {str(rel)[:80]!r}, outside the checkpoint)")
+        if not isinstance(info, dict) or isinstance(info.get("size"), bool) or not isinstance(info.get("size"), int) \
+                or not isinstance(info.get("sha256"), str):
+            raise UserError(f"{mpath}: damaged checkpoint manifest (bad entry for {str(rel)[:80]!r})")
         p = step_dir / rel
         if not p.is_file():
             raise UserError(f"{p}: missing from checkpoint {step_dir}")
         size = p.stat().st_size
-        if size != int(info["size"]):
+        if size != info["size"]:
             raise UserError(f"{p}: {size} bytes, the manifest says {info['size']} (truncated or damaged)")
         if _sha256(p) != info["sha256"]:
             raise UserError(f"{p}: contents do not match the checkpoint manifest (damaged or edited)")
@@ -277,11 +288,23 @@ def load_checkpoint(step_dir: Path, map_location: str | torch.device = "cpu",
     weights, _ = load_safetensors(step_dir / WEIGHTS_FILE)
     spath = step_dir / STATE_FILE
     try:
-        state = torch.load(spath, map_location=map_location, weights_only=True)
-    except Exception as e:  # UnpicklingError for anything beyond plain data
-        raise UserError(f"{spath}: cannot be loaded safely ({str(e).splitlines()[0][:200]})") from None
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(spath, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # anything beyond plain data: a pickle that could run code
+        reason = next((ln.strip()[:160] for ln in str(e).splitlines()
+                       if ln.strip().startswith(("Trying to load unsupported", "Unsupported"))), "not plain data")
+        raise UserError(f"{spath}: refused to load: it holds Python objects other than plain data, which could "
+                        f"run code ({reason})") from None
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{spath}: cannot be loaded, it is truncated or damaged ({first[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{spath}: not a vall-e training state")
+    for key in ("step", "samples", "tokens", "skipped_nan", "skipped_oom", "elapsed"):
+        v = state.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, (float if key == "elapsed" else int, int)) or not v >= 0:
+            raise UserError(f"{spath}: damaged training state ({key!r} is {v!r})")
     return weights, state
 
 

@@ -168,6 +168,10 @@ def phonemize_many(texts: Sequence[str], language: str = "en", on_error: str = "
             backend = _backend(code)
             try:
                 out = backend.phonemize(flat, strip=True, njobs=1)
+                if len(out) != len(flat):
+                    # phonemizer joins consecutive punctuation-only lines (["«", "«"] -> ["««"]), which
+                    # would misalign every text after them: then phonemize one chunk per call
+                    out = [(backend.phonemize([chunk], strip=True, njobs=1) or [""])[0] for chunk in flat]
             except (RuntimeError, ValueError) as e:
                 raise UserError(f"espeak-ng failed to phonemize ({code}): {e}") from None
         if len(out) != len(flat):

@@ -34,6 +34,24 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
 
+    # Per-layer views are made once per buffer (not per step): indexing `k[layer, :, :, a:b]` in every
+    # layer of every step costs several tensor ops, a narrow of a stored view costs one.
+    @property
+    def k(self) -> Tensor:
+        return self._k
+
+    @k.setter
+    def k(self, value: Tensor) -> None:  # also when a caller reorders the buffer itself
+        self._k, self._k_layers = value, [value[i] for i in range(value.shape[0])]
+
+    @property
+    def v(self) -> Tensor:
+        return self._v
+
+    @v.setter
+    def v(self, value: Tensor) -> None:
+        self._v, self._v_layers = value, [value[i] for i in range(value.shape[0])]
+
     @property
     def max_length(self) -> int:
         return self.k.shape[3]
@@ -48,12 +66,13 @@ class KVCache:
         Returns views of that layer's keys and values over [0, length + S). `length` is not moved:
         call `advance(S)` once every layer has been updated.
         """
-        start, end = self.length, self.length + k_new.shape[2]
-        if end > self.max_length:
-            raise RuntimeError(f"KV cache full: {end} positions needed, capacity {self.max_length}")
-        self.k[layer, :, :, start:end] = k_new
-        self.v[layer, :, :, start:end] = v_new
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        start, n = self.length, k_new.shape[2]
+        if start + n > self.max_length:
+            raise RuntimeError(f"KV cache full: {start + n} positions needed, capacity {self.max_length}")
+        k, v = self._k_layers[layer], self._v_layers[layer]
+        k.narrow(2, start, n).copy_(k_new)
+        v.narrow(2, start, n).copy_(v_new)
+        return k.narrow(2, 0, start + n), v.narrow(2, 0, start + n)
 
     def advance(self, n: int) -> None:
         """Mark `n` more slots as filled (after all layers were updated for this call)."""

@@ -6,6 +6,11 @@ masks (one batch mixes AR and NAR samples), and decodes incrementally with a sta
 Rotary phases come from `Mask.positions` (the count of valid tokens before each token), so left or
 right padding never shifts a sample's positions: a padded batch computes what each sample would
 compute alone.
+
+Speed (the AR decode step runs once per 13 ms of audio): cos/sin come from a cached table, q and k
+are rotated in one pass, the attention mask is turned into an additive bias once per forward (not
+in each layer), a one-token step builds its mask from the validity row alone, and eval skips the
+dropout calls. See benchmarks/README.md for the measurements.
 """
 from __future__ import annotations
 
@@ -21,12 +26,18 @@ from .kv_cache import KVCache
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for rotary position embeddings (GPT-NeoX "rotate half" layout)."""
+    """cos/sin tables for rotary position embeddings (GPT-NeoX "rotate half" layout).
+
+    `lookup` gathers rows of a table computed once per device and dtype (grown on demand), so a
+    decode step does one gather instead of recomputing angles, cos and sin. `forward` computes them
+    directly. Both give identical values (the same fp32 product, cos/sin, then the cast).
+    """
 
     def __init__(self, head_dim: int, base: float = 10000.0) -> None:
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """positions Long[B, S] -> cos, sin [B, 1, S, Dh] (broadcast over heads)."""
@@ -34,11 +45,32 @@ class RotaryEmbedding(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)[:, None]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
+    def lookup(self, positions: Tensor, n_positions: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """positions Long[B, S], all < n_positions -> cos, signed sin [B, S, Dh] from the cached table.
+
+        The sin half that multiplies -x2 is stored negated, so `rotate` needs no negation or cat.
+        """
+        key = (positions.device, dtype)
+        table = self._tables.get(key)
+        if table is None or table[0].shape[0] < n_positions:
+            size = max(1024, 1 << (max(1, n_positions) - 1).bit_length())
+            cos, sin = self.forward(torch.arange(size, device=positions.device)[None], dtype)
+            cos, sin = cos[0, 0], sin[0, 0]
+            half = sin.shape[-1] // 2
+            table = self._tables[key] = (cos, torch.cat([-sin[:, :half], sin[:, half:]], dim=-1))
+        return F.embedding(positions, table[0]), F.embedding(positions, table[1])
+
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x_i, x_{i + Dh/2}) of x [B, H, S, Dh] by the position angles."""
+    """Rotate pairs (x_i, x_{i + Dh/2}) of x [..., Dh] by the position angles (cos/sin broadcast to x)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """`apply_rotary` in three ops: x * cos + roll(x, Dh/2) * signed_sin, where roll(x) = [x2, x1] and
+    signed_sin = [-sin, sin] (from `RotaryEmbedding.lookup`): the same products, one op for the rest."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
 class Attention(nn.Module):
@@ -52,14 +84,27 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None, is_causal: bool,
                 cache: KVCache | None, layer_idx: int) -> Tensor:
+        """cos/signed sin [B, 1, 1, S, Dh] (see `rotate`); attn_mask an additive float bias [B, 1, S, K] or None."""
         B, S, D = x.shape
-        q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B, H, S, Dh]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = self.qkv(x).view(B, S, 3, self.n_heads, self.head_dim).transpose(1, 3)  # [B, H, 3, S, Dh]
+        q, k = rotate(qkv[:, :, :2], cos, sin).unbind(2)  # q and k rotated together
+        v = qkv[:, :, 2]
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, S, D))
+
+
+def gelu_small(x: Tensor) -> Tensor:
+    """Exact (erf) GELU in plain elementwise ops, for a decode step's few rows.
+
+    F.gelu sends contiguous fp32 input to oneDNN, whose per-call cost (~10 us, and an OpenMP region
+    that stalls when another process holds the second core) dwarfs a few thousand elements; these
+    single-threaded ops take a few microseconds. Equal to F.gelu within float rounding.
+    """
+    half = x * 0.5
+    return torch.addcmul(half, half, torch.erf(x * 0.7071067811865476))
 
 
 class FeedForward(nn.Module):
@@ -70,7 +115,9 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(self.dropout(F.gelu(self.up(x))))
+        h = self.up(x)
+        h = gelu_small(h) if x.shape[1] == 1 else F.gelu(h)  # one-token decode step: see gelu_small
+        return self.down(self.dropout(h) if self.training else h)
 
 
 class Block(nn.Module):
@@ -86,8 +133,10 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None, is_causal: bool,
                 cache: KVCache | None = None, layer_idx: int = 0) -> Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, attn_mask, is_causal, cache, layer_idx))
-        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+        h = self.attn(self.attn_norm(x), cos, sin, attn_mask, is_causal, cache, layer_idx)
+        x = x + (self.dropout(h) if self.training else h)  # eval: skip the no-op dropout calls
+        h = self.ffn(self.ffn_norm(x))
+        return x + (self.dropout(h) if self.training else h)
 
 
 class TransformerBackbone(Backbone):
@@ -121,25 +170,42 @@ class TransformerBackbone(Backbone):
     def new_cache(self, batch_size: int, max_length: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         return KVCache(self.n_layers, batch_size, self.n_heads, max_length, self.head_dim, device, dtype)
 
+    @staticmethod
+    def _bias(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+        """Bool `allowed` -> additive bias (0 / -inf) in the activations' dtype, built once per forward:
+        given a boolean mask, SDPA converts it again in every layer."""
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
     def forward(self, x: Tensor, mask: Mask, cache: KVCache | None = None, use_cache: bool = False) -> BackboneOutput:
         """x [B, S, D]; mask.valid [B, past + S] where past = cache.length (0 without a cache)."""
         B, S, _ = x.shape
         if use_cache and cache is None:
             raise ValueError("pass cache=backbone.new_cache(batch, max_length, device, dtype) to decode incrementally")
         past = cache.length if cache is not None else 0
-        if mask.valid.shape != (B, past + S):
-            raise ValueError(f"mask.valid has shape {tuple(mask.valid.shape)}, expected {(B, past + S)}")
+        K = past + S
+        if mask.valid.shape != (B, K):
+            raise ValueError(f"mask.valid has shape {tuple(mask.valid.shape)}, expected {(B, K)}")
 
-        cos, sin = self.rotary(mask.positions(S), x.dtype)
+        if S == 1:  # one new token: its position is the number of valid keys before it
+            positions = (mask.valid.sum(-1, keepdim=True) - 1).clamp_min(0)
+        else:
+            positions = mask.positions(S)
+        cos, sin = self.rotary.lookup(positions, K, x.dtype)
+        cos, sin = cos[:, None, None], sin[:, None, None]  # [B, 1, 1, S, Dh]: every head, q and k
+
         attn_mask, is_causal = None, False
-        if cache is not None:  # no host sync while decoding: always pass the mask
-            attn_mask = mask.attention_bias(S)
-        elif not bool(mask.valid.all()):
-            attn_mask = mask.attention_bias(S)
+        if cache is not None and S == 1:
+            # The one query is the last key, so causal and bidirectional agree: it sees every valid
+            # key, and always itself. No host sync while decoding: always pass the mask.
+            allowed = mask.valid.clone()
+            allowed[:, -1] = True
+            attn_mask = self._bias(allowed[:, None, None, :], x.dtype)
+        elif cache is not None or not bool(mask.valid.all()):
+            attn_mask = self._bias(mask.attention_bias(S), x.dtype)
         elif bool(mask.causal.all()):
             is_causal = True  # fast path: plain causal, no padding
         elif mask.causal.any():
-            attn_mask = mask.attention_bias(S)
+            attn_mask = self._bias(mask.attention_bias(S), x.dtype)
         # else: all bidirectional and no padding -> no mask at all
 
         for i, layer in enumerate(self.layers):

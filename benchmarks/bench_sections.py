@@ -1,0 +1,507 @@
+"""The benchmark sections. Each takes a `Ctx` (and what earlier sections measured) and returns a
+JSON-able dict. Models are untrained: speed depends on shapes, not on weights.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from bench_common import (N_CODES, N_LEVELS, PROMPT_FRAMES, TEXT_PER_SECOND, Ctx, backbone_bytes, best_of,
+                          build_codec_for, build_model, build_tts, random_inputs, reference_wav, reset_peak_rss,
+                          rss_mb, settings_for_frames, speech, sync, text_for_seconds, timed, tiny_encodec,
+                          world_codec)
+
+FRAME_RATE = 75
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _to(xs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    return [x.to(device) for x in xs]
+
+
+# ---------------------------------------------------------------------------------------- bandwidth
+
+
+def bandwidth(ctx: Ctx) -> dict[str, Any]:
+    """Memory bandwidth with the run's thread count: a large sum (read), copy (read + write) and a
+    matrix-vector product (the decode step's access pattern: stream a weight matrix once)."""
+    mib = 2048 if ctx.cuda else (128 if ctx.quick else 256)
+    n = mib * (1 << 20) // 4
+    a = torch.ones(n, device=ctx.device)
+    b = torch.empty_like(a)
+    side = int(n ** 0.5)
+    w = a[: side * side].view(side, side)
+    x = torch.ones(side, device=ctx.device)
+    reps = 5
+    read = best_of(lambda: a.sum(), ctx.device, reps)["best_s"]
+    copy = best_of(lambda: b.copy_(a), ctx.device, reps)["best_s"]
+    gemv = best_of(lambda: torch.mv(w, x), ctx.device, reps)["best_s"]
+    out = {"buffer_mib": mib, "read_gbps": n * 4 / read / 1e9, "copy_gbps": 2 * n * 4 / copy / 1e9,
+           "gemv_gbps": side * side * 4 / gemv / 1e9}
+    out["bound_gbps"] = max(out["read_gbps"], out["gemv_gbps"])  # the best read rate we could reach
+    del a, b, w, x
+    # arithmetic peak for reference: a large matrix product in the run's dtype
+    n = 8192 if ctx.cuda else 2048
+    m1 = torch.randn(n, n, device=ctx.device, dtype=ctx.dtype)
+    t = best_of(lambda: m1 @ m1, ctx.device, 3)["best_s"]
+    out["gemm_gflops"] = 2 * n**3 / t / 1e9
+    del m1
+    _free()
+    return out
+
+
+# ---------------------------------------------------------------------------------------- AR decode
+
+
+@torch.inference_mode()
+def cached_decode(model: Any, text: list[torch.Tensor], prompt: list[torch.Tensor], n_tokens: int,
+                  device: torch.device) -> dict[str, Any]:
+    """Greedy KV-cached decode of `n_tokens` frames: prefill (gives frame 1) + n_tokens - 1 steps.
+
+    Per-step times are taken with a device sync after each step (the engine syncs every step too).
+    """
+    sync(device)
+    t0 = time.perf_counter()
+    logits, state = model.ar_prefill(text, None, prompt, max_length=n_tokens)
+    tok = logits[:, :N_CODES].argmax(-1)
+    sync(device)
+    prefill = time.perf_counter() - t0
+    P = state.length
+    steps = []
+    for _ in range(n_tokens - 1):
+        t = time.perf_counter()
+        logits, state = model.ar_step(tok, state)
+        tok = logits[:, :N_CODES].argmax(-1)
+        sync(device)
+        steps.append(time.perf_counter() - t)
+    return {"prefill_s": prefill, "steps_s": steps, "prefix_len": P}
+
+
+def best_decode(model: Any, text: list[torch.Tensor], prompt: list[torch.Tensor], n_tokens: int,
+                device: torch.device, runs: int) -> dict[str, Any]:
+    """`runs` cached decodes combined step by step: each step's (and the prefill's) best time.
+
+    On a shared machine another process can stall any step; it is unlikely to stall the same step in
+    every run, so the per-step minimum is close to what an idle machine would give. With runs=1 it
+    is the plain measurement.
+    """
+    rs = [cached_decode(model, text, prompt, n_tokens, device) for _ in range(max(1, runs))]
+    return {"prefill_s": min(r["prefill_s"] for r in rs), "steps_s": [min(t) for t in zip(*(r["steps_s"] for r in rs))],
+            "prefix_len": rs[0]["prefix_len"], "runs": len(rs),
+            "run_totals_s": [r["prefill_s"] + sum(r["steps_s"]) for r in rs]}
+
+
+@torch.inference_mode()
+def full_recompute_step(model: Any, text: list[torch.Tensor], prompt: list[torch.Tensor], codes: torch.Tensor) -> Any:
+    """One AR step the reference's way: the whole sequence again, the last row's argmax."""
+    return model.ar_full(text, None, prompt, [codes])[0][-1, :N_CODES].argmax()
+
+
+def _interp_total(points: dict[int, float], n_tokens: int) -> float:
+    """Sum over t = 0..n_tokens-1 of the per-step cost c(t), linear between measured points."""
+    xs = sorted(points)
+    total = 0.0
+    for t in range(n_tokens):
+        if t <= xs[0]:
+            total += points[xs[0]]
+            continue
+        hi = next((x for x in xs if x >= t), xs[-1])
+        lo = max(x for x in xs if x <= t) if t <= xs[-1] else xs[-2]
+        if hi == lo:
+            total += points[lo]
+        else:  # interpolate (or extrapolate past the last point along the last segment)
+            total += points[lo] + (points[hi] - points[lo]) * (t - lo) / (hi - lo)
+    return total
+
+
+def _window(steps: list[float], token: int, half: int = 10) -> float:
+    """Median time of the steps producing tokens around `token` (step i produces token i + 2)."""
+    i = max(0, token - 2)
+    lo, hi = max(0, i - half), min(len(steps), i + half + 1)
+    return statistics.median(steps[lo:hi])
+
+
+def _kv_bytes(model: Any, keys: int, batch: int = 1) -> int:
+    c = model.config
+    elt = next(model.parameters()).element_size()
+    return 2 * c.n_layers * batch * keys * c.d_model * elt
+
+
+def _step_bytes(model: Any, keys: int, batch: int = 1) -> int:
+    """Bytes one decode step must read at least: every backbone weight, the AR head, one embedding row
+    per sample and the whole KV cache (keys = cached positions attended to)."""
+    head = sum(p.numel() * p.element_size() for p in model.ar_head.parameters())
+    row = model.config.d_model * next(model.parameters()).element_size() * batch
+    return backbone_bytes(model) + head + row + _kv_bytes(model, keys, batch)
+
+
+def _forward_flops(model: Any, positions: int, scored: int) -> float:
+    """Multiply-adds x 2 of one full forward: backbone matmuls, attention (QK^T and AV over all
+    positions, bidirectional) and one head over the `scored` positions."""
+    c = model.config
+    dense = 2 * positions * sum(p.numel() for n, p in model.backbone.named_parameters() if p.dim() == 2)
+    attention = 4 * positions * positions * c.d_model * c.n_layers
+    return dense + attention + 2 * scored * c.d_model * c.n_codes
+
+
+def ar_decode(ctx: Ctx, bw: dict[str, Any] | None) -> dict[str, Any]:
+    lengths = [75, 375, 750] if ctx.quick else [75, 375, 750, 1500]
+    presets = ["quarter", "half"]
+    n_text = 60
+    out: dict[str, Any] = {"lengths": lengths, "n_text": n_text, "prompt_frames": PROMPT_FRAMES,
+                           "sampling": "greedy argmax over the codes (STOP excluded), batch 1"}
+    for preset in presets:
+        ctx.log(f"  AR decode, {preset}")
+        model = build_model(preset, ctx)
+        text, prompt = random_inputs(n_text)
+        text, prompt = _to(text, ctx.device), _to(prompt, ctx.device)
+        cached_decode(model, text, prompt, 20, ctx.device)  # warm-up
+        L = max(lengths)
+        run = best_decode(model, text, prompt, L, ctx.device, 2 if ctx.quick else 3)
+        steps, P = run["steps_s"], run["prefix_len"]
+        res: dict[str, Any] = {"params_backbone_m": sum(p.numel() for p in model.backbone.parameters()) / 1e6,
+                               "prefix_len": P, "prefill_s": run["prefill_s"], "cached_runs": run["runs"],
+                               "cached_run_totals_s": run["run_totals_s"], "cached": {}, "full": {}}
+        for n in lengths:
+            total = run["prefill_s"] + sum(steps[: n - 1])
+            res["cached"][n] = {"total_s": total, "tokens_per_s": n / total,
+                                "decode_tokens_per_s": (n - 1) / sum(steps[: n - 1])}
+        res["per_token_ms"] = {"at_10": 1e3 * _window(steps, 10), f"at_{L}": 1e3 * _window(steps, L)}
+        res["per_token_ratio"] = _window(steps, L) / _window(steps, 10)
+        res["per_token_ratio_at"] = L
+
+        # full recompute: time single steps at sampled lengths, integrate between them
+        codes = torch.randint(0, N_CODES, (L,), device=ctx.device)
+        points = sorted({0, 9, *(n - 1 for n in lengths)})
+        cost: dict[int, float] = {}
+        full_recompute_step(model, text, prompt, codes[:0])  # warm-up
+        for t in points:
+            reps = 2 if (ctx.quick or t > 800) else 3
+            cost[t] = best_of(lambda: full_recompute_step(model, text, prompt, codes[:t]), ctx.device, reps,
+                              warmup=0)["best_s"]
+        res["full"]["step_s_at"] = cost
+        for n in lengths:
+            total = _interp_total(cost, n)
+            res["full"][n] = {"total_s": total, "tokens_per_s": n / total, "estimated": True}
+            res["cached"][n]["speedup_vs_full"] = total / res["cached"][n]["total_s"]
+        if not ctx.quick and preset == "quarter":  # check the estimate against a real full-recompute loop
+            n = lengths[0]
+            real, _ = timed(lambda: [full_recompute_step(model, text, prompt, codes[:t]) for t in range(n)], ctx.device)
+            res["full"]["measured_total_s_75"] = real
+            res["full"]["estimate_error_75"] = _interp_total(cost, n) / real - 1
+
+        # share of the memory-bandwidth bound over the decode steps
+        if bw:
+            gbps = bw["bound_gbps"]
+            bound = sum(_step_bytes(model, P + i + 1) for i in range(len(steps))) / (gbps * 1e9)
+            res["bandwidth"] = {"bytes_per_token_mb_at_start": _step_bytes(model, P + 1) / 1e6,
+                                "bytes_per_token_mb_at_end": _step_bytes(model, P + L) / 1e6,
+                                "bound_ms_per_token_mean": 1e3 * bound / len(steps),
+                                "achieved_ms_per_token_mean": 1e3 * sum(steps) / len(steps),
+                                "achieved_over_bound": bound / sum(steps)}
+        out[preset] = res
+        del model
+        _free()
+    return out
+
+
+def overhead(ctx: Ctx) -> dict[str, Any]:
+    """Where a decode step's time goes at small sizes.
+
+    * A 12-layer model at d=64 does next to no arithmetic: its step time is the per-step fixed
+      cost (Python, dispatch, small-op launches) of any 12-layer model.
+    * torch.profiler over quarter-preset steps: the top ops by self time.
+    """
+    from vall_e.models.valle import VALLE, VALLEConfig
+
+    out: dict[str, Any] = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        probe = VALLE(VALLEConfig(d_model=64, n_heads=4, n_layers=12, n_text_tokens=256, dropout=0.0))
+    probe = probe.to(ctx.device, ctx.dtype).eval()
+    text, prompt = random_inputs(60)
+    text, prompt = _to(text, ctx.device), _to(prompt, ctx.device)
+    run = best_decode(probe, text, prompt, 200, ctx.device, 3)
+    out["fixed_cost_ms_per_step_12_layers"] = 1e3 * statistics.median(run["steps_s"][50:])
+    del probe
+
+    model = build_model("quarter", ctx)
+    run = best_decode(model, text, prompt, 200, ctx.device, 3)
+    step_ms = 1e3 * statistics.median(run["steps_s"][50:])
+    out["quarter_ms_per_step"] = step_ms
+    out["fixed_cost_share_of_quarter_step"] = out["fixed_cost_ms_per_step_12_layers"] / step_ms
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.cuda else [])
+        with torch.inference_mode():
+            logits, state = model.ar_prefill(text, None, prompt, max_length=40)
+            tok = logits[:, :N_CODES].argmax(-1)
+            n = 20
+            with profile(activities=acts) as prof:
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    logits, state = model.ar_step(tok, state)
+                    tok = logits[:, :N_CODES].argmax(-1)
+                sync(ctx.device)
+                wall = time.perf_counter() - t0
+        events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
+        events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+        out["profile_top_ops"] = [{"op": e.key, "calls_per_step": e.count / n,
+                                   "self_cpu_us_per_step": e.self_cpu_time_total / n} for e in events[:12]]
+        out["profile_ops_per_step"] = sum(e.count for e in events if e.key.startswith("aten::")) / n
+        out["profile_wall_ms_per_step"] = 1e3 * wall / n  # with profiler overhead
+    except Exception as e:  # noqa: BLE001 - the profiler is optional
+        out["profile_error"] = f"{type(e).__name__}: {e}"
+    del model
+    _free()
+    return out
+
+
+# ---------------------------------------------------------------------------------------- NAR, E2E
+
+
+def nar(ctx: Ctx) -> dict[str, Any]:
+    seconds = [1, 5, 10] if ctx.quick else [1, 5, 10, 20]
+    presets = ["quarter"] if ctx.quick else ["quarter", "half"]
+    from vall_e.sampling import SamplingParams
+
+    out: dict[str, Any] = {"seconds": seconds, "passes": N_LEVELS - 1}
+    params = SamplingParams.nar_defaults(seed=0)
+    for preset in presets:
+        tts = build_tts(preset, ctx, codec=None)
+        res = {}
+        for s in seconds:
+            frames = s * FRAME_RATE
+            text, prompt = random_inputs(int(TEXT_PER_SECOND * s), seed=s)
+            level0 = [torch.randint(0, N_CODES, (frames,))]
+            langs = torch.zeros(1, dtype=torch.long)
+            fn = lambda: tts.generate_nar(text, langs, prompt, level0, params, N_LEVELS - 1)  # noqa: E731
+            t = best_of(fn, ctx.device, 1 if (ctx.quick or s >= 20) else 2, warmup=1 if s == seconds[0] else 0)
+            gflop = (N_LEVELS - 1) * _forward_flops(tts.nar_model, len(text[0]) + PROMPT_FRAMES + frames + 4, frames) / 1e9
+            res[s] = {**t, "frames": frames, "rtf": t["best_s"] / s, "gflop": gflop, "gflops": gflop / t["best_s"]}
+        out[preset] = res
+        del tts
+        _free()
+    return out
+
+
+def end_to_end(ctx: Ctx) -> dict[str, Any]:
+    """Text + a 3 s reference wav -> waveform through `TTS.synthesize` (quarter preset).
+
+    Not counted: model load. Counted: G2P, reference encoding, AR, NAR, codec decode. The AR length
+    is forced (STOP banned, max_ar_steps = frames) so each output is exactly as long as asked.
+    """
+    seconds = [1, 5, 10] if ctx.quick else [1, 5, 10, 20]
+    codec, fallback = build_codec_for(ctx)
+    ref = str(reference_wav(codec.sample_rate))
+    tts = build_tts("quarter", ctx, codec, with_g2p=True)
+    stages: dict[str, float] = defaultdict(float)
+    ar_frames: list[int] = []
+
+    def wrap(name: str) -> None:
+        orig = getattr(tts, name)
+
+        def f(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            r = orig(*a, **k)
+            sync(ctx.device)
+            stages[name] += time.perf_counter() - t0
+            if name == "generate_ar":
+                ar_frames[:] = [int(x.shape[0]) for x in r]
+            return r
+
+        setattr(tts, name, f)
+
+    for name in ("encode_text", "encode_reference", "generate_ar", "generate_nar", "decode"):
+        wrap(name)
+    out: dict[str, Any] = {"preset": "quarter", "codec": codec.name, "reference": "3 s wav",
+                           "sampling": "AR defaults (T=0.95, RAS), NAR defaults (T=0.2)", "seconds": {}}
+    if fallback:
+        out["world_codec_error"] = fallback
+    tts.synthesize(text_for_seconds(1), ref, settings_for_frames(FRAME_RATE))  # warm-up
+    for s in seconds:
+        text = text_for_seconds(s)
+        frames = s * FRAME_RATE
+        best: dict[str, Any] | None = None
+        for _ in range(1 if (ctx.quick or s >= 20) else 2):  # best of 2: less disturbed by other processes
+            stages.clear()
+            t, wavs = timed(lambda: tts.synthesize(text, ref, settings_for_frames(frames)), ctx.device)
+            audio_s = wavs[0].shape[0] / codec.sample_rate
+            if best is None or t < best["total_s"]:
+                best = {"total_s": t, "audio_s": audio_s, "rtf": t / audio_s, "ar_frames": ar_frames[0],
+                        "text_chars": len(text), "stages_s": dict(stages)}
+        out["seconds"][s] = best
+    del tts
+    _free()
+    return out
+
+
+# ---------------------------------------------------------------------------------------- batching
+
+
+def batch(ctx: Ctx) -> dict[str, Any]:
+    """Aggregate AR tokens/s at batch 1, 4, 16 (quarter), through the engine (sampling included) and
+    through the bare model (greedy)."""
+    from vall_e.sampling import SamplingParams
+
+    n = 150 if ctx.quick else 375
+    sizes = [1, 4, 16]
+    tts = build_tts("quarter", ctx, codec=None)
+    params = SamplingParams.ar_defaults(seed=0)
+    out: dict[str, Any] = {"tokens_per_sequence": n, "preset": "quarter", "engine": {}, "model": {}}
+    for b in sizes:
+        g = torch.Generator().manual_seed(b)
+        text = [torch.randint(1, 200, (int(torch.randint(40, 81, (1,), generator=g)),), generator=g) for _ in range(b)]
+        _, prompt = random_inputs(1, batch=b, seed=b)
+        langs = torch.zeros(b, dtype=torch.long)
+        run = lambda: tts.generate_ar(text, langs, prompt, params, [n] * b, 10 * n)  # noqa: E731
+        tts.generate_ar(text, langs, prompt, params, [10] * b, 100)  # warm-up
+        t = best_of(run, ctx.device, 2 if ctx.quick else 3, warmup=0)
+        out["engine"][b] = {**t, "tokens_per_s": b * n / t["best_s"]}
+        td, pd = _to(text, ctx.device), _to(prompt, ctx.device)
+        r = best_decode(tts.ar_model, td, pd, n, ctx.device, 2 if ctx.quick else 3)
+        total = r["prefill_s"] + sum(r["steps_s"])
+        out["model"][b] = {"best_s": total, "tokens_per_s": b * n / total}
+        keys = r["prefix_len"] + n // 2  # mean attended length over the decode
+        out["model"][b]["bytes_per_step_mb"] = _step_bytes(tts.ar_model, keys, b) / 1e6
+    # If a step were bound by memory traffic alone, batch b would gain b x bytes(1) / bytes(b): the
+    # weights are read once for the whole batch, but every sequence reads its own KV cache.
+    one = out["model"][1]["bytes_per_step_mb"]
+    out["bandwidth_model_speedup"] = {b: b * one / out["model"][b]["bytes_per_step_mb"] for b in sizes}
+    for kind in ("engine", "model"):
+        base = out[kind][1]["tokens_per_s"]
+        for b in sizes:
+            out[kind][b]["vs_batch_1"] = out[kind][b]["tokens_per_s"] / base
+    del tts
+    _free()
+    return out
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def training(ctx: Ctx) -> dict[str, Any]:
+    """A few VALLE.forward + backward + AdamW steps on synthetic batches, per preset.
+
+    tokens = text + response frames per sample (the trainer's count); positions = the whole
+    sequence (text, separators, prompt, response) that the backbone processes.
+    """
+    presets = ["tiny", "quarter"] if ctx.quick else ["tiny", "quarter", "half"]
+    B = 2 if ctx.quick else 4
+    steps = 2 if ctx.quick else 3
+    n_text, resp_frames = 60, 375
+    out: dict[str, Any] = {"batch_size": B, "timed_steps": steps, "n_text": n_text, "prompt_frames": PROMPT_FRAMES,
+                           "response_frames": resp_frames, "optimizer": "AdamW lr 1e-4",
+                           "precision": "bf16 autocast" if ctx.dtype == torch.bfloat16 else "fp32"}
+    g = torch.Generator().manual_seed(0)
+    batch = {"text": [torch.randint(1, 256, (n_text,), generator=g) for _ in range(B)],
+             "prompt": [torch.randint(0, N_CODES, (PROMPT_FRAMES, N_LEVELS), generator=g) for _ in range(B)],
+             "resps": [torch.randint(0, N_CODES, (resp_frames, N_LEVELS), generator=g) for _ in range(B)],
+             "levels": torch.tensor([0, 3, 5, 7, 1, 2, 4, 6][:B])}
+    tokens = B * (n_text + resp_frames)
+    positions = B * (n_text + PROMPT_FRAMES + resp_frames + 4)
+    for preset in presets:
+        _free()
+        if ctx.cuda:
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        reset_peak_rss()
+        rss0 = rss_mb()
+        model = build_model(preset, ctx, dropout=0.1, ban_stop=False, train=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step() -> float:
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.dtype == torch.bfloat16):
+                loss, _ = model(batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        step()  # warm-up (allocates optimizer state)
+        times = [timed(step, ctx.device)[0] for _ in range(steps)]
+        best = min(times)
+        res = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "step_s_best": best,
+               "step_s_median": statistics.median(times), "tokens_per_s": tokens / best,
+               "positions_per_s": positions / best, "rss_before_mb": rss0, "peak_rss_mb": rss_mb("VmHWM")}
+        if ctx.cuda:
+            res["peak_cuda_mb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**20
+        out[preset] = res
+        del model, opt
+    _free()
+    return out
+
+
+# ---------------------------------------------------------------------------------------- codecs
+
+
+def codecs(ctx: Ctx) -> dict[str, Any]:
+    seconds = 5.0 if ctx.quick else 10.0
+    wav = speech(seconds)
+    out: dict[str, Any] = {"audio_s": seconds}
+    for name, make in (("world", lambda: world_codec(ctx.log)), ("tiny_encodec", lambda: tiny_encodec(ctx))):
+        try:
+            codec = make()
+            enc = best_of(lambda: codec.encode(wav), ctx.device, 2, warmup=1)
+            codes = codec.encode(wav)
+            dec = best_of(lambda: codec.decode(codes), ctx.device, 2, warmup=1)
+            out[name] = {"encode_s": enc["best_s"], "decode_s": dec["best_s"],
+                         "encode_x_realtime": seconds / enc["best_s"], "decode_x_realtime": seconds / dec["best_s"],
+                         "frames": int(codes.shape[0]), "levels": int(codes.shape[1]),
+                         "device": "cpu" if name == "world" else str(ctx.device)}
+        except Exception as e:  # noqa: BLE001 - one codec failing must not hide the other's numbers
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+    return out
+
+
+# ---------------------------------------------------------------------------------------- variants
+
+
+def variants(ctx: Ctx) -> dict[str, Any]:
+    """Decode-step time of other weight formats, side by side with the run's dtype (batch 1, greedy):
+    bf16 weights and KV cache, and int8 dynamic quantisation of every nn.Linear (CPU only)."""
+    import warnings
+
+    n = 120 if ctx.quick else 250
+    presets = ["quarter", "half"]
+    out: dict[str, Any] = {"tokens": n}
+    text, prompt = random_inputs(60)
+    text, prompt = _to(text, ctx.device), _to(prompt, ctx.device)
+    for preset in presets:
+        res: dict[str, Any] = {}
+        kinds = ["float32", "bfloat16"] + ([] if ctx.cuda else ["int8_dynamic"])
+        for kind in kinds:
+            try:
+                if kind == "int8_dynamic":
+                    from torch.ao.quantization import quantize_dynamic
+
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        model = quantize_dynamic(build_model(preset, ctx, dtype=torch.float32), {torch.nn.Linear},
+                                                 dtype=torch.qint8)
+                else:
+                    model = build_model(preset, ctx, dtype=getattr(torch, kind))
+                cached_decode(model, text, prompt, 10, ctx.device)  # warm-up
+                r = best_decode(model, text, prompt, n, ctx.device, 2 if ctx.quick else 3)
+                res[kind] = {"ms_per_token": 1e3 * sum(r["steps_s"]) / len(r["steps_s"]),
+                             "ms_per_token_median": 1e3 * statistics.median(r["steps_s"])}
+                del model
+            except Exception as e:  # noqa: BLE001 - a format this build cannot run is reported, not fatal
+                res[kind] = {"error": f"{type(e).__name__}: {e}"}
+        base = res.get("float32", {}).get("ms_per_token")
+        for kind, r in res.items():
+            if base and "ms_per_token" in r:
+                r["speedup_vs_float32"] = base / r["ms_per_token"]
+        out[preset] = res
+        _free()
+    return out

@@ -1,0 +1,276 @@
+#!/usr/bin/env python
+"""The vall-e benchmark: one command, JSON out, a readable table on stdout.
+
+    python benchmarks/run.py [--quick] [--out benchmarks/results.json] [--threads 2]
+                             [--device cpu|cuda] [--dtype float32|bfloat16] [--codec world|encodec]
+                             [--sections bandwidth,ar,overhead,nar,e2e,batch,train,codec]
+
+Every comparison is measured side by side in one run (cached vs full-recompute AR, batch 1 vs 16,
+decode time vs the memory bandwidth measured at the start). Sections that fail are recorded in the
+JSON with their error and the run goes on; the JSON is rewritten (atomically) after every section,
+so an interrupted run keeps what it measured. Nothing is downloaded and nothing waits for input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # run from a checkout without installing
+
+SECTIONS = ("bandwidth", "ar", "overhead", "variants", "nar", "e2e", "batch", "train", "codec")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python benchmarks/run.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a smaller run (~2-4 minutes on 2 CPU threads)")
+    ap.add_argument("--out", type=Path, default=HERE / "results.json", help="JSON results file")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--codec", choices=("world", "encodec"), default="world",
+                    help="codec of the end-to-end section: the offline WORLD codec or the tiny EnCodec")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"comma-separated subset of {','.join(SECTIONS)}")
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+
+    from bench_common import DTYPES, Ctx, load_average, machine_info
+    from vall_e.errors import UserError
+    from vall_e.utils.io import atomic_write_text
+
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise UserError(f"--sections: unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    if args.threads < 1:
+        raise UserError("--threads must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: torch sees no CUDA device (a CPU build of torch, or no GPU)")
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(True)
+    ctx = Ctx(device=torch.device(args.device), dtype=DTYPES[args.dtype], threads=args.threads, quick=args.quick,
+              codec=args.codec, log=lambda m: print(m, file=sys.stderr, flush=True))
+    results: dict[str, Any] = {"machine": machine_info(ctx), "sections": {}, "section_seconds": {}}
+
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out, json.dumps(results, indent=1, default=_jsonable) + "\n")
+
+    import bench_sections as S
+
+    runners: dict[str, Callable[[], Any]] = {
+        "bandwidth": lambda: S.bandwidth(ctx),
+        "ar": lambda: S.ar_decode(ctx, results["sections"].get("bandwidth")),
+        "overhead": lambda: S.overhead(ctx),
+        "variants": lambda: S.variants(ctx),
+        "nar": lambda: S.nar(ctx),
+        "e2e": lambda: S.end_to_end(ctx),
+        "batch": lambda: S.batch(ctx),
+        "train": lambda: S.training(ctx),
+        "codec": lambda: S.codecs(ctx),
+    }
+    for name in [s for s in SECTIONS if s in sections]:
+        ctx.log(f"[{name}] load average {load_average()}")
+        results.setdefault("section_load_average", {})[name] = load_average()
+        t0 = time.perf_counter()
+        try:
+            results["sections"][name] = runners[name]()
+        except Exception as e:  # noqa: BLE001 - record it, keep measuring the rest
+            results["sections"][name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            ctx.log(f"[{name}] failed: {type(e).__name__}: {e}")
+        results["section_seconds"][name] = time.perf_counter() - t0
+        results["machine"]["load_average_end"] = load_average()
+        results["targets"] = targets(results["sections"], ctx)
+        save()
+    print(report(results))
+    ctx.log(f"wrote {args.out}")
+    return 0
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "item"):
+        return x.item()
+    return str(x)
+
+
+# ---------------------------------------------------------------------------------------- targets
+
+
+def targets(sec: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
+    """The issue's targets (stated for CPU, 2 threads, fp32, batch 1), each with the measured value."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, goal: str, ok: bool | None) -> None:
+        out.append({"target": name, "value": value, "goal": goal, "met": ok})
+
+    ar = sec.get("ar", {})
+    for preset in ("quarter", "half"):
+        r = ar.get(preset)
+        if not r:
+            continue
+        c750 = r["cached"].get(750) or r["cached"].get("750")
+        if c750:
+            v = c750["speedup_vs_full"]
+            add(f"KV-cache AR vs full recompute at 750 tokens ({preset})", v, ">= 10x", v >= 10)
+        v = r["per_token_ratio"]
+        add(f"per-token time, token {r['per_token_ratio_at']} / token 10 ({preset})", v, "<= 1.5x", v <= 1.5)
+    e2e = sec.get("e2e", {}).get("seconds", {})
+    r10 = e2e.get(10) or e2e.get("10")
+    if r10:
+        add(f"quarter end-to-end RTF, 10 s ({sec['e2e']['codec']} codec)", r10["rtf"], "<= 0.5", r10["rtf"] <= 0.5)
+    half = ar.get("half", {}).get("bandwidth")
+    if half:
+        v = half["achieved_over_bound"]
+        add("half AR decode, share of the bandwidth bound", v, ">= 0.5", v >= 0.5)
+    eng = sec.get("batch", {}).get("engine", {})
+    b16 = eng.get(16) or eng.get("16")
+    if b16:
+        add("batch 16 aggregate AR tokens/s vs batch 1 (engine)", b16["vs_batch_1"], ">= 6x", b16["vs_batch_1"] >= 6)
+    tq = sec.get("train", {}).get("quarter")
+    if tq:
+        add("quarter training tokens/s (peak RSS MB)", tq["tokens_per_s"], f"reported (peak RSS {tq['peak_rss_mb']:.0f} MB)",
+            None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def _g(d: dict, k: Any) -> Any:
+    return d.get(k, d.get(str(k)))
+
+
+def report(results: dict[str, Any]) -> str:
+    m, sec = results["machine"], results["sections"]
+    lines = [f"vall-e benchmark: {m['device']} {m['dtype']}, {m['threads']} threads, {m['cpu']}"
+             + (f", {m['gpu']}" if m.get("gpu") else "") + f", torch {m['torch']}, commit {m['git_commit']}",
+             f"load average start {m['load_average_start']} end {m.get('load_average_end')}"
+             + ("  (quick run)" if m["quick"] else "")]
+
+    def head(t: str) -> None:
+        lines.extend(["", t, "-" * len(t)])
+
+    for name, s in sec.items():
+        if "error" in s:
+            head(name)
+            lines.append(f"FAILED: {s['error']}")
+    bw = sec.get("bandwidth")
+    if bw and "error" not in bw:
+        head("memory bandwidth")
+        lines.append(f"read (sum) {bw['read_gbps']:.1f} GB/s   copy {bw['copy_gbps']:.1f} GB/s   "
+                     f"gemv {bw['gemv_gbps']:.1f} GB/s   bound used: {bw['bound_gbps']:.1f} GB/s"
+                     + (f"   (matrix product: {bw['gemm_gflops']:.0f} GFLOP/s)" if "gemm_gflops" in bw else ""))
+    ar = sec.get("ar")
+    if ar and "error" not in ar:
+        head("AR decode, batch 1 (tokens/s including prefill; full recompute = the reference's way)")
+        lines.append(f"{'preset':8} {'tokens':>6} {'cached tok/s':>13} {'full tok/s':>11} {'speedup':>8}")
+        for preset in ("quarter", "half"):
+            r = ar.get(preset)
+            if not r:
+                continue
+            for n in ar["lengths"]:
+                c, f = _g(r["cached"], n), _g(r["full"], n)
+                lines.append(f"{preset:8} {n:6d} {c['tokens_per_s']:13.1f} {f['tokens_per_s']:11.2f} "
+                             f"{c['speedup_vs_full']:7.1f}x")
+            pt = r["per_token_ms"]
+            at = r["per_token_ratio_at"]
+            lines.append(f"{preset:8} prefill {r['prefill_s'] * 1e3:.0f} ms ({r['prefix_len']} positions); per token "
+                         f"{_g(pt, 'at_10'):.2f} ms at token 10, {_g(pt, f'at_{at}'):.2f} ms at token {at} "
+                         f"({r['per_token_ratio']:.2f}x)")
+            b = r.get("bandwidth")
+            if b:
+                lines.append(f"{preset:8} bytes/token {b['bytes_per_token_mb_at_start']:.1f}-{b['bytes_per_token_mb_at_end']:.1f} MB, "
+                             f"bound {b['bound_ms_per_token_mean']:.2f} ms, achieved {b['achieved_ms_per_token_mean']:.2f} ms "
+                             f"-> {100 * b['achieved_over_bound']:.0f}% of the bandwidth bound")
+        full_est = ar.get("quarter", {}).get("full", {}).get("estimate_error_75")
+        if full_est is not None:
+            lines.append(f"(full recompute totals interpolate per-step times measured at {sorted(ar['quarter']['full']['step_s_at'])}"
+                         f" previous tokens; a real 75-token loop differed by {100 * full_est:+.0f}%)")
+    ov = sec.get("overhead")
+    if ov and "error" not in ov:
+        head("per-step fixed cost (Python + dispatch), quarter preset")
+        lines.append(f"12 layers at d=64: {ov['fixed_cost_ms_per_step_12_layers']:.2f} ms/step; quarter step "
+                     f"{ov['quarter_ms_per_step']:.2f} ms -> fixed cost is {100 * ov['fixed_cost_share_of_quarter_step']:.0f}%")
+        if "profile_top_ops" in ov:
+            lines.append(f"profiler: {ov['profile_ops_per_step']:.0f} aten ops/step; top self-time ops per step:")
+            for e in ov["profile_top_ops"][:8]:
+                lines.append(f"  {e['op'][:48]:48} {e['calls_per_step']:6.0f} calls {e['self_cpu_us_per_step']:9.0f} us")
+    va = sec.get("variants")
+    if va and "error" not in va:
+        head(f"weight formats, decode ms/token (batch 1, {va['tokens']} tokens, greedy)")
+        for preset in ("quarter", "half"):
+            if preset in va:
+                lines.append(f"{preset:8} " + "   ".join(
+                    f"{k}: " + (f"{r['ms_per_token']:.2f} ms ({r.get('speedup_vs_float32', 1):.2f}x)" if "ms_per_token" in r
+                                else "failed") for k, r in va[preset].items()))
+    nr = sec.get("nar")
+    if nr and "error" not in nr:
+        head(f"NAR ({nr['passes']} passes, batch 1)")
+        for preset in ("quarter", "half"):
+            if preset in nr:
+                lines.append(f"{preset:8} " + "   ".join(
+                    f"{s:>2} s: {_g(nr[preset], s)['best_s']:.2f} s" + (f" ({_g(nr[preset], s)['gflops']:.0f} GFLOP/s)"
+                                                                         if "gflops" in _g(nr[preset], s) else "")
+                    for s in nr["seconds"]))
+    e2e = sec.get("e2e")
+    if e2e and "error" not in e2e:
+        head(f"end to end, {e2e['preset']} preset, {e2e['codec']} codec (model load excluded)")
+        lines.append(f"{'audio':>6} {'total':>7} {'RTF':>6}   stages (s)")
+        for s, r in e2e["seconds"].items():
+            st = "  ".join(f"{k.replace('generate_', '').replace('encode_', 'enc_')} {v:.2f}" for k, v in r["stages_s"].items())
+            lines.append(f"{r['audio_s']:5.1f}s {r['total_s']:6.2f}s {r['rtf']:6.3f}   {st}")
+    bt = sec.get("batch")
+    if bt and "error" not in bt:
+        head(f"batched AR, {bt['preset']}, {bt['tokens_per_sequence']} tokens per sequence (aggregate tokens/s)")
+        for kind in ("engine", "model"):
+            lines.append(f"{kind:7} " + "   ".join(f"B={b}: {r['tokens_per_s']:7.1f} ({r['vs_batch_1']:.1f}x)"
+                                                    for b, r in bt[kind].items()))
+        if "bandwidth_model_speedup" in bt:
+            lines.append("if bound by memory traffic: " + "   ".join(
+                f"B={b}: {v:.1f}x" for b, v in bt["bandwidth_model_speedup"].items())
+                + "  (weights read once per step, each sequence reads its own KV cache)")
+    tr = sec.get("train")
+    if tr and "error" not in tr:
+        head(f"training, batch {tr['batch_size']} ({tr['precision']}, {tr['optimizer']})")
+        for preset in ("tiny", "quarter", "half"):
+            if preset in tr:
+                r = tr[preset]
+                extra = f", peak CUDA {r['peak_cuda_mb']:.0f} MB" if "peak_cuda_mb" in r else ""
+                lines.append(f"{preset:8} {r['params_m']:6.1f}M params  step {r['step_s_best']:.2f} s  "
+                             f"{r['tokens_per_s']:8.0f} tokens/s  {r['positions_per_s']:8.0f} positions/s  "
+                             f"peak RSS {r['peak_rss_mb']:.0f} MB (+{r['peak_rss_mb'] - r['rss_before_mb']:.0f}){extra}")
+    cd = sec.get("codec")
+    if cd and "error" not in cd:
+        head(f"codecs ({cd['audio_s']:.0f} s of audio)")
+        for name in ("world", "tiny_encodec"):
+            r = cd.get(name, {})
+            if "error" in r:
+                lines.append(f"{name:13} FAILED: {r['error']}")
+            elif r:
+                lines.append(f"{name:13} encode {r['encode_x_realtime']:7.1f}x real time   decode "
+                             f"{r['decode_x_realtime']:7.1f}x real time  ({r['device']})")
+    tg = results.get("targets") or []
+    if tg:
+        head("targets")
+        for t in tg:
+            mark = {True: "MET", False: "NOT MET", None: "--"}[t["met"]]
+            lines.append(f"{mark:8} {t['target']}: {t['value']:.3g} (goal {t['goal']})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    from vall_e.errors import run_main
+
+    run_main(main, sys.argv[1:])

@@ -75,12 +75,23 @@ def test_full_preset_parameter_count():
     with torch.device("meta"):
         model = VALLE(VALLEConfig(d_model=d, n_heads=h, n_layers=l, n_text_tokens=256))
     n = model.num_parameters()
-    print(f"\nfull ar+nar transformer: {n / 1e6:.1f}M parameters")
+    print(f"\nfull ar+nar transformer (SwiGLU FFN): {n / 1e6:.1f}M parameters")
+    backbone = sum(p.numel() for p in model.backbone.parameters())
+    # per layer: qkv 3d^2, out d^2 + d, gated FFN 3 x 4d^2 (no biases), two LayerNorms 4d; final LayerNorm 2d
+    assert backbone == l * (16 * d * d + 5 * d) + 2 * d
+    assert 180e6 <= n <= 260e6, n
+
+
+def test_gelu_ffn_option_parameter_count():
+    d, h, l = resolve_dims("full")
+    with torch.device("meta"):
+        model = VALLE(VALLEConfig(d_model=d, n_heads=h, n_layers=l, n_text_tokens=256, ffn="gelu"))
     backbone = sum(p.numel() for p in model.backbone.parameters())
     # per layer: qkv 3d^2, out d^2 + d, FFN 8d^2 + 5d, two LayerNorms 4d; then the final LayerNorm 2d
     assert backbone == l * (12 * d * d + 10 * d) + 2 * d
-    # 180-260M was asked for; a GELU-FFN transformer at 1024/16/12 is ~177M (the reference's ~220M is RetNet's)
-    assert 170e6 <= n <= 260e6, n
+    print(f"\nfull ar+nar transformer (GELU FFN): {model.num_parameters() / 1e6:.1f}M parameters")
+    with pytest.raises(UserError):
+        VALLEConfig(ffn="relu")
 
 
 # ---------------------------------------------------------------- masks

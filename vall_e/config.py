@@ -71,6 +71,7 @@ class ModelConfig:
     n_heads: int = _f(0, "attention heads; 0 = from the preset")
     n_layers: int = _f(0, "layers; 0 = from the preset")
     ffn_mult: int = _f(4, "feed-forward width as a multiple of d_model")
+    ffn: str = _f("swiglu", "transformer/bitnet feed-forward: swiglu (gated, LLaMA-style) | gelu")
     backbone: str = _f("transformer", "transformer | llama | mixtral | retnet | bitnet")
     experts: int = _f(1, "mixture-of-experts count (mixtral, retnet)")
     n_levels: int = _f(8, "codec levels (RVQ codebooks)")

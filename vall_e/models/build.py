@@ -36,7 +36,7 @@ def valle_configs(model_cfg: Any, n_text_tokens: int | None = None, n_langs: int
     if n_langs is not None and n_langs > m.n_langs:
         raise UserError(f"model.n_langs={m.n_langs} is too small for the data's {n_langs} languages")
     d, h, l = resolve_dims(m.size, m.d_model, m.n_heads, m.n_layers)
-    common = dict(d_model=d, n_heads=h, n_layers=l, ffn_mult=m.ffn_mult, backbone=m.backbone, experts=m.experts,
+    common = dict(d_model=d, n_heads=h, n_layers=l, ffn_mult=m.ffn_mult, ffn=m.ffn, backbone=m.backbone, experts=m.experts,
                   n_levels=m.n_levels, n_codes=m.n_codes, n_text_tokens=m.n_text_tokens, n_langs=m.n_langs,
                   dropout=m.dropout, p_ar=(m.p_ar if m.p_ar and m.p_ar > 0 else None),
                   text_loss_weight=m.text_loss_weight, max_positions=m.max_positions)

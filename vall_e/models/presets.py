@@ -1,6 +1,8 @@
 """Model size presets: a name (or a scale factor, or a dict) -> (d_model, n_heads, n_layers).
 
-FFN width is always 4 x d_model (`VALLEConfig.ffn_mult`), so it is not part of a preset.
+FFN hidden width is always 4 x d_model (`VALLEConfig.ffn_mult`; SwiGLU by default, `model.ffn=gelu` for
+the plain GELU FFN), so it is not part of a preset. Parameter counts (ar+nar, transformer, SwiGLU):
+quarter ~19M, half ~63M, full ~227M, double ~428M.
 """
 from __future__ import annotations
 

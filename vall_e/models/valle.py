@@ -48,6 +48,7 @@ class VALLEConfig:
     n_layers: int = 12
     n_text_tokens: int = 256  # phoneme vocabulary size; id 0 is padding
     ffn_mult: int = 4
+    ffn: str = "swiglu"  # transformer/bitnet FFN: "swiglu" (gated) | "gelu"; llama/mixtral are always gated
     backbone: str = "transformer"
     experts: int = 1
     n_levels: int = 8  # codec levels (RVQ codebooks)
@@ -69,6 +70,8 @@ class VALLEConfig:
                 raise UserError(f"model.{key} {value!r}: must be a positive integer")
         if self.kind != "ar" and self.n_levels < 2:
             raise UserError(f"model.n_levels {self.n_levels}: a {self.kind} model needs at least 2 levels")
+        if self.ffn not in ("swiglu", "gelu"):
+            raise UserError(f"model.ffn {self.ffn!r}: choose swiglu or gelu")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout {self.dropout}: must be in [0, 1)")
         if self.p_ar is not None and not 0.0 <= self.p_ar <= 1.0:
@@ -172,9 +175,12 @@ class VALLE(nn.Module):
             self.nar_heads = nn.ModuleList(nn.Linear(d, c.n_codes) for _ in range(c.n_levels - 1))
         if c.text_loss_weight > 0 and c.has_ar:  # the text loss is next-token, so only AR samples have one
             self.text_head = nn.Linear(d, c.n_text_tokens)
+        extra = dict(c.backbone_extra)
+        if c.backbone in ("transformer", "bitnet"):
+            extra.setdefault("ffn", c.ffn)
         self.backbone = build_backbone(c.backbone, d_model=d, n_heads=c.n_heads, n_layers=c.n_layers,
                                        ffn_mult=c.ffn_mult, dropout=c.dropout, experts=c.experts,
-                                       max_positions=c.max_positions, **c.backbone_extra)
+                                       max_positions=c.max_positions, **extra)
         self._init_embeddings_and_heads()
         logger.info("VALL-E %s (%s, d=%d, heads=%d, layers=%d): %.2fM parameters", c.kind, c.backbone,
                     c.d_model, c.n_heads, c.n_layers, self.num_parameters() / 1e6)

@@ -95,6 +95,26 @@ def test_codes_independent_of_batch(tts, reference):
     assert batch[0].shape[1] == 8
 
 
+EIGHT = ["Hi.", "How are you?", "Hello there.", "Good morning.", "The fox.", "One more!", "Dog.", "Lazy dog, quick fox."]
+
+
+def test_batch_of_eight_equals_eight_single_runs_greedy(tts, reference):
+    """Eight different texts (different lengths) and prompts of different lengths, greedy AR and NAR:
+    the batch gives every sequence exactly the codes it gets alone (padding and per-sequence stopping
+    are invisible)."""
+    full = tts.encode_reference(str(reference))
+    prompts = [full[: 40 + 15 * i] for i in range(8)]
+    s = _settings(max_ar_steps=0, ar={"temperature": 0.0, "ras_window": 0}, nar={"temperature": 0.0})  # text-length limits
+    batch = tts.generate_codes(EIGHT, prompts, s)
+    assert len(batch) == 8
+    lengths = set()
+    for text, prompt, got in zip(EIGHT, prompts, batch):
+        alone = tts.generate_codes([text], [prompt], s)[0]
+        assert torch.equal(got, alone), text
+        lengths.add(got.shape[0])
+    print(f"\nbatch of 8, greedy: output lengths {sorted(lengths)}")
+
+
 def test_seed_reproducible_and_varies(tts, reference):
     prompt = tts.encode_reference(str(reference))
     a = tts.generate_codes(TEXTS[:1], [prompt], _settings(max_ar_steps=30))

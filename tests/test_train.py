@@ -745,6 +745,14 @@ t = Trainer(make_cfg(root, **{{"trainer.iterations": 4, "trainer.save_frequency"
 assert t.run() == 0
 sd = {{k: v.contiguous() for k, v in t.models["ar+nar"].state_dict().items()}}
 save_file(sd, str(root / f"rank{{dist.get_rank()}}.safetensors"))
+# time budget: only rank 0's clock counts, so ranks whose clocks disagree still stop at the same step
+# (here rank 1 alone would train for 1000 minutes; before the fix rank 0 left and rank 1 hung)
+budget = root / "budget"
+cfg = make_cfg(budget, **{{"trainer.iterations": 50, "trainer.save_frequency": 0, "evaluation.frequency": 0}})
+cfg.trainer.max_minutes = 1e-9 if dist.get_rank() == 0 else 1000.0
+t = Trainer(cfg, builder=tiny_builder(n=12), read_stdin=False)
+assert t.run() == 0
+(root / f"budget_step_rank{{dist.get_rank()}}.txt").write_text(str(t.step))
 dist.destroy_process_group()
 """
 
@@ -769,6 +777,8 @@ def test_ddp_two_processes_on_cpu(tmp_path: Path) -> None:
     assert any("val.loss" in r for r in recs)
     state = load_checkpoint(tmp_path / "ckpt" / "tiny" / "4")[1]
     assert len(state["rng"]) == 2 and state["world_size"] == 2
+    steps = {(tmp_path / f"budget_step_rank{r}.txt").read_text() for r in (0, 1)}
+    assert steps == {"1"}, steps  # both ranks stopped together at rank 0's budget
 
 
 # ==============================================================================================

@@ -700,7 +700,9 @@ class Trainer:
                             self.save("autosave")
                             if tr.export_on_save:
                                 self.export()
-                        if tr.max_minutes and time.monotonic() - self._t0 >= 60 * tr.max_minutes:
+                        # rank 0's clock decides, and every rank stops at the same step
+                        if tr.max_minutes and control.agree(
+                                self.is_main and time.monotonic() - self._t0 >= 60 * tr.max_minutes):
                             if self.is_main:
                                 logger.info("time budget of %g min reached at step %d", tr.max_minutes, self.step)
                             break

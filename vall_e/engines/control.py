@@ -137,6 +137,19 @@ class Controller:
         self.device = torch.device(device)
         self.reader = StdinReader().start() if (read_stdin and rank == 0) else None
 
+    def agree(self, flag: bool) -> bool:
+        """True on every rank when any rank says True (under torchrun); the flag itself otherwise.
+
+        For decisions one rank makes alone (rank 0's clock says the time budget is spent): every
+        rank must leave the loop at the same step, or the next collective hangs."""
+        if self.world_size <= 1:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([int(flag)], dtype=torch.long, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def poll(self) -> tuple[list[str], bool]:
         lines = self.reader.poll() if self.reader is not None else []
         stop = self.signals.stop_requested

@@ -237,7 +237,13 @@ class WorldCodec(Codec):
         return self.rvq.encode(self.features(wav))
 
     def encode_batch(self, wavs: list[Tensor]) -> list[Tensor]:
-        feats = [self.features(w) for w in wavs]
+        """Clips analysed in threads (pyworld releases the GIL), then one batched quantisation."""
+        workers = min(len(wavs), os.cpu_count() or 1)
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                feats = list(pool.map(self.features, wavs))
+        else:
+            feats = [self.features(w) for w in wavs]
         if not feats:
             return []
         codes = self.rvq.encode(torch.cat(feats))

@@ -19,7 +19,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from vall_e.errors import UserError
-from vall_e.utils.io import atomic_path
+from vall_e.utils.io import atomic_path, remove_stale_temps
 
 FORMAT = "vall_e.rvq"
 VERSION = 1
@@ -224,6 +224,7 @@ class ResidualVQ:
         from safetensors.torch import save_file
 
         tensors, meta = self.to_tensors()
+        remove_stale_temps(Path(path).parent, Path(path).name, exact=True)  # left by a killed save
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from vall_e.errors import UserError, run_main
-from vall_e.utils.io import atomic_write_text
+from vall_e.utils.io import atomic_write_text, remove_stale_temps
 
 PHN_SUFFIX = ".phn.txt"
 
@@ -124,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     jobs, done = find_jobs(Path(args.folder), args.suffix)
+    remove_stale_temps(Path(args.folder), PHN_SUFFIX, recursive=True)  # left by a killed run
     written = phonemize_files(jobs, language, args.batch_size, progress=not args.quiet)
     print(f"wrote {written} phoneme files, {done} already present")
     return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from vall_e.errors import UserError, run_main
+from vall_e.utils.io import remove_stale_temps
 
 QNT_SUFFIX = ".qnt.pt"
 # Longest clip encoded by default. A codec encodes a clip in one pass, so a file of hours would need
@@ -108,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec["codebooks"] = str(_fit_world(cfg, root, files))
         print(f"fitted codebooks: {spec['codebooks']}", file=sys.stderr)
 
+    remove_stale_temps(root, QNT_SUFFIX, recursive=True)  # left by a killed run
     todo = [p for p in files if not output_path(p).exists()]
     skipped = len(files) - len(todo)
     if not todo:

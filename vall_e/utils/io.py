@@ -6,7 +6,9 @@ even if the process is killed mid-write.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -51,6 +53,32 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
     atomic_write_bytes(path, text.encode(encoding))
+
+
+# `atomic_path`'s temporary names: "." + target name + "." + mkstemp's 8 random characters + ".tmp" + suffix
+_TEMP_RE = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp(?P<suffix>\.[^.]*)?$")
+
+
+def remove_stale_temps(folder: str | os.PathLike, target_suffix: str, recursive: bool = False,
+                       exact: bool = False) -> int:
+    """Delete the temporary files `atomic_path` left for targets ending in `target_suffix` (named
+    exactly `target_suffix` with `exact`); return how many.
+
+    A process killed mid-write (SIGKILL, power loss) cannot remove its temporary file; a command
+    that writes such outputs calls this before it starts so they do not pile up. Not for a folder
+    that another live process is writing the same kind of output into.
+    """
+    folder = Path(folder)
+    pattern = f".*{glob.escape(target_suffix)}.*.tmp*"
+    removed = 0
+    for p in folder.rglob(pattern) if recursive else folder.glob(pattern):
+        m = _TEMP_RE.match(p.name)
+        ok = m is not None and (m["target"] == target_suffix if exact else m["target"].endswith(target_suffix))
+        if ok and p.is_file() and not p.is_symlink():
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed += 1
+    return removed
 
 
 @contextlib.contextmanager

@@ -26,3 +26,15 @@ def rng(seed: int) -> np.random.Generator:
     """A numpy generator from `seed`; torch's global generator is seeded with it too."""
     torch.manual_seed(seed)
     return np.random.default_rng(seed)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` or `soak` run only when asked for (`-m slow`, `-m soak`): the default suite
+    stays within the CI budget, and `.ci/run` runs the slow ones in a second step."""
+    import pytest
+
+    expr = config.getoption("markexpr") or ""
+    for item in items:
+        for marker in ("slow", "soak"):
+            if item.get_closest_marker(marker) and marker not in expr:
+                item.add_marker(pytest.mark.skip(reason=f"{marker} test: run with -m {marker}"))

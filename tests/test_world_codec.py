@@ -211,9 +211,25 @@ def test_pyworld_imports_without_pkg_resources(monkeypatch):
     """pyworld <= 0.3.5 does `import pkg_resources`, which setuptools >= 82 no longer ships."""
     monkeypatch.setitem(sys.modules, "pkg_resources", None)  # makes `import pkg_resources` fail
     monkeypatch.delitem(sys.modules, "pyworld", raising=False)
-    pw = import_pyworld()
+    import vall_e.codecs.world as world
+
+    pw = world._import_pyworld()  # the uncached import, which is where the stand-in is needed
     assert callable(pw.dio) and isinstance(pw.__version__, str)
     assert sys.modules["pkg_resources"] is None  # the stand-in did not leak
+
+
+def test_pyworld_import_is_thread_safe(monkeypatch):
+    """Analysis runs in threads; racing first imports once handed a thread a half-initialised module."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import vall_e.codecs.world as world
+
+    monkeypatch.setitem(sys.modules, "pkg_resources", None)
+    monkeypatch.delitem(sys.modules, "pyworld", raising=False)
+    monkeypatch.setattr(world, "_pyworld", None)
+    with ThreadPoolExecutor(8) as pool:
+        mods = list(pool.map(lambda _: world.import_pyworld(), range(32)))
+    assert all(m is mods[0] and callable(m.dio) for m in mods)
 
 
 def test_cli_fit_and_resynth(fitted, tmp_path, capsys):

@@ -17,6 +17,7 @@ import math
 import os
 import random
 import sys
+import threading
 import types
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -37,10 +38,23 @@ SAMPLE_RATE = 24_000
 FRAME_RATE = 75.0
 
 
-def import_pyworld() -> types.ModuleType:
-    """Import pyworld, working around its `import pkg_resources` (gone from setuptools >= 82).
+_PYWORLD_LOCK = threading.Lock()
+_pyworld: types.ModuleType | None = None
 
-    pyworld <= 0.3.5 only uses pkg_resources to read its own version. If that import fails we
+
+def import_pyworld() -> types.ModuleType:
+    """Import pyworld once (thread-safe: analysis runs in threads), working around its
+    `import pkg_resources` (gone from setuptools >= 82)."""
+    global _pyworld
+    if _pyworld is None:
+        with _PYWORLD_LOCK:
+            if _pyworld is None:
+                _pyworld = _import_pyworld()
+    return _pyworld
+
+
+def _import_pyworld() -> types.ModuleType:
+    """pyworld <= 0.3.5 only uses pkg_resources to read its own version. If that import fails we
     provide a throwaway stand-in built on importlib.metadata for the duration of the import and
     remove it again, so nothing else ever sees a fake `pkg_resources`.
     """

@@ -36,6 +36,7 @@ class Ctx:
     quick: bool
     codec: str = "world"
     log: Callable[[str], None] = print
+    compile: bool = True  # also measure torch.compile'd decoding (labelled rows; compile time reported apart)
 
     @property
     def cuda(self) -> bool:
@@ -159,7 +160,13 @@ def build_model(preset: str, ctx: Ctx, *, dropout: float = 0.0, ban_stop: bool =
         with torch.no_grad():
             model.ar_head.bias[model.config.stop_id] = -1e4
     model = model.to(ctx.device, dtype or (torch.float32 if train else ctx.dtype))
-    return model.train() if train else model.eval()
+    if train:
+        return model.train()
+    if ctx.device.type == "cpu":  # what TTS.from_pretrained does to the models it loads
+        from vall_e.inference import cpu_decode_layout
+
+        cpu_decode_layout(model)
+    return model.eval()
 
 
 def backbone_bytes(model: Any) -> int:
@@ -233,6 +240,25 @@ def reference_wav(sample_rate: int = 24_000, seconds: float = 3.0) -> Path:
     return path
 
 
+def reference_input(sample_rate: int) -> tuple[Any, str]:
+    """The 3 s reference voice for `TTS.synthesize`: a wav file (what a user passes), or where
+    soundfile cannot be imported (a bare GPU box) the same kind of audio as a waveform tensor."""
+    try:
+        import soundfile  # noqa: F401
+    except (ImportError, OSError):  # OSError: the module is there, libsndfile is not
+        from vall_e.codecs.tiny_encodec import speechlike_audio
+
+        return speechlike_audio(3.0, sample_rate, seed=5).float(), "3 s waveform tensor (soundfile unavailable)"
+    return str(reference_wav(sample_rate)), "3 s wav"
+
+
+def compiler_available() -> bool:
+    """Whether torch.compile can build its CPU kernels here (a C++ compiler on PATH)."""
+    import shutil
+
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
 def speech(seconds: float, sample_rate: int = 24_000) -> torch.Tensor:
     """`seconds` of speech-like audio for codec speed tests."""
     from vall_e.codecs.tiny_encodec import speechlike_audio
@@ -263,7 +289,8 @@ def text_for_seconds(seconds: float) -> str:
     return PARAGRAPH
 
 
-def build_tts(preset: str, ctx: Ctx, codec: Any, with_g2p: bool = False) -> Any:
+def build_tts(preset: str, ctx: Ctx, codec: Any, with_g2p: bool = False, dtype: str | None = None,
+              compile: bool = False) -> Any:
     """A `TTS` engine around an untrained model of `preset` (STOP banned, see build_model).
 
     with_g2p: build the symbol map from PARAGRAPH's phonemes (needs espeak) so `synthesize` works;
@@ -279,10 +306,10 @@ def build_tts(preset: str, ctx: Ctx, codec: Any, with_g2p: bool = False) -> Any:
         symmap = Symmap.build([phonemize(t) for t in [PARAGRAPH] + [text_for_seconds(s) for s in (1, 5, 10, 20)]])
     else:
         symmap = Symmap.build([list("abcdefghijklmnopqrstuvwxyz")])
-    model = build_model(preset, ctx)
-    dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[ctx.dtype]
+    dtype = dtype or {torch.float32: "float32", torch.bfloat16: "bfloat16"}[ctx.dtype]
+    model = build_model(preset, ctx, dtype=torch.float32 if dtype == "int8" else None)
     return TTS({"ar+nar": model}, {"symmap": symmap, "langmap": LanguageMap()}, codec, device=str(ctx.device),
-               dtype=dtype)
+               dtype=dtype, compile=compile, decode_layout=True)
 
 
 def settings_for_frames(frames: int, seed: int = 0) -> Any:

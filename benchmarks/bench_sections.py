@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from bench_common import (N_CODES, N_LEVELS, PROMPT_FRAMES, TEXT_PER_SECOND, Ctx, backbone_bytes, best_of,
-                          build_codec_for, build_model, build_tts, random_inputs, reference_wav, reset_peak_rss,
-                          rss_mb, settings_for_frames, speech, sync, text_for_seconds, timed, tiny_encodec,
-                          world_codec)
+                          build_codec_for, build_model, build_tts, compiler_available, random_inputs,
+                          reference_input, reset_peak_rss, rss_mb, settings_for_frames, speech, sync,
+                          text_for_seconds, timed, tiny_encodec, world_codec)
 
 FRAME_RATE = 75
 
@@ -229,6 +229,10 @@ def overhead(ctx: Ctx) -> dict[str, Any]:
         torch.manual_seed(0)
         probe = VALLE(VALLEConfig(d_model=64, n_heads=4, n_layers=12, n_text_tokens=256, dropout=0.0))
     probe = probe.to(ctx.device, ctx.dtype).eval()
+    if ctx.device.type == "cpu":  # as build_model does for every inference model
+        from vall_e.inference import cpu_decode_layout
+
+        cpu_decode_layout(probe)
     text, prompt = random_inputs(60)
     text, prompt = _to(text, ctx.device), _to(prompt, ctx.device)
     run = best_decode(probe, text, prompt, 200, ctx.device, 3)
@@ -293,19 +297,42 @@ def nar(ctx: Ctx) -> dict[str, Any]:
         out[preset] = res
         del tts
         _free()
+    if not ctx.cuda:
+        out["int8_10s"] = _nar_int8(ctx, params)
     return out
 
 
-def end_to_end(ctx: Ctx) -> dict[str, Any]:
-    """Text + a 3 s reference wav -> waveform through `TTS.synthesize` (quarter preset).
+def _nar_int8(ctx: Ctx, params: Any) -> dict[str, Any]:
+    """The quarter NAR at 10 s with int8 dynamic weights (`TTS(dtype="int8")`) beside float32, and
+    how far its codes and logits are from float32's (same inputs and seeds). The models are
+    untrained, so their logits are nearly flat and code agreement is a harsh test; see the README
+    for the same comparison on a trained model."""
+    s = 10
+    frames = s * FRAME_RATE
+    text, prompt = random_inputs(int(TEXT_PER_SECOND * s), seed=s)
+    level0 = [torch.randint(0, N_CODES, (frames,))]
+    langs = torch.zeros(1, dtype=torch.long)
+    out: dict[str, Any] = {}
+    codes, logits = {}, {}
+    for kind in ("float32", "int8"):
+        tts = build_tts("quarter", ctx, codec=None, dtype=kind)
+        fn = lambda: tts.generate_nar(text, langs, prompt, level0, params, N_LEVELS - 1)  # noqa: E731
+        out[kind] = best_of(fn, ctx.device, 1 if ctx.quick else 2, warmup=1)
+        codes[kind] = fn()[0]
+        with torch.inference_mode():  # one pass's logits, teacher-forced on the float32 codes
+            logits[kind] = tts.nar_model.nar_pass(text, None, prompt, [codes["float32"]], 3)[0].float()
+        del tts
+        _free()
+    out["speedup"] = out["float32"]["best_s"] / out["int8"]["best_s"]
+    out["codes_agreement"] = (codes["int8"][:, 1:] == codes["float32"][:, 1:]).float().mean().item()
+    ref = logits["float32"]
+    out["logit_argmax_agreement_level3"] = (logits["int8"].argmax(-1) == ref.argmax(-1)).float().mean().item()
+    out["logit_mean_abs_error_over_std_level3"] = ((logits["int8"] - ref).abs().mean() / ref.std()).item()
+    return out
 
-    Not counted: model load. Counted: G2P, reference encoding, AR, NAR, codec decode. The AR length
-    is forced (STOP banned, max_ar_steps = frames) so each output is exactly as long as asked.
-    """
-    seconds = [1, 5, 10] if ctx.quick else [1, 5, 10, 20]
-    codec, fallback = build_codec_for(ctx)
-    ref = str(reference_wav(codec.sample_rate))
-    tts = build_tts("quarter", ctx, codec, with_g2p=True)
+
+def _e2e_measure(tts: Any, ref: Any, ctx: Ctx) -> Any:
+    """A function (seconds, repeats) -> the best of `repeats` timed `synthesize` calls with per-stage times."""
     stages: dict[str, float] = defaultdict(float)
     ar_frames: list[int] = []
 
@@ -325,25 +352,68 @@ def end_to_end(ctx: Ctx) -> dict[str, Any]:
 
     for name in ("encode_text", "encode_reference", "generate_ar", "generate_nar", "decode"):
         wrap(name)
-    out: dict[str, Any] = {"preset": "quarter", "codec": codec.name, "reference": "3 s wav",
-                           "sampling": "AR defaults (T=0.95, RAS), NAR defaults (T=0.2)", "seconds": {}}
-    if fallback:
-        out["world_codec_error"] = fallback
-    tts.synthesize(text_for_seconds(1), ref, settings_for_frames(FRAME_RATE))  # warm-up
-    for s in seconds:
-        text = text_for_seconds(s)
-        frames = s * FRAME_RATE
+
+    def measure(seconds: float, repeats: int) -> dict[str, Any]:
+        text = text_for_seconds(seconds)
+        frames = int(seconds * FRAME_RATE)
         best: dict[str, Any] | None = None
-        for _ in range(1 if (ctx.quick or s >= 20) else 2):  # best of 2: less disturbed by other processes
+        for _ in range(repeats):  # best of n: less disturbed by other processes
             stages.clear()
             t, wavs = timed(lambda: tts.synthesize(text, ref, settings_for_frames(frames)), ctx.device)
-            audio_s = wavs[0].shape[0] / codec.sample_rate
+            audio_s = wavs[0].shape[0] / tts.sample_rate
             if best is None or t < best["total_s"]:
                 best = {"total_s": t, "audio_s": audio_s, "rtf": t / audio_s, "ar_frames": ar_frames[0],
                         "text_chars": len(text), "stages_s": dict(stages)}
-        out["seconds"][s] = best
+        assert best is not None
+        return best
+
+    return measure
+
+
+def end_to_end(ctx: Ctx) -> dict[str, Any]:
+    """Text + a 3 s reference wav -> waveform through `TTS.synthesize` (quarter preset).
+
+    Not counted: model load. Counted: G2P, reference encoding, AR, NAR, codec decode. The AR length
+    is forced (STOP banned, max_ar_steps = frames) so each output is exactly as long as asked.
+    Labelled extra rows at 10 s: int8 weights (CPU) and a torch.compile'd AR step (its compile time
+    is reported apart, not counted in the row).
+    """
+    seconds = [1, 5, 10] if ctx.quick else [1, 5, 10, 20]
+    codec, fallback = build_codec_for(ctx)
+    ref, ref_kind = reference_input(codec.sample_rate)
+    tts = build_tts("quarter", ctx, codec, with_g2p=True)
+    measure = _e2e_measure(tts, ref, ctx)
+    out: dict[str, Any] = {"preset": "quarter", "codec": codec.name, "reference": ref_kind,
+                           "sampling": "AR defaults (T=0.95, RAS), NAR defaults (T=0.2)", "seconds": {}}
+    if fallback:
+        out["world_codec_error"] = fallback
+        out["codec_note"] = "the WORLD codec could not be built here, so the tiny EnCodec stands in"
+    measure(1, 1)  # warm-up
+    for s in seconds:
+        out["seconds"][s] = measure(s, 1 if (ctx.quick or s >= 20) else 2)
     del tts
     _free()
+
+    variants: dict[str, Any] = {}
+    kinds = ([] if ctx.cuda else ["int8"]) + (["compiled"] if ctx.compile and (ctx.cuda or compiler_available()) else [])
+    for kind in kinds:
+        try:
+            tts = build_tts("quarter", ctx, codec, with_g2p=True, dtype="int8" if kind == "int8" else None,
+                            compile=kind == "compiled")
+            measure = _e2e_measure(tts, ref, ctx)
+            t0 = time.perf_counter()
+            measure(1, 1)  # warm-up; compiles the decode step for the compiled row
+            first = time.perf_counter() - t0
+            row = measure(10, 1 if ctx.quick else 2)
+            if kind == "compiled":
+                row["compile_s"] = first  # the warm-up call, compilation included (not in total_s)
+            variants[kind] = row
+            del tts
+            _free()
+        except Exception as e:  # noqa: BLE001 - a variant this machine cannot run is reported, not fatal
+            variants[kind] = {"error": f"{type(e).__name__}: {e}"}
+    if variants:
+        out["variants_10s"] = variants
     return out
 
 
@@ -468,40 +538,47 @@ def codecs(ctx: Ctx) -> dict[str, Any]:
 
 
 def variants(ctx: Ctx) -> dict[str, Any]:
-    """Decode-step time of other weight formats, side by side with the run's dtype (batch 1, greedy):
-    bf16 weights and KV cache, and int8 dynamic quantisation of every nn.Linear (CPU only)."""
-    import warnings
-
+    """Decode-step time of other weight formats and of a compiled step, side by side with the run's
+    dtype (batch 1, greedy): bf16 weights and KV cache, int8 dynamic quantisation of every nn.Linear
+    (CPU only, `TTS(dtype="int8")`), and the run's dtype with the decode step compiled
+    (`TTS(compile=True)`; the compile time is reported apart, not in ms_per_token)."""
     n = 120 if ctx.quick else 250
     presets = ["quarter", "half"]
     out: dict[str, Any] = {"tokens": n}
     text, prompt = random_inputs(60)
     text, prompt = _to(text, ctx.device), _to(prompt, ctx.device)
+    base_kind = str(ctx.dtype).replace("torch.", "")
     for preset in presets:
         res: dict[str, Any] = {}
         kinds = ["float32", "bfloat16"] + ([] if ctx.cuda else ["int8_dynamic"])
+        if ctx.compile and (ctx.cuda or compiler_available()):
+            kinds.append(f"{base_kind}+compile")
         for kind in kinds:
             try:
+                extra: dict[str, Any] = {}
                 if kind == "int8_dynamic":
-                    from torch.ao.quantization import quantize_dynamic
+                    from vall_e.inference import quantize_int8
 
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        model = quantize_dynamic(build_model(preset, ctx, dtype=torch.float32), {torch.nn.Linear},
-                                                 dtype=torch.qint8)
+                    model = quantize_int8(build_model(preset, ctx, dtype=torch.float32))
+                elif kind.endswith("+compile"):
+                    model = build_model(preset, ctx)
+                    model.backbone.compile_decode()
+                    t0 = time.perf_counter()
+                    cached_decode(model, text, prompt, 10, ctx.device)  # compiles
+                    extra["compile_s"] = time.perf_counter() - t0
                 else:
                     model = build_model(preset, ctx, dtype=getattr(torch, kind))
                 cached_decode(model, text, prompt, 10, ctx.device)  # warm-up
                 r = best_decode(model, text, prompt, n, ctx.device, 2 if ctx.quick else 3)
                 res[kind] = {"ms_per_token": 1e3 * sum(r["steps_s"]) / len(r["steps_s"]),
-                             "ms_per_token_median": 1e3 * statistics.median(r["steps_s"])}
+                             "ms_per_token_median": 1e3 * statistics.median(r["steps_s"]), **extra}
                 del model
             except Exception as e:  # noqa: BLE001 - a format this build cannot run is reported, not fatal
                 res[kind] = {"error": f"{type(e).__name__}: {e}"}
-        base = res.get("float32", {}).get("ms_per_token")
+        base = res.get(base_kind, {}).get("ms_per_token")
         for kind, r in res.items():
             if base and "ms_per_token" in r:
-                r["speedup_vs_float32"] = base / r["ms_per_token"]
+                r[f"speedup_vs_{base_kind}"] = base / r["ms_per_token"]
         out[preset] = res
         _free()
     return out

@@ -76,13 +76,52 @@ def _bare(token: str) -> str:
     return token.replace("ː", "").replace("ˈ", "").replace("ˌ", "")
 
 
+def cpu_decode_layout(model: torch.nn.Module) -> int:
+    """Store the weight of every plain nn.Linear with more outputs than inputs column-major; returns
+    how many were changed. Values, shapes and results are unchanged (up to float rounding).
+
+    Why: an AR step multiplies one row per sample by every weight matrix, so it streams the weights
+    from memory. On the CPU (MKL, AVX2) that product runs ~1.4-1.8x faster from a column-major
+    weight when the matrix is wider than tall (fused QKV, SwiGLU gate/up, the heads) and slower
+    when it is taller (the down projection), see benchmarks/README.md; batched NAR passes are not
+    affected. float32 only: bfloat16/float16 products from a column-major weight are >10x slower.
+    Only for inference: a re-laid parameter is no longer contiguous.
+    """
+    changed = 0
+    for m in model.modules():
+        if (type(m) is torch.nn.Linear and m.out_features > m.in_features and m.weight.dtype == torch.float32
+                and m.weight.is_contiguous()):
+            m.weight.data = m.weight.data.t().contiguous().t()
+            changed += 1
+    return changed
+
+
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` with every nn.Linear dynamically quantized (int8 weights, per-tensor scale;
+    activations quantized per call), for CPU inference. Embeddings and norms stay float32."""
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():  # torch.ao's deprecation notice
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def _check_compiler(device: torch.device) -> None:
+    """torch.compile's CPU backend (inductor) builds C++: say so before the first decode fails."""
+    import shutil
+
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise UserError("compile=True needs a C++ compiler (g++ or clang++) for torch.compile on the CPU")
+
+
 def _reorder_cache(cache: Any, index: Tensor) -> Any:
     """Reorder a backbone cache along its batch dimension (beam search)."""
     from vall_e.models.backbones.kv_cache import KVCache
 
     if isinstance(cache, KVCache):
-        cache.k = cache.k.index_select(1, index)
-        cache.v = cache.v.index_select(1, index)
+        cache.reorder(index)
         return cache
     if hasattr(cache, "reorder"):
         return cache.reorder(index)
@@ -108,16 +147,40 @@ class TTS:
     """A loaded model with its codec, symbol map and language map."""
 
     def __init__(self, models: dict[str, Any], meta: dict[str, Any], codec: Any, device: str = "cpu",
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", compile: bool = False, decode_layout: bool = False) -> None:
+        """dtype: float32, bfloat16, float16, or int8 (CPU: every nn.Linear dynamically quantized to
+        int8 weights, activations in float32; see benchmarks/README.md for where each wins).
+        compile: run the AR decode step as a torch.compile'd graph (transformer backbone; needs a C++
+        compiler on the CPU; the first decode compiles, which takes minutes on a small CPU).
+        decode_layout: re-lay wide weight matrices for faster CPU decoding (`cpu_decode_layout`); it
+        changes the given models' parameters, so only `from_pretrained` (which owns them) turns it on.
+        """
         from vall_e.text.languages import LanguageMap
         from vall_e.text.symmap import Symmap
 
-        if dtype not in DTYPES:
-            raise UserError(f"unknown dtype {dtype!r}; choose one of float32, bfloat16, float16")
+        if dtype not in DTYPES and dtype != "int8":
+            raise UserError(f"unknown dtype {dtype!r}; choose one of float32, bfloat16, float16, int8")
         self.device = torch.device(device)
-        self.dtype = DTYPES[dtype]
+        self.quantized = dtype == "int8"
+        if self.quantized and self.device.type != "cpu":
+            raise UserError("dtype int8 (dynamic quantization) runs on the CPU only; use bfloat16 on a GPU")
+        if self.quantized and compile:
+            raise UserError("compile=True needs float weights (float32, bfloat16 or float16), not int8")
+        self.dtype = torch.float32 if self.quantized else DTYPES[dtype]
         self.meta = meta
         self.models = {k: m.to(self.device, self.dtype).eval() for k, m in models.items()}
+        if self.quantized:
+            self.models = {k: quantize_int8(m) for k, m in self.models.items()}
+        elif decode_layout and self.device.type == "cpu":
+            for m in self.models.values():
+                cpu_decode_layout(m)
+        if compile:
+            _check_compiler(self.device)
+            for m in self.models.values():
+                if not hasattr(m.backbone, "compile_decode"):
+                    raise UserError(f"compile=True: the {m.config.backbone} backbone has no compiled decode step "
+                                    "(the transformer backbone has)")
+                m.backbone.compile_decode()
         self.ar_model = self.models.get("ar+nar") or self.models.get("ar")
         self.nar_model = self.models.get("ar+nar") or self.models.get("nar")
         if self.ar_model is None or self.nar_model is None:
@@ -133,9 +196,10 @@ class TTS:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "auto", dtype: str = "float32",
-                        codec_device: str | None = None) -> "TTS":
+                        codec_device: str | None = None, compile: bool = False) -> "TTS":
         """Load an exported `model.safetensors`, or a training run through its YAML (its export, else
-        its latest checkpoint). The codec and G2P settings come from the model's metadata."""
+        its latest checkpoint). The codec and G2P settings come from the model's metadata.
+        dtype and compile: see `TTS.__init__`."""
         from vall_e.codecs import build_codec
         from vall_e.export import load_exported
 
@@ -165,7 +229,7 @@ class TTS:
                                device=spec.get("device", "cpu"))
         else:
             codec = build_codec(spec)
-        return cls(models, meta, codec, device=device, dtype=dtype)
+        return cls(models, meta, codec, device=device, dtype=dtype, compile=compile, decode_layout=True)
 
     @property
     def sample_rate(self) -> int:
@@ -212,7 +276,6 @@ class TTS:
     def encode_reference(self, references: str | Path | Sequence[str | Path] | Tensor,
                          prompt_seconds: float = 3.0) -> Tensor:
         """Reference audio -> prompt codes [T, L]. Several files (or `a.wav;b.wav`) are joined."""
-        from vall_e.audio import load_audio
         from vall_e.data.prompts import trim_or_repeat
 
         if isinstance(references, Tensor):
@@ -222,6 +285,8 @@ class TTS:
                 references = [p for p in str(references).split(";") if p.strip()]
             if not references:
                 raise UserError("no reference audio given")
+            from vall_e.audio import load_audio  # only for files: a waveform or codes tensor needs no soundfile
+
             pieces = [self.codec.encode(load_audio(p, self.codec.sample_rate, max_seconds=MAX_REFERENCE_SECONDS))
                       for p in references]
             codes = torch.cat(pieces)
@@ -269,18 +334,25 @@ class TTS:
             run = torch.zeros(B, dtype=torch.long, device=dev)  # length of the current run of one code
             stop = torch.full((B,), self.stop_id, dtype=torch.long, device=dev)
             floor = torch.tensor(min_steps or [0] * B, device=dev).clamp(max=caps)
+            floor_steps = int(floor.max())  # STOP is banned for some rows before this step
+            # The sampler reads the history for the repetition penalty (all of it) and for
+            # repetition-aware sampling (the last ras_window tokens of each row, which are the last
+            # columns of a live row; a finished row's draw is discarded). Without the penalty only
+            # that window is passed, so a step's cost does not grow with the length.
+            window = None if params.repetition_penalty != 1.0 else max(0, params.ras_window)
         for step in range(limit + 1):
             with torch.inference_mode():
                 logits = logits.float()
-                if step < int(floor.max()):  # too early to stop: ban STOP for those rows
+                if step < floor_steps:  # too early to stop: ban STOP for those rows
                     logits[:, self.stop_id] = torch.where(lengths < floor, -torch.inf, logits[:, self.stop_id])
-                tokens = sampler.sample(logits, history[:, :step])
+                past = history[:, :step] if window is None else history[:, max(0, step - window):step]
+                tokens = sampler.sample(logits, past, lengths)
                 tokens = torch.where(done | (lengths >= caps), stop, tokens)
                 done |= tokens == self.stop_id
                 if step > 0:
                     run = torch.where((tokens == history[:, step - 1]) & ~done, run + 1, torch.zeros_like(run))
                     looping = run >= max_repeat_frames
-                    if bool(looping.any()):
+                    if step >= max_repeat_frames and bool(looping.any()):
                         for i in looping.nonzero().flatten().tolist():
                             logger.warning("sample %d: one code repeated for %d frames; stopping it", i,
                                            max_repeat_frames)
@@ -389,8 +461,6 @@ class TTS:
         Long texts are split into sentences that are synthesized together in one batch and joined
         with short pauses. Returns float32 waveforms at `self.sample_rate`.
         """
-        from vall_e.audio import concat_with_pauses
-
         settings = replace(settings or GenerationSettings(), **overrides)
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts or any(not t or not t.strip() for t in texts):
@@ -410,7 +480,12 @@ class TTS:
         out = []
         for i in range(len(texts)):
             mine = [w for w, o in zip(wavs, owners) if o == i]
-            out.append(concat_with_pauses(mine, self.sample_rate, settings.pause) if len(mine) > 1 else mine[0])
+            if len(mine) > 1:
+                from vall_e.audio import concat_with_pauses  # only here: the engine runs without soundfile
+
+                out.append(concat_with_pauses(mine, self.sample_rate, settings.pause))
+            else:
+                out.append(mine[0])
         return out
 
     def stream(self, text: str, references: Any, settings: GenerationSettings | None = None,

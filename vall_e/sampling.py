@@ -244,6 +244,8 @@ def apply_length_penalty(logits: Tensor, lengths: Tensor | int, stop_id: int, pe
 
 def ban_tokens(logits: Tensor, ids: Sequence[int] | Tensor, rows: Tensor | None = None) -> Tensor:
     """Set the logits of `ids` to -inf (in every row, or where the bool `rows` [B] is true)."""
+    if isinstance(ids, (list, tuple)) and not ids:  # nothing to ban: no tensor to build
+        return logits
     ids = torch.as_tensor(ids, dtype=torch.long, device=logits.device).flatten()
     if ids.numel() == 0:
         return logits
@@ -412,6 +414,7 @@ _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _M2 = 0x94D049BB133111EB - (1 << 64)
 _SLOTS = 4  # independent draws per step: 0 = main, 1 = repetition-aware fallback
+_UNIFORM_BLOCK = 64  # AR steps whose uniforms TokenSampler computes at once
 
 
 def _lsr(x: Tensor, k: int) -> Tensor:
@@ -443,6 +446,34 @@ def counter_uniform(keys: Tensor, step: int, slot: int, shape: Sequence[int] = (
     return (bits.double() / float(1 << 53)).view(keys.shape[0], *shape)
 
 
+def counter_uniform_steps(keys: Tensor, first_step: int, n_steps: int) -> Tensor:
+    """float64 [B, n_steps, _SLOTS]: `counter_uniform(keys, first_step + i, slot)[b]` at [b, i, slot].
+
+    The same arithmetic on a whole block of steps at once, so an AR step reads its uniforms with one
+    index instead of ~40 small integer ops (bit-identical: int64 products wrap the same way).
+    """
+    counters = (torch.arange(first_step, first_step + n_steps, dtype=torch.long, device=keys.device)[:, None] * _SLOTS
+                + torch.arange(_SLOTS, dtype=torch.long, device=keys.device) + 1)
+    salt = _mix64(counters * _GOLDEN)  # [n_steps, _SLOTS]
+    base = _mix64(keys[:, None, None] ^ salt)
+    bits = _lsr(_mix64(base + _GOLDEN), 11)  # position 1 of counter_uniform's shape () draw
+    return bits.double() / float(1 << 53)
+
+
+def categorical_cdf(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """(probabilities float32, cumulative float64) of softmax(logits), for `categorical_search`."""
+    probs = logits.float().softmax(-1)
+    return probs, probs.double().cumsum(-1)
+
+
+def categorical_search(probs: Tensor, cdf: Tensor, uniform: Tensor) -> Tensor:
+    """The token whose CDF interval holds uniform x total (see `categorical_draw`)."""
+    target = (uniform.to(cdf.device, torch.float64) * cdf[..., -1]).unsqueeze(-1)
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+    ok = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) > 0
+    return torch.where(ok, tokens, probs.argmax(-1))
+
+
 def categorical_draw(logits: Tensor, uniform: Tensor) -> Tensor:
     """Draw from softmax(logits) by inverting the CDF with one uniform per row (shape logits.shape[:-1]).
 
@@ -450,12 +481,7 @@ def categorical_draw(logits: Tensor, uniform: Tensor) -> Tensor:
     on CPU. A token with probability 0 (filtered, banned) is never returned: should float rounding
     of the CDF ever land on one, the row's argmax is taken instead.
     """
-    probs = logits.float().softmax(-1)
-    cdf = probs.double().cumsum(-1)
-    target = (uniform.to(cdf.device, torch.float64) * cdf[..., -1]).unsqueeze(-1)
-    tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
-    ok = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) > 0
-    return torch.where(ok, tokens, probs.argmax(-1))
+    return categorical_search(*categorical_cdf(logits), uniform)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,6 +526,7 @@ class TokenSampler:
         if ids.shape != (batch_size,):
             raise ValueError(f"sequence_ids must have {batch_size} entries")
         self.keys = sequence_keys(self.seed, ids.to(self.device))
+        self._block: tuple[int, Tensor | None] = (0, None)  # AR uniforms of a block of steps (see _uniform)
         p = self.params
         self.mirostat = (Mirostat(p.mirostat_tau, p.mirostat_eta, batch_size, self.device)
                          if p.uses_mirostat else None)
@@ -531,10 +558,21 @@ class TokenSampler:
         if self.generator is not None:
             return torch.rand(tuple(shape), generator=self.generator, device=self.generator.device,
                               dtype=torch.float64)
+        if len(shape) == 1:  # one draw per sequence (an AR step): from a block of precomputed steps
+            first, block = self._block
+            if block is None or not first <= self.step < first + block.shape[1]:
+                first, block = self._block = (self.step, counter_uniform_steps(self.keys, self.step, _UNIFORM_BLOCK))
+            return block[:, self.step - first, slot]
         return counter_uniform(self.keys, self.step, slot, shape[1:])
 
     def _draw(self, logits: Tensor, slot: int) -> Tensor:
         return categorical_draw(logits, self._uniform(logits.shape[:-1], slot))
+
+    @property
+    def _filters(self) -> bool:
+        """Whether `filter` can change logits (top-k, top-p or min-p on)."""
+        p = self.params
+        return 0 < p.top_k or p.top_p < 1.0 or p.min_p > 0.0
 
     # --- the pipeline ----------------------------------------------------------------------------
     def sample(self, logits: Tensor, history: Tensor | None = None, lengths: Tensor | None = None) -> Tensor:
@@ -559,12 +597,16 @@ class TokenSampler:
         if self.mirostat is not None:
             tokens = self._draw(self.mirostat.truncate(filtered), 0)
             self.mirostat.update(filtered, tokens)
+        elif ar and p.uses_ras and history is not None and history.numel() > 0:
+            probs, cdf = categorical_cdf(filtered)
+            tokens = categorical_search(probs, cdf, self._uniform(filtered.shape[:-1], 0))
+            if self._filters:  # the fallback draws from the unfiltered distribution
+                probs, cdf = categorical_cdf(apply_temperature(x, temperature))
+            full = categorical_search(probs, cdf, self._uniform(filtered.shape[:-1], 1))
+            tokens, self.last_resampled = repetition_aware_select(
+                tokens, full, history, p.ras_window, p.ras_ratio, self.pad_id)
         else:
             tokens = self._draw(filtered, 0)
-            if ar and p.uses_ras and history is not None:
-                full = self._draw(apply_temperature(x, temperature), 1)
-                tokens, self.last_resampled = repetition_aware_select(
-                    tokens, full, history, p.ras_window, p.ras_ratio, self.pad_id)
         self.step += 1
         return tokens
 
@@ -572,6 +614,7 @@ class TokenSampler:
         """Follow the caller's batch: row r now holds old row index[r] (reorder, drop or repeat)."""
         index = torch.as_tensor(index, dtype=torch.long)
         self.keys = self.keys[index.to(self.keys.device)]
+        self._block = (0, None)
         if self.mirostat is not None:
             self.mirostat.reorder(index)
         self.last_resampled = self.last_resampled[index.to(self.last_resampled.device)]

@@ -10,7 +10,9 @@ compute alone.
 Speed (the AR decode step runs once per 13 ms of audio): cos/sin come from a cached table, q and k
 are rotated in one pass, the attention mask is turned into an additive bias once per forward (not
 in each layer), a one-token step builds its mask from the validity row alone, and eval skips the
-dropout calls. See benchmarks/README.md for the measurements.
+dropout calls. A one-token step in eval without autograd takes `_decode_one`, a functional path with
+no module calls (optionally a compiled graph, `compile_decode`). See benchmarks/README.md for the
+measurements.
 """
 from __future__ import annotations
 
@@ -296,6 +298,7 @@ class TransformerBackbone(Backbone):
         each layer's cache [B, H, capacity, Dh] (slot `start` is written here)."""
         B, _, D = x.shape
         H, Dh = self.n_heads, self.head_dim
+        x = x.view(B, D)  # one row per sample: 2-D products skip matmul's reshapes
         for i, layer in enumerate(self.layers):
             attn = layer.attn
             qkv = _linear(attn.qkv, _norm(layer.attn_norm, x)).view(B, 3 * H, Dh)
@@ -305,10 +308,10 @@ class TransformerBackbone(Backbone):
             v_cache.narrow(2, start, 1).copy_(qkv[:, 2 * H:, None])
             y = F.scaled_dot_product_attention(qk[:, :H, None], k_cache.narrow(2, 0, start + 1),
                                                v_cache.narrow(2, 0, start + 1), attn_mask=bias)  # [B, H, 1, Dh]
-            x = x + _linear(attn.out, y.view(B, 1, D))
+            x = x + _linear(attn.out, y.view(B, D))
             h = _norm(layer.ffn_norm, x)
-            x = x + (_ffn(layer.ffn, h) if type(layer.ffn) is FeedForward else layer.ffn(h))
-        return _norm(self.norm, x)
+            x = x + (_ffn(layer.ffn, h) if type(layer.ffn) is FeedForward else layer.ffn(h[:, None])[:, 0])
+        return _norm(self.norm, x)[:, None]
 
     def compile_decode(self, **options) -> None:
         """Run the one-token decode step's layers as a `torch.compile`d graph (keyword options go to

@@ -445,3 +445,16 @@ def test_categorical_draw_edges_and_counter_uniform():
     assert torch.equal(counter_uniform(keys[1:2], 5, 0, (2000,)), a[1:2])
     assert not torch.equal(counter_uniform(keys, 6, 0, (2000,)), a)  # the step matters
     assert not torch.equal(counter_uniform(keys, 5, 1, (2000,)), a)  # and the slot
+
+
+def test_block_of_step_uniforms_equals_per_step_uniforms():
+    """The AR sampler reads its uniforms from `counter_uniform_steps` blocks; they must be the very
+    numbers `counter_uniform` gives step by step, so seeded outputs do not depend on the block size."""
+    from vall_e.sampling import _SLOTS, counter_uniform, counter_uniform_steps, sequence_keys
+
+    keys = sequence_keys(1234, torch.arange(5))
+    block = counter_uniform_steps(keys, 7, 10)
+    assert block.shape == (5, 10, _SLOTS)
+    for i in range(10):
+        for slot in range(_SLOTS):
+            assert torch.equal(block[:, i, slot], counter_uniform(keys, 7 + i, slot))

@@ -51,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ras-ratio", type=float, default=0.1, help="repetition-aware sampling threshold")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible output")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"],
+                   help="int8: every Linear dynamically quantized (CPU only)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the AR decode step with torch.compile "
+                        "(CPU: needs a C++ compiler; first call takes 1-4 min)")
     p.add_argument("--amp", action="store_true", help="accepted for compatibility (use --dtype)")
     p.add_argument("--join", action="store_true", help="multi-line text: write one joined file")
     p.add_argument("--no-split", action="store_true", help="do not split long text into sentences")
@@ -111,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vall_e.audio import concat_with_pauses, save_audio
     from vall_e.inference import TTS
 
-    tts = TTS.from_pretrained(model_path, device=args.device, dtype=args.dtype)
+    tts = TTS.from_pretrained(model_path, device=args.device, dtype=args.dtype, compile=args.compile)
     settings = _settings(args)
     if args.stream:
         import torch

@@ -576,7 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-ms", type=float, default=50.0,
                    help="how long the first request of a batch waits for others to join it")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"],
+                   help="int8: every Linear dynamically quantized (CPU only)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the AR decode step with torch.compile "
+                        "(CPU: needs a C++ compiler; first call takes 1-4 min)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -632,7 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vall_e.inference import TTS
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s: %(message)s")
-    tts = TTS.from_pretrained(model_path, device=args.device, dtype=args.dtype)
+    tts = TTS.from_pretrained(model_path, device=args.device, dtype=args.dtype, compile=args.compile)
     limits = ServerLimits(max_text_chars=args.max_text_chars, max_upload_mb=args.max_upload_mb,
                           request_timeout=args.request_timeout, max_queue=args.max_queue, max_batch=args.max_batch,
                           batch_wait_ms=args.batch_wait_ms, api_key=args.api_key)

@@ -24,7 +24,7 @@ from vall_e.errors import UserError, run_main
 DEFAULT_LISTEN = "127.0.0.1:7860"
 DEFAULT_TEXT = "The birch canoe slid on the smooth planks."  # Harvard sentence list 1, as the reference
 DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "int8")
 OUTPUT_MAX_AGE_S = 3600.0  # finished wavs older than this are deleted from the output folder
 GRADIO_MISSING = "the web UI needs: pip install 'vall-e[webui]'"
 
@@ -163,11 +163,13 @@ def settings_from_ui(values: Mapping[str, Any], frame_rate: float = 75.0):
 
 
 class Engine:
-    """The loaded TTS, reloaded when the model path, device or dtype chosen on the page changes."""
+    """The loaded TTS, reloaded when the model path, device or dtype chosen on the page changes.
+    `compile` (the `--compile` flag) applies to every load."""
 
     def __init__(self, model: str | None = None, device: str = "auto", dtype: str = "float32",
-                 loader: Callable[..., Any] | None = None) -> None:
+                 loader: Callable[..., Any] | None = None, compile: bool = False) -> None:
         self.model, self.device, self.dtype = model or "", device, dtype
+        self.compile = compile
         self._loader = loader
         self._key: tuple[str, str, str] | None = None
         self._tts: Any = None
@@ -190,7 +192,8 @@ class Engine:
 
                     loader = TTS.from_pretrained
                 self._tts, self._key = None, None  # free the old model first; a failed load keeps none
-                self._tts = loader(model, device=device, dtype=dtype)
+                extra = {"compile": True} if self.compile else {}  # loaders without the option still work
+                self._tts = loader(model, device=device, dtype=dtype, **extra)
                 self._key = key
             return self._tts
 
@@ -360,7 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default=DEFAULT_LISTEN, help=f"host:port to serve on (default {DEFAULT_LISTEN})")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                   help="int8: every Linear dynamically quantized (CPU only)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the AR decode step with torch.compile "
+                        "(CPU: needs a C++ compiler; first call takes 1-4 min)")
     return p
 
 
@@ -376,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if model is None:
         default = cfg.ckpt_dir / cfg.model.full_name / "model.safetensors"
         model = str(default) if default.exists() else None
-    engine = Engine(str(model) if model else None, device=args.device, dtype=args.dtype)
+    engine = Engine(str(model) if model else None, device=args.device, dtype=args.dtype, compile=args.compile)
     if model:  # fail fast on a bad path or file, before serving a page that cannot work
         engine.get(str(model), args.device, args.dtype)
     ui = build_ui(engine)

@@ -4,6 +4,13 @@ Used by the offline codecs (e.g. WORLD): features are normalised per dimension (
 re-weighted so some dimensions get more of the bits), then level l quantises what levels 0..l-1
 left over. Fitting is plain k-means (k-means++ init + Lloyd) in torch, chunked so it runs on CPU
 with bounded memory. The fitted quantiser is a few MB of safetensors with its stats as metadata.
+
+Level 0 can be assigned with a switching penalty (`switch_penalty`): a Viterbi pass over each clip
+picks the code sequence minimising distortion + penalty x (number of code changes). Plain nearest-code
+assignment changes level 0 in about two frames of three on speech, mostly for small feature wiggles
+inside one sound; with the penalty level-0 codes hold through steady sounds and change at sound
+boundaries, which is what an AR language model over level 0 has to predict. The later levels
+quantise what level 0 leaves, so reconstruction barely changes.
 """
 from __future__ import annotations
 
@@ -40,6 +47,34 @@ def _nearest(x: Tensor, c: Tensor, c_sq: Tensor | None = None) -> tuple[Tensor, 
         idx[s:s + _CHUNK] = i
         dist[s:s + _CHUNK] = (m + (xb * xb).sum(1)).clamp_min_(0.0)
     return idx, dist
+
+
+def smooth_nearest(x: Tensor, c: Tensor, penalty: float, c_sq: Tensor | None = None) -> Tensor:
+    """Code per row of x [T, D] (one clip, in time order) minimising sum of squared distances plus
+    `penalty` per change of code between consecutive rows (Viterbi; O(T K) time, T x K bools)."""
+    T, K = x.shape[0], c.shape[0]
+    if T == 0:
+        return torch.empty(0, dtype=torch.long)
+    if c_sq is None:
+        c_sq = (c * c).sum(1)
+    # ||x||^2 is the same for every code of a row, so it does not change the best path
+    d = torch.addmm(c_sq.unsqueeze(0), x, c.t(), alpha=-2.0)  # [T, K]
+    cost = d[0].clone()
+    stay = torch.empty(T, K, dtype=torch.bool)
+    best = torch.empty(T, dtype=torch.long)
+    for t in range(1, T):
+        j = int(cost.argmin())
+        best[t] = j
+        switch = cost[j] + penalty
+        torch.le(cost, switch, out=stay[t])
+        cost = torch.minimum(cost, switch).add_(d[t])
+    idx = torch.empty(T, dtype=torch.long)
+    k = int(cost.argmin())
+    for t in range(T - 1, -1, -1):
+        idx[t] = k
+        if t and not stay[t, k]:
+            k = int(best[t])
+    return idx
 
 
 def _kmeans_pp(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
@@ -115,7 +150,8 @@ class ResidualVQ:
     """
 
     def __init__(self, codebooks: Tensor, mean: Tensor, std: Tensor, weight: Tensor | None = None,
-                 lo: Tensor | None = None, hi: Tensor | None = None, info: dict[str, Any] | None = None):
+                 lo: Tensor | None = None, hi: Tensor | None = None, info: dict[str, Any] | None = None,
+                 switch_penalty: float = 0.0):
         if codebooks.dim() != 3:
             raise ValueError("codebooks must be [levels, codes, dim]")
         self.codebooks = codebooks.float().contiguous()
@@ -126,6 +162,9 @@ class ResidualVQ:
         self.lo = (torch.full((d,), -math.inf) if lo is None else lo.float()).reshape(d)
         self.hi = (torch.full((d,), math.inf) if hi is None else hi.float()).reshape(d)
         self.info: dict[str, Any] = dict(info or {})
+        if not (math.isfinite(switch_penalty) and switch_penalty >= 0.0):
+            raise ValueError(f"switch_penalty must be finite and >= 0, got {switch_penalty}")
+        self.switch_penalty = float(switch_penalty)  # level 0's cost per code change (0 = nearest code)
         self._c_sq = (self.codebooks ** 2).sum(-1)  # [L, K]
 
     @property
@@ -146,16 +185,24 @@ class ResidualVQ:
     def denormalise(self, z: Tensor) -> Tensor:
         return z / self.weight * self.std + self.mean
 
-    def encode(self, x: Tensor, n_levels: int | None = None) -> Tensor:
-        """x [T, D] features -> LongTensor [T, L] (greedy residual nearest-code)."""
+    def encode(self, x: Tensor, n_levels: int | None = None, lengths: list[int] | None = None) -> Tensor:
+        """x [T, D] features -> LongTensor [T, L] (greedy residual nearest-code; level 0 smoothed
+        when `switch_penalty` > 0). `lengths`: x is several clips back to back, smoothed apart."""
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"expected features [T, {self.dim}], got {tuple(x.shape)}")
+        lengths = [x.shape[0]] if lengths is None else list(lengths)
+        if sum(lengths) != x.shape[0]:
+            raise ValueError(f"lengths sum to {sum(lengths)}, features have {x.shape[0]} rows")
         levels = self.n_levels if n_levels is None else n_levels
         r = self.normalise(x)
         out = torch.empty(x.shape[0], levels, dtype=torch.long)
         for lvl in range(levels):
             cb = self.codebooks[lvl]
-            idx, _ = _nearest(r, cb, self._c_sq[lvl])
+            if lvl == 0 and self.switch_penalty > 0:
+                idx = torch.cat([smooth_nearest(part, cb, self.switch_penalty, self._c_sq[0])
+                                 for part in r.split(lengths)])
+            else:
+                idx, _ = _nearest(r, cb, self._c_sq[lvl])
             out[:, lvl] = idx
             r = r - cb[idx]
         return out
@@ -183,6 +230,8 @@ class ResidualVQ:
         """Tensors + string metadata, e.g. to embed in another safetensors file."""
         tensors = {"codebooks": self.codebooks, "mean": self.mean, "std": self.std,
                    "weight": self.weight, "lo": self.lo, "hi": self.hi}
+        if self.switch_penalty > 0:  # absent in files without it: they keep encoding as they did
+            tensors["switch_penalty"] = torch.tensor([self.switch_penalty])
         meta = {"format": FORMAT, "version": str(VERSION), "n_levels": str(self.n_levels),
                 "n_codes": str(self.n_codes), "dim": str(self.dim), "info": json.dumps(self.info)}
         return {k: v.contiguous() for k, v in tensors.items()}, meta
@@ -217,7 +266,11 @@ class ResidualVQ:
                 raise UserError(f"{source}: tensor {k!r} has {tensors[k].numel()} values, expected {want[2]}")
         if not bool(torch.isfinite(cb).all()) or not bool((tensors["std"] > 0).all()):
             raise UserError(f"{source}: codebook file holds non-finite codes or non-positive std")
-        return cls(cb, tensors["mean"], tensors["std"], tensors["weight"], tensors["lo"], tensors["hi"], info)
+        penalty = tensors.get("switch_penalty", torch.zeros(1)).float().reshape(-1)
+        if penalty.numel() != 1 or not bool(torch.isfinite(penalty).all()) or float(penalty[0]) < 0:
+            raise UserError(f"{source}: bad switch_penalty {penalty.tolist()}")
+        return cls(cb, tensors["mean"], tensors["std"], tensors["weight"], tensors["lo"], tensors["hi"], info,
+                   switch_penalty=float(penalty[0]))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically to a safetensors file."""
@@ -246,12 +299,17 @@ class ResidualVQ:
 
 def fit_rvq(x: Tensor, n_levels: int = 8, n_codes: int = 1024, weight: Tensor | None = None,
             iters: int = 25, seed: int = 0, init: str = "kmeans++", clip_margin: float = 0.1,
-            info: dict[str, Any] | None = None, progress: bool = True) -> ResidualVQ:
+            info: dict[str, Any] | None = None, progress: bool = True, switch_penalty: float = 0.0) -> ResidualVQ:
     """Fit normalisation stats and L levels of k-means codebooks on features x [N, D].
 
     `weight` scales normalised dimensions (larger = more of the bits). `clip_margin` widens the
     per-dimension training range (as a fraction of it) that decoded features are clamped to.
+    `switch_penalty` (relative): level 0's cost per code change, as a multiple of its mean
+    nearest-code distortion on x (see `smooth_nearest`); 0 = plain nearest code. The frames may be
+    shuffled, so the later levels are fitted on the nearest-code residual.
     """
+    if not (math.isfinite(switch_penalty) and switch_penalty >= 0.0):
+        raise UserError(f"switch penalty must be >= 0, got {switch_penalty}")
     x = x.float()
     if x.dim() != 2 or x.shape[0] == 0:
         raise UserError("RVQ fit got no feature frames (is the corpus empty or silent?)")
@@ -265,11 +323,14 @@ def fit_rvq(x: Tensor, n_levels: int = 8, n_codes: int = 1024, weight: Tensor | 
     w = torch.ones(x.shape[1]) if weight is None else weight.float()
     r = (x - mean) / std * w
     books = []
+    penalty = 0.0
     bar = tqdm(range(n_levels), desc="fitting RVQ levels", unit="level", disable=not progress)
     for lvl in bar:
         c = kmeans(r, n_codes, iters=iters, seed=seed + lvl, init=init)
         idx, dist = _nearest(r, c)
+        if lvl == 0:
+            penalty = switch_penalty * float(dist.mean())
         r = r - c[idx]
         books.append(c)
         bar.set_postfix(residual=f"{float(dist.mean()) / max(float((w * w).sum()), 1e-12):.4f}")
-    return ResidualVQ(torch.stack(books), mean, std, w, lo, hi, info)
+    return ResidualVQ(torch.stack(books), mean, std, w, lo, hi, info, switch_penalty=penalty)

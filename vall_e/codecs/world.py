@@ -260,8 +260,9 @@ class WorldCodec(Codec):
             feats = [self.features(w) for w in wavs]
         if not feats:
             return []
-        codes = self.rvq.encode(torch.cat(feats))
-        return list(codes.split([f.shape[0] for f in feats]))
+        lengths = [f.shape[0] for f in feats]
+        codes = self.rvq.encode(torch.cat(feats), lengths=lengths)
+        return list(codes.split(lengths))
 
     def decode(self, codes: Tensor) -> Tensor:
         if codes.dim() != 2 or codes.shape[1] == 0:
@@ -280,11 +281,13 @@ class WorldCodec(Codec):
 def fit_world_codec(wavs: Iterable[str | os.PathLike | Tensor | np.ndarray], out_path: str | os.PathLike,
                     n_levels: int = 8, n_codes: int = 1024, iters: int = 25, seed: int = 0,
                     max_frames: int | None = None, workers: int = 1, progress: bool = True,
-                    feature_cfg: WorldFeatureConfig | None = None) -> WorldCodec:
+                    feature_cfg: WorldFeatureConfig | None = None, switch_penalty: float = 0.0) -> WorldCodec:
     """Analyse every clip (paths or 24 kHz mono arrays), fit the RVQ, write `out_path` atomically.
 
     `max_frames` fits on a random subset of frames to bound time on large corpora. `workers` runs
     WORLD analysis in threads (pyworld releases the GIL in DIO/StoneMask/CheapTrick).
+    `switch_penalty`: level 0's cost per code change, relative to its mean distortion (see
+    `vall_e.codecs.rvq.smooth_nearest`); 0 = nearest code.
     """
     cfg = feature_cfg or WorldFeatureConfig()
     items = list(wavs)
@@ -315,7 +318,7 @@ def fit_world_codec(wavs: Iterable[str | os.PathLike | Tensor | np.ndarray], out
     info = {"codec": "world", "features": asdict(cfg), "fit_frames": int(xt.shape[0]),
             "fit_files": len(items), "iters": iters, "seed": seed}
     rvq = fit_rvq(xt, n_levels=n_levels, n_codes=n_codes, weight=cfg.weights(), iters=iters, seed=seed,
-                  info=info, progress=progress)
+                  info=info, progress=progress, switch_penalty=switch_penalty)
     rvq.save(out_path)
     return WorldCodec(out_path)
 

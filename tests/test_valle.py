@@ -128,8 +128,9 @@ def test_nar_is_bidirectional():
 # ---------------------------------------------------------------- training forward
 
 
-def test_mixed_batch_equals_samples_one_at_a_time():
-    model = tiny(text_loss_weight=0.5, n_langs=3)
+@pytest.mark.parametrize("heads", [{}, {"text_heads": 1}], ids=["plain", "text_heads"])
+def test_mixed_batch_equals_samples_one_at_a_time(heads):
+    model = tiny(text_loss_weight=0.5, n_langs=3, **heads)
     g = torch.Generator().manual_seed(3)
     samples = [random_sample(g, n, p, r) for n, p, r in ((9, 20, 30), (15, 12, 44), (6, 30, 17), (12, 25, 38))]
     levels, langs = [0, 3, 7, 0], [2, 0, 1, 1]
@@ -143,9 +144,10 @@ def test_mixed_batch_equals_samples_one_at_a_time():
         assert isinstance(stats[key], float)
 
 
-def test_training_loss_matches_the_inference_paths():
+@pytest.mark.parametrize("heads", [{}, {"text_heads": 1}], ids=["plain", "text_heads"])
+def test_training_loss_matches_the_inference_paths(heads):
     """The AR target is next-frame with STOP at the end; the NAR target is level k at the same frames."""
-    model = tiny()
+    model = tiny(**heads)
     g = torch.Generator().manual_seed(4)
     samples = [random_sample(g, 10, 15, 20), random_sample(g, 7, 11, 26)]
     with torch.no_grad():
@@ -208,8 +210,9 @@ def test_split_kinds_train(kind):
 # ---------------------------------------------------------------- cached AR decoding
 
 
-def test_cached_greedy_decoding_equals_full_recompute():
-    model = tiny(n_langs=2)
+@pytest.mark.parametrize("heads", [{}, {"text_heads": 1}], ids=["plain", "text_heads"])
+def test_cached_greedy_decoding_equals_full_recompute(heads):
+    model = tiny(n_langs=2, **heads)
     g = torch.Generator().manual_seed(7)
     text = [torch.randint(1, N_TEXT, (n,), generator=g) for n in (9, 17)]
     prompt = [torch.randint(0, 1024, (n, 8), generator=g) for n in (30, 12)]

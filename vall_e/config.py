@@ -82,6 +82,9 @@ class ModelConfig:
     p_ar: float = _f(0.0, "share of samples trained as AR (level 0); 0 = uniform over levels")
     text_loss_weight: float = _f(0.0, "weight of the next-phoneme loss on the text (the reference uses 1)")
     max_positions: int = _f(8192, "longest sequence (text + prompt + response)")
+    text_heads: int = _f(0, "heads per layer through which audio tokens read only the text (transformer, bitnet)")
+    guided_attention: float = _f(0.0, "weight of a guided-attention loss pulling the text heads to the diagonal")
+    guided_attention_sigma: float = _f(0.2, "width of the guided-attention diagonal, as a fraction of the text")
     frozen_params: list[str] = _f([], "parameter-name prefixes excluded from training")
     name: str = _f("", "run/checkpoint name; empty = derived from kind, size and backbone")
 

@@ -394,6 +394,8 @@ class TTS:
                 break
             state.cache = _reorder_cache(state.cache, index)
             state.valid = state.valid.index_select(0, index)
+            if state.text is not None:
+                state.text = state.text.index_select(0, index)
             logits, state = model.ar_step(tokens, state)
         return [seq.to(dev).long() for seq in beams.best()]
 

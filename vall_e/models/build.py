@@ -39,7 +39,8 @@ def valle_configs(model_cfg: Any, n_text_tokens: int | None = None, n_langs: int
     common = dict(d_model=d, n_heads=h, n_layers=l, ffn_mult=m.ffn_mult, ffn=m.ffn, backbone=m.backbone, experts=m.experts,
                   n_levels=m.n_levels, n_codes=m.n_codes, n_text_tokens=m.n_text_tokens, n_langs=m.n_langs,
                   dropout=m.dropout, p_ar=(m.p_ar if m.p_ar and m.p_ar > 0 else None),
-                  text_loss_weight=m.text_loss_weight, max_positions=m.max_positions)
+                  text_loss_weight=m.text_loss_weight, max_positions=m.max_positions, text_heads=m.text_heads,
+                  guided_attention=m.guided_attention, guided_attention_sigma=m.guided_attention_sigma)
     return {name: VALLEConfig(kind=name, **common) for name in model_names(m.kind)}
 
 

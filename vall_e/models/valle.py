@@ -58,6 +58,12 @@ class VALLEConfig:
     p_ar: float | None = None  # share of AR samples in training (ar+nar); None = 1 / n_levels
     text_loss_weight: float = 0.0  # weight of a next-token loss on the text of AR samples; the reference uses 1
     max_positions: int = 8192
+    # text heads: per layer, heads through which prompt and response tokens read only the text; a
+    # guided-attention loss (Tachibana et al. 2017) pulls them toward the diagonal, so the model
+    # learns where it is in the text in hundreds of steps instead of thousands (transformer, bitnet)
+    text_heads: int = 0
+    guided_attention: float = 0.0  # weight of the guided-attention loss on the text heads (0 = off)
+    guided_attention_sigma: float = 0.2  # width of the diagonal band, as a fraction of the text
     backbone_extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -78,6 +84,16 @@ class VALLEConfig:
             raise UserError(f"model.p_ar {self.p_ar}: must be in [0, 1] (or null for 1/n_levels)")
         if self.text_loss_weight < 0:
             raise UserError(f"model.text_loss_weight {self.text_loss_weight}: must be >= 0")
+        if not isinstance(self.text_heads, int) or not 0 <= self.text_heads < self.n_heads:
+            raise UserError(f"model.text_heads {self.text_heads!r}: must be in 0..{self.n_heads - 1}")
+        if self.text_heads and self.backbone not in ("transformer", "bitnet"):
+            raise UserError(f"model.text_heads: the {self.backbone} backbone has no text heads "
+                            "(transformer and bitnet have)")
+        if self.guided_attention < 0 or (self.guided_attention > 0 and not self.text_heads):
+            raise UserError(f"model.guided_attention {self.guided_attention}: must be >= 0, and needs "
+                            "model.text_heads >= 1")
+        if not self.guided_attention_sigma > 0:
+            raise UserError(f"model.guided_attention_sigma {self.guided_attention_sigma}: must be > 0")
 
     @property
     def has_ar(self) -> bool:
@@ -131,6 +147,7 @@ class ARState:
     valid: Tensor  # Bool[B, capacity]: which key slots are real tokens (left padding is False)
     length: int  # filled slots
     causal: Tensor  # Bool[B], all True
+    text: Tensor | None = None  # Bool[B, capacity]: which slots hold text (models with text heads)
 
 
 class _Targets:
@@ -178,9 +195,13 @@ class VALLE(nn.Module):
         extra = dict(c.backbone_extra)
         if c.backbone in ("transformer", "bitnet"):
             extra.setdefault("ffn", c.ffn)
+            if c.text_heads:
+                extra.setdefault("text_heads", c.text_heads)
         self.backbone = build_backbone(c.backbone, d_model=d, n_heads=c.n_heads, n_layers=c.n_layers,
                                        ffn_mult=c.ffn_mult, dropout=c.dropout, experts=c.experts,
                                        max_positions=c.max_positions, **extra)
+        if c.guided_attention > 0:
+            self.backbone.collect_text_attention = True
         self._init_embeddings_and_heads()
         logger.info("VALL-E %s (%s, d=%d, heads=%d, layers=%d): %.2fM parameters", c.kind, c.backbone,
                     c.d_model, c.n_heads, c.n_layers, self.num_parameters() / 1e6)
@@ -238,6 +259,38 @@ class VALLE(nn.Module):
             valid[i, sl] = True
         return x, valid
 
+    def _text_flags(self, valid: Tensor, text: list[Tensor]) -> Tensor | None:
+        """Bool[B, S]: which tokens are text (each sequence starts with its text, padding either
+        side); None for models without text heads."""
+        if not self.config.text_heads:
+            return None
+        index = valid.long().cumsum(-1) - 1  # position within the sample
+        n = torch.tensor([len(t) for t in text], device=valid.device)[:, None]
+        return valid & (index < n)
+
+    def _mask(self, causal: Tensor, valid: Tensor, text: list[Tensor]) -> Mask:
+        return Mask(causal, valid, self._text_flags(valid, text))
+
+    def _guided_attention_loss(self, attention: list[Tensor], targets: "_Targets", text: list[Tensor]) -> Tensor:
+        """Mean over layers, samples and response rows of sum_n A[n] W[n] / N, with A a text head's
+        attention over the N phonemes and W = 1 - exp(-(n/N - j/R)^2 / (2 sigma^2)) for row j of R."""
+        dev = attention[0].device
+        sample, rows = targets.sample.to(dev), targets.pos.to(dev)
+        n_text = torch.tensor([len(t) for t in text], device=dev, dtype=torch.float32)
+        counts = torch.bincount(sample, minlength=len(text))
+        first = torch.cumsum(counts, 0) - counts  # targets are grouped by sample, in row order
+        j = torch.arange(len(sample), device=dev) - first[sample]
+        progress = (j.float() + 0.5) / counts[sample].float()  # [R]
+        n_keys = attention[0].shape[-1]
+        n = torch.arange(n_keys, device=dev, dtype=torch.float32)
+        N = n_text[sample][:, None]
+        sigma = self.config.guided_attention_sigma
+        w = 1.0 - torch.exp(-(((n + 0.5) / N - progress[:, None]) ** 2) / (2 * sigma ** 2))
+        w = torch.where(n < N, w / N, torch.zeros_like(w))  # [R, n_keys]
+        per_row = torch.stack([(a[sample, :, rows] * w[:, None]).sum(-1).mean(-1) for a in attention]).mean(0)
+        per_sample = torch.zeros(len(text), device=dev).index_add_(0, sample, per_row) / counts.clamp_min(1)
+        return per_sample[counts > 0].mean()
+
     def _langs(self, lang: Tensor | None, batch_size: int) -> Tensor:
         if lang is None:
             return torch.zeros(batch_size, dtype=torch.long)
@@ -283,7 +336,7 @@ class VALLE(nn.Module):
 
         seqs, resp_t, text_t = self._training_layout(batch, levels)
         x, valid = self._pad(seqs)
-        out = self.backbone(x, Mask(causal=(levels == 0).to(dev), valid=valid))
+        out = self.backbone(x, self._mask((levels == 0).to(dev), valid, batch["text"]))
         h = out.hidden
 
         # response targets, each level through its own head
@@ -314,6 +367,10 @@ class VALLE(nn.Module):
         if out.aux_loss is not None:
             loss = loss + out.aux_loss
             values["aux"] = out.aux_loss
+        if c.guided_attention > 0 and out.text_attention:
+            ga = self._guided_attention_loss(out.text_attention, resp_t, batch["text"])
+            loss = loss + c.guided_attention * ga
+            values["ga"] = ga
         values["loss"] = loss
 
         is_ar = (tok_level == 0).to(dev)
@@ -379,9 +436,14 @@ class VALLE(nn.Module):
         valid_buf = torch.zeros(B, capacity, dtype=torch.bool, device=self.device)
         valid_buf[:, :P] = valid
         causal = torch.ones(B, dtype=torch.bool, device=self.device)
+        text_buf = None
+        if self.config.text_heads:
+            text_buf = torch.zeros(B, capacity, dtype=torch.bool, device=self.device)
+            text_buf[:, :P] = self._text_flags(valid, text)
         cache = self.backbone.new_cache(B, capacity, self.device, x.dtype)
-        out = self.backbone(x, Mask(causal, valid_buf[:, :P]), cache=cache, use_cache=True)
-        return self.ar_head(out.hidden[:, -1]), ARState(out.cache, valid_buf, P, causal)
+        out = self.backbone(x, Mask(causal, valid_buf[:, :P], None if text_buf is None else text_buf[:, :P]),
+                            cache=cache, use_cache=True)
+        return self.ar_head(out.hidden[:, -1]), ARState(out.cache, valid_buf, P, causal, text_buf)
 
     def ar_step(self, tokens: Tensor, state: ARState) -> tuple[Tensor, ARState]:
         """Feed one response frame per sample (Long[B] level-0 codes, or STOP); logits for the next."""
@@ -390,8 +452,9 @@ class VALLE(nn.Module):
             raise RuntimeError(f"AR decoding ran past its capacity of {state.valid.shape[1]} positions")
         x = self.ar_emb(tokens.to(self.device).long())[:, None]
         state.valid[:, state.length] = True
-        out = self.backbone(x, Mask(state.causal, state.valid[:, :state.length + 1]), cache=state.cache,
-                            use_cache=True)
+        K = state.length + 1
+        out = self.backbone(x, Mask(state.causal, state.valid[:, :K], None if state.text is None else state.text[:, :K]),
+                            cache=state.cache, use_cache=True)
         state.cache = out.cache
         state.length += 1
         return self.ar_head(out.hidden[:, -1]), state
@@ -413,7 +476,7 @@ class VALLE(nn.Module):
             starts.append(prefix.shape[0] - 1)
             seqs.append(torch.cat([prefix, self._response(codes, 0)]))
         x, valid = self._pad(seqs)
-        h = self.backbone(x, Mask(torch.ones(B, dtype=torch.bool, device=self.device), valid)).hidden
+        h = self.backbone(x, self._mask(torch.ones(B, dtype=torch.bool, device=self.device), valid, text)).hidden
         return [self.ar_head(h[i, s:len(seq)]) for i, (s, seq) in enumerate(zip(starts, seqs))]
 
     def nar_pass(self, text: list[Tensor], lang: Tensor | None, prompt: list[Tensor], resps: list[Tensor],
@@ -435,6 +498,6 @@ class VALLE(nn.Module):
             starts.append(prefix.shape[0])
             seqs.append(torch.cat([prefix, self._response(resps[i], level)]))
         x, valid = self._pad(seqs)
-        h = self.backbone(x, Mask(torch.zeros(B, dtype=torch.bool, device=self.device), valid)).hidden
+        h = self.backbone(x, self._mask(torch.zeros(B, dtype=torch.bool, device=self.device), valid, text)).hidden
         head = self.nar_heads[level - 1]
         return [head(h[i, s:len(seq)]) for i, (s, seq) in enumerate(zip(starts, seqs))]

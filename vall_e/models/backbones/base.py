@@ -27,10 +27,12 @@ class Mask:
 
     causal: Bool[B]      True = AR sample (causal), False = NAR sample (bidirectional).
     valid:  Bool[B, K]   True = a real token, False = padding, over all keys: K = past + S.
+    text:   Bool[B, K]   True = a text (phoneme) token; only backbones with text heads read it.
     """
 
     causal: Tensor
     valid: Tensor
+    text: Tensor | None = None
 
     @property
     def n_keys(self) -> int:  # cached keys plus the current queries
@@ -57,12 +59,31 @@ class Mask:
         allowed = allowed | (q_idx == k_idx)[None]  # every row keeps itself
         return allowed[:, None]
 
+    def text_head_bias(self, seq_len: int) -> Tensor:
+        """Bool[B, 1, S, K] `allowed` matrix of the text heads: a text query sees what
+        `attention_bias` allows; every other query (prompt, response) sees only the valid text keys.
+        A row with nothing allowed (padding, or no text at all) keeps itself."""
+        if self.text is None:
+            raise ValueError("text heads need mask.text (which tokens are text)")
+        B, K = self.valid.shape
+        normal = self.attention_bias(seq_len)[:, 0]  # [B, S, K]
+        text_keys = (self.text & self.valid)[:, None, :]  # [B, 1, K]
+        q_is_text = self.text[:, K - seq_len:, None]  # [B, S, 1]
+        allowed = torch.where(q_is_text, normal, text_keys.expand(B, seq_len, K))
+        q_idx = torch.arange(K - seq_len, K, device=self.valid.device)[:, None]
+        own = (q_idx == torch.arange(K, device=self.valid.device)[None, :])[None]  # [1, S, K]
+        allowed = allowed | (own & ~allowed.any(-1, keepdim=True))
+        return allowed[:, None]
+
 
 @dataclass
 class BackboneOutput:
     hidden: Tensor  # [B, S, D]
     cache: Any = None  # opaque to callers; pass back in for the next step
     aux_loss: Tensor | None = None  # e.g. MoE router load-balancing loss (already weighted)
+    # per layer [B, text_heads, S, N]: the text heads' attention over the first N keys (the text, in
+    # training's right-padded layout); only when asked for (guided attention)
+    text_attention: list[Tensor] | None = None
 
 
 class Backbone(nn.Module):

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from vall_e.errors import UserError
+
 from .base import Backbone, BackboneOutput, Mask
 from .kv_cache import KVCache
 
@@ -76,25 +78,45 @@ def rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+    """Multi-head self-attention with rotary positions. The first `text_heads` heads may be given
+    their own mask (`text_mask`): in VALL-E, prompt and response tokens read only the text through
+    them (see `Mask.text_head_bias`), which hands every frame the phonemes without having to learn
+    to pick them out of the audio first."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float, text_heads: int = 0) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
+        self.text_heads = text_heads
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model)
         self.dropout = dropout
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None, is_causal: bool,
-                cache: KVCache | None, layer_idx: int) -> Tensor:
-        """cos/signed sin [B, 1, 1, S, Dh] (see `rotate`); attn_mask an additive float bias [B, 1, S, K] or None."""
+                cache: KVCache | None, layer_idx: int, text_mask: Tensor | None = None,
+                sink: list[Tensor] | None = None, sink_keys: int = 0) -> Tensor:
+        """cos/signed sin [B, 1, 1, S, Dh] (see `rotate`); attn_mask an additive float bias [B, 1, S, K] or None.
+        text_mask: the text heads' bias [B, 1, S, K]. sink: gets the text heads' attention over the
+        first `sink_keys` keys, [B, text_heads, S, sink_keys] (for a guided-attention loss)."""
         B, S, D = x.shape
         qkv = self.qkv(x).view(B, S, 3, self.n_heads, self.head_dim).transpose(1, 3)  # [B, H, 3, S, Dh]
         q, k = rotate(qkv[:, :, :2], cos, sin).unbind(2)  # q and k rotated together
         v = qkv[:, :, 2]
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        p = self.dropout if self.training else 0.0
+        if text_mask is None or not self.text_heads:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=p)
+        else:
+            t = self.text_heads
+            y = torch.cat([
+                F.scaled_dot_product_attention(q[:, :t], k[:, :t], v[:, :t], attn_mask=text_mask, dropout_p=p),
+                F.scaled_dot_product_attention(q[:, t:], k[:, t:], v[:, t:], attn_mask=attn_mask,
+                                               is_causal=is_causal, dropout_p=p)], dim=1)
+            if sink is not None:
+                n = sink_keys
+                scores = q[:, :t] @ k[:, :t, :n].transpose(-1, -2) * self.head_dim ** -0.5 + text_mask[..., :n]
+                sink.append(scores.softmax(-1).nan_to_num(0.0))
         return self.out(y.transpose(1, 2).reshape(B, S, D))
 
 
@@ -147,40 +169,49 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: x + Attn(LN(x)), then x + FFN(LN(x)), dropout on both branches."""
 
-    def __init__(self, d_model: int, n_heads: int, ffn_mult: int, dropout: float, ffn: str = "swiglu") -> None:
+    def __init__(self, d_model: int, n_heads: int, ffn_mult: int, dropout: float, ffn: str = "swiglu",
+                 text_heads: int = 0) -> None:
         super().__init__()
         self.attn_norm = nn.LayerNorm(d_model)
-        self.attn = Attention(d_model, n_heads, dropout)
+        self.attn = Attention(d_model, n_heads, dropout, text_heads)
         self.ffn_norm = nn.LayerNorm(d_model)
         self.ffn = FeedForward(d_model, ffn_mult, dropout, ffn)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None, is_causal: bool,
-                cache: KVCache | None = None, layer_idx: int = 0) -> Tensor:
-        h = self.attn(self.attn_norm(x), cos, sin, attn_mask, is_causal, cache, layer_idx)
+                cache: KVCache | None = None, layer_idx: int = 0, text_mask: Tensor | None = None,
+                sink: list[Tensor] | None = None, sink_keys: int = 0) -> Tensor:
+        h = self.attn(self.attn_norm(x), cos, sin, attn_mask, is_causal, cache, layer_idx, text_mask, sink, sink_keys)
         x = x + (self.dropout(h) if self.training else h)  # eval: skip the no-op dropout calls
         h = self.ffn(self.ffn_norm(x))
         return x + (self.dropout(h) if self.training else h)
 
 
 class TransformerBackbone(Backbone):
-    """`n_layers` pre-norm blocks and a final LayerNorm; no embeddings, no head."""
+    """`n_layers` pre-norm blocks and a final LayerNorm; no embeddings, no head.
+
+    text_heads: how many heads of every layer are text heads (see `Attention`; needs `mask.text`).
+    Set `collect_text_attention` to get their attention over the text in `BackboneOutput`."""
 
     def __init__(self, d_model: int, n_heads: int, n_layers: int, ffn_mult: int = 4, dropout: float = 0.0,
                  experts: int = 1, max_positions: int = 8192, rope_base: float = 10000.0,
-                 ffn: str = "swiglu") -> None:
+                 ffn: str = "swiglu", text_heads: int = 0) -> None:
         super().__init__()
         if experts != 1:
             raise ValueError("the transformer backbone has no mixture of experts (use mixtral or retnet)")
         if d_model % n_heads or (d_model // n_heads) % 2:
             raise ValueError(f"d_model {d_model} must split into {n_heads} heads of even size")
-        self.d_model, self.n_heads, self.n_layers = d_model, n_heads, n_layers
+        if not 0 <= text_heads < n_heads:
+            raise ValueError(f"text_heads {text_heads}: must be in 0..{n_heads - 1} (n_heads - 1)")
+        self.d_model, self.n_heads, self.n_layers, self.text_heads = d_model, n_heads, n_layers, text_heads
+        self.collect_text_attention = False
         self.head_dim = d_model // n_heads
         self.max_positions = max_positions
         self.rotary = RotaryEmbedding(self.head_dim, rope_base)
         self._swap: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # see _rotation
         self._compiled = None  # see compile_decode
-        self.layers = nn.ModuleList(Block(d_model, n_heads, ffn_mult, dropout, ffn) for _ in range(n_layers))
+        self.layers = nn.ModuleList(Block(d_model, n_heads, ffn_mult, dropout, ffn, text_heads)
+                                    for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
         self.gradient_checkpointing = False  # set by the trainer: recompute blocks in backward
         self.reset_parameters()
@@ -213,8 +244,10 @@ class TransformerBackbone(Backbone):
         K = past + S
         if mask.valid.shape != (B, K):
             raise ValueError(f"mask.valid has shape {tuple(mask.valid.shape)}, expected {(B, K)}")
+        if self.text_heads and mask.text is None:
+            raise ValueError("this backbone has text heads: pass mask.text (which tokens are text)")
         if S == 1 and cache is not None and not (self.training or torch.is_grad_enabled()):
-            return self._decode_one(x, mask.valid, cache)
+            return self._decode_one(x, mask.valid, cache, mask.text)
 
         if S == 1:  # one new token: its position is the number of valid keys before it
             positions = (mask.valid.sum(-1, keepdim=True) - 1).clamp_min(0)
@@ -237,15 +270,22 @@ class TransformerBackbone(Backbone):
         elif mask.causal.any():
             attn_mask = self._bias(mask.attention_bias(S), x.dtype)
         # else: all bidirectional and no padding -> no mask at all
+        text_mask = self._bias(mask.text_head_bias(S), x.dtype) if self.text_heads else None
+        sink, sink_keys = None, 0
+        if self.text_heads and self.collect_text_attention and self.training:
+            sink, sink_keys = [], int(mask.text.sum(-1).max())
+        checkpointing = self.gradient_checkpointing and self.training and cache is None
+        if checkpointing and sink is not None:
+            raise UserError("guided attention does not work with gradient checkpointing yet: turn one of them off")
 
         for i, layer in enumerate(self.layers):
-            if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(layer, x, cos, sin, attn_mask, is_causal, use_reentrant=False)
+            if checkpointing:
+                x = checkpoint(layer, x, cos, sin, attn_mask, is_causal, None, i, text_mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attn_mask, is_causal, cache, i)
+                x = layer(x, cos, sin, attn_mask, is_causal, cache, i, text_mask, sink, sink_keys)
         if cache is not None:
             cache.advance(S)
-        return BackboneOutput(hidden=self.norm(x), cache=cache, aux_loss=None)
+        return BackboneOutput(hidden=self.norm(x), cache=cache, aux_loss=None, text_attention=sink)
 
     # ------------------------------------------------------------------ one-token decode step
 
@@ -264,7 +304,7 @@ class TransformerBackbone(Backbone):
             swap = self._swap[(positions.device, dtype)] = torch.cat([eye[h:], eye[:h]])
         return torch.diag_embed(cos[:, 0]) + swap * sin
 
-    def _decode_one(self, x: Tensor, valid: Tensor, cache: KVCache) -> BackboneOutput:
+    def _decode_one(self, x: Tensor, valid: Tensor, cache: KVCache, text: Tensor | None = None) -> BackboneOutput:
         """One new token per sample against the cache, in eval without autograd: what `forward` computes.
 
         Why a separate path: a decode step does little arithmetic per op (one row per sample), so
@@ -285,6 +325,13 @@ class TransformerBackbone(Backbone):
         allowed = valid.clone()
         allowed[:, -1] = True
         bias = self._bias(allowed[:, None, None, :], x.dtype)
+        if self.text_heads:  # the new token is not text: its text heads see the valid text keys only
+            text_keys = text & valid
+            text_keys[:, -1] |= ~text_keys.any(-1)
+            t = self.text_heads
+            B = x.shape[0]
+            bias = torch.cat([self._bias(text_keys[:, None, None, :], x.dtype).expand(B, t, 1, K),
+                              bias.expand(B, self.n_heads - t, 1, K)], dim=1)  # [B, H, 1, K]
         layers = self._decode_layers
         if self._compiled is not None and cache.per_layer:
             layers = self._compiled
@@ -294,7 +341,7 @@ class TransformerBackbone(Backbone):
 
     def _decode_layers(self, x: Tensor, rot: Tensor, bias: Tensor, k_layers: list[Tensor], v_layers: list[Tensor],
                        start: int) -> Tensor:
-        """The blocks and the final norm for one token: x [B, 1, D], rot [B, Dh, Dh], bias [B, 1, 1, start + 1],
+        """The blocks and the final norm for one token: x [B, 1, D], rot [B, Dh, Dh], bias [B, 1 or H, 1, start + 1],
         each layer's cache [B, H, capacity, Dh] (slot `start` is written here)."""
         B, _, D = x.shape
         H, Dh = self.n_heads, self.head_dim

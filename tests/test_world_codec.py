@@ -248,6 +248,12 @@ def test_cli_fit_and_resynth(fitted, tmp_path, capsys):
     assert main(["fit", str(folder), "--out", str(out2), "--codes", "16", "--levels", "2", "--iters", "3",
                  "--max-files", "2", "--workers", "2"]) == 0
     assert WorldCodec(out2).spec()["codebooks_fingerprint"] == codec.spec()["codebooks_fingerprint"]
+    out3 = tmp_path / "cb3.safetensors"
+    assert main(["fit", str(folder), "--out", str(out3), "--codes", "16", "--levels", "2", "--iters", "3",
+                 "--max-files", "2", "--switch-penalty", "1.0"]) == 0
+    assert WorldCodec(out3).rvq.switch_penalty > 0 and codec.rvq.switch_penalty == 0
+    with pytest.raises(UserError, match="switch.penalty"):
+        main(["fit", str(folder), "--out", str(out3), "--switch-penalty", "-1"])
     assert main(["resynth", str(folder / "spk" / "0.wav"), str(tmp_path / "y.wav"), "--codebooks", str(out)]) == 0
     y, sr = sf.read(str(tmp_path / "y.wav"))
     assert sr == SR and abs(len(y) - len(fitted["train"][0])) < 320

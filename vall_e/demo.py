@@ -33,15 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vall-e demo", description="Offline end-to-end demo: corpus -> train -> speak.")
     p.add_argument("--out", default="demo-out", help="output folder (default: ./demo-out)")
     p.add_argument("--speakers", type=int, default=4, help="voices in the generated corpus")
-    p.add_argument("--utterances", type=int, default=60, help="training utterances per voice")
+    p.add_argument("--utterances", type=int, default=150, help="training utterances per voice")
     p.add_argument("--heldout", type=int, default=2, help="held-out sentences per voice to synthesize")
-    p.add_argument("--train-minutes", type=float, default=12.0, help="training time budget")
+    p.add_argument("--train-minutes", type=float, default=11.0, help="training time budget")
+    p.add_argument("--train-steps", type=int, default=0,
+                   help="train exactly this many steps instead of for --train-minutes (same result on any machine)")
     p.add_argument("--codes", type=int, default=1024, help="codes per codec level")
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--p-ar", type=float, default=0.75, help="share of training samples that train the AR")
+    p.add_argument("--text-heads", type=int, default=1,
+                   help="heads per layer that read only the text, guided to the diagonal (0 = plain VALL-E)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     p.add_argument("--fresh", action="store_true", help="delete the output folder first")
@@ -83,12 +88,14 @@ def _write_config(out: Path, corpus: Path, codebooks: Path, args: argparse.Names
                     "max_prompts": 1, "duration_range": [0.5, 12.0], "sample_type": "path"},
         "model": {"kind": "ar+nar", "size": "tiny", "d_model": args.d_model, "n_heads": args.heads,
                   "n_layers": args.layers, "n_codes": args.codes, "dropout": 0.0, "name": "demo",
-                  "p_ar": 0.25},
+                  # most samples train the AR: it is the part that has to learn to read the text
+                  "p_ar": args.p_ar, "text_heads": args.text_heads, "guided_attention": 1.0 if args.text_heads else 0.0},
         "hyperparameters": {"batch_size": args.batch_size, "learning_rate": args.lr, "scheduler": "cosine",
                             "warmup_steps": min(100, iterations // 10), "min_lr_ratio": 0.05,
                             "gradient_clipping": 1.0},
         "evaluation": {"frequency": max(50, iterations // 4), "size": 8, "synthesize": 0},
-        "trainer": {"iterations": iterations, "max_minutes": args.train_minutes, "save_frequency": 0,
+        "trainer": {"iterations": iterations, "max_minutes": 0 if args.train_steps else args.train_minutes,
+                    "save_frequency": 0,
                     "keep_last_checkpoints": 1, "weight_dtype": "float32", "tensorboard": False},
         "codec": {"name": "world", "codebooks": str(codebooks.relative_to(out))},
     }
@@ -152,6 +159,8 @@ def _mcd_table(items: list[dict[str, Any]], columns: dict[str, list[str]]) -> di
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.train_steps < 0:
+        raise UserError(f"--train-steps must be >= 0, got {args.train_steps}")
     import torch
 
     if args.threads:
@@ -161,9 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    total_est = 3.0 + args.train_minutes + 1.5
+    train_min = args.train_steps * 0.5 / 60 if args.train_steps else args.train_minutes  # ~0.5 s/step on 2 cores
+    total_est = 2.5 + args.speakers * args.utterances / 240 + train_min + 1.5
+    budget = f"{args.train_steps} training steps" if args.train_steps else f"{args.train_minutes:g} min of training"
     print(f"vall-e demo: corpus of {args.speakers} voices x {args.utterances} utterances, "
-          f"{args.train_minutes:g} min of training; about {total_est:.0f} minutes in all on 2 CPU cores.\n"
+          f"{budget}; about {total_est:.0f} minutes in all on 2 CPU cores.\n"
           f"Everything is written to {out}", flush=True)
     t0 = time.monotonic()
     random.seed(args.seed)
@@ -210,10 +221,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     symmap_path = out / "symmap.json"
     if not symmap_path.exists():
         Symmap.build(phonemize_many([item["text"] for item in heldout])).save(symmap_path)
-    cfg_path = _write_config(out, corpus, codebooks, args, iterations=1000)
-    iterations, per_step = _estimate_iterations(cfg_path, args.train_minutes)
-    cfg_path = _write_config(out, corpus, codebooks, args, iterations=iterations)
-    _stage(f"training about {iterations} steps ({per_step:.2f} s/step, budget {args.train_minutes:g} min)", t0)
+    if args.train_steps:
+        iterations = args.train_steps
+        cfg_path = _write_config(out, corpus, codebooks, args, iterations=iterations)
+        _stage(f"training {iterations} steps", t0)
+    else:
+        cfg_path = _write_config(out, corpus, codebooks, args, iterations=1000)
+        iterations, per_step = _estimate_iterations(cfg_path, args.train_minutes)
+        cfg_path = _write_config(out, corpus, codebooks, args, iterations=iterations)
+        _stage(f"training about {iterations} steps ({per_step:.2f} s/step, budget {args.train_minutes:g} min)", t0)
     cfg = load_config(cfg_path)
     trainer = Trainer(cfg, read_stdin=False)
     trainer.run()
@@ -262,7 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = _mcd_table(heldout, {"trained": trained, "trained_other_text": wrong_text, "untrained": untrained,
                                  "other_sentence": [it["other"] for it in heldout]})
     stats = json.loads(json.dumps(meta.get("stats", {})))
-    report = {"mcd_dtw_db": table, "training": {"steps": stats.get("step"), "minutes": args.train_minutes,
+    report = {"mcd_dtw_db": table, "training": {"steps": stats.get("step"),
+                                                "minutes": None if args.train_steps else args.train_minutes,
                                                 "model": meta["models"]}, "elapsed_s": time.monotonic() - t0}
     from vall_e.utils.io import atomic_write_text
 

@@ -347,6 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     fit.add_argument("--iters", type=int, default=25)
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--workers", type=int, default=1)
+    fit.add_argument("--switch-penalty", type=float, default=0.0,
+                     help="level 0's cost per code change, relative to its mean distortion (e.g. 1.0: level-0 "
+                          "codes hold through steady sounds; 0 = nearest code)")
     rs = sub.add_parser("resynth", help="encode then decode one file (to hear the codec)")
     rs.add_argument("input", type=Path)
     rs.add_argument("output", type=Path)
@@ -359,12 +362,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             v = getattr(args, name)
             if v is not None and v < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        if not args.switch_penalty >= 0:
+            raise UserError(f"--switch-penalty must be >= 0, got {args.switch_penalty}")
         files = _list_audio(args.dir, args.suffix)
         if args.max_files is not None and len(files) > args.max_files:
             files = sorted(random.Random(args.seed).sample(files, args.max_files))
         out = args.out or args.dir / "codebooks.safetensors"
         codec = fit_world_codec(files, out, n_levels=args.levels, n_codes=args.codes, iters=args.iters,
-                                seed=args.seed, max_frames=args.max_frames, workers=args.workers)
+                                seed=args.seed, max_frames=args.max_frames, workers=args.workers,
+                                switch_penalty=args.switch_penalty)
         print(f"wrote {out} ({codec.n_levels} levels x {codec.n_codes} codes, "
               f"{codec.rvq.info['fit_frames']} frames from {len(files)} files)")
     else:

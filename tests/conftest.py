@@ -38,3 +38,16 @@ def pytest_collection_modifyitems(config, items):
         for marker in ("slow", "soak"):
             if item.get_closest_marker(marker) and marker not in expr:
                 item.add_marker(pytest.mark.skip(reason=f"{marker} test: run with -m {marker}"))
+
+
+def export_tiny_model(path: Path, model, cfg, symmap, tiny_encodec_dir: Path) -> Path:
+    """Write `model` (an untrained tiny VALLE) as an exported model file with the tiny EnCodec's spec,
+    the way `vall_e.export` does, so tests load it through `TTS.from_pretrained`."""
+    from vall_e.codecs import build_codec
+    from vall_e.export import write_export
+    from vall_e.text.languages import LanguageMap
+
+    codec = build_codec({"name": "encodec", "model": str(tiny_encodec_dir)})
+    write_export(path, {"ar+nar": model.state_dict()}, {"ar+nar": cfg.to_dict()}, symmap=symmap,
+                 langmap=LanguageMap(), codec=codec.spec())
+    return path

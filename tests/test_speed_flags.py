@@ -36,16 +36,11 @@ def _tiny_model(d_model: int = 32, n_heads: int = 2, n_layers: int = 2):
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory, tiny_encodec_dir) -> Path:
     """The tiny model exported with the tiny EnCodec's spec."""
-    from vall_e.codecs import build_codec
-    from vall_e.export import write_export
-    from vall_e.text.languages import LanguageMap
+    from tests.conftest import export_tiny_model
 
     model, cfg, symmap = _tiny_model()
-    codec = build_codec({"name": "encodec", "model": str(tiny_encodec_dir)})
-    path = tmp_path_factory.mktemp("model") / "model.safetensors"
-    write_export(path, {"ar+nar": model.state_dict()}, {"ar+nar": cfg.to_dict()}, symmap=symmap,
-                 langmap=LanguageMap(), codec=codec.spec())
-    return path
+    return export_tiny_model(tmp_path_factory.mktemp("model") / "model.safetensors", model, cfg, symmap,
+                             tiny_encodec_dir)
 
 
 @pytest.fixture(scope="module")

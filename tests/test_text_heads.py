@@ -156,12 +156,10 @@ def test_engine_with_text_heads_batches_and_beams(tmp_path, tiny_encodec_dir):
     left padding with text flags), and beam search reorders the text flags with the cache."""
     from dataclasses import replace
 
-    from vall_e.codecs import build_codec
-    from vall_e.export import write_export
+    from tests.conftest import export_tiny_model
     from vall_e.inference import TTS, GenerationSettings
     from vall_e.sampling import SamplingParams
     from vall_e.text.g2p import phonemize
-    from vall_e.text.languages import LanguageMap
     from vall_e.text.symmap import Symmap
 
     texts = ["Hello there.", "The quick brown fox jumps over the lazy dog."]
@@ -169,11 +167,7 @@ def test_engine_with_text_heads_batches_and_beams(tmp_path, tiny_encodec_dir):
     cfg = VALLEConfig(kind="ar+nar", d_model=32, n_heads=2, n_layers=2, n_text_tokens=len(symmap) + 8,
                       dropout=0.0, text_heads=1, guided_attention=1.0)
     torch.manual_seed(0)
-    model = VALLE(cfg)
-    codec = build_codec({"name": "encodec", "model": str(tiny_encodec_dir)})
-    path = tmp_path / "model.safetensors"
-    write_export(path, {"ar+nar": model.state_dict()}, {"ar+nar": cfg.to_dict()}, symmap=symmap,
-                 langmap=LanguageMap(), codec=codec.spec())
+    path = export_tiny_model(tmp_path / "model.safetensors", VALLE(cfg), cfg, symmap, tiny_encodec_dir)
     tts = TTS.from_pretrained(path, device="cpu")
     assert tts.models["ar+nar"].config.text_heads == 1
     g = torch.Generator().manual_seed(1)

@@ -51,3 +51,25 @@ def export_tiny_model(path: Path, model, cfg, symmap, tiny_encodec_dir: Path) ->
     write_export(path, {"ar+nar": model.state_dict()}, {"ar+nar": cfg.to_dict()}, symmap=symmap,
                  langmap=LanguageMap(), codec=codec.spec())
     return path
+
+
+def build_tiny_model(texts: list[str], d_model: int = 32, n_heads: int = 2, n_layers: int = 2, **config):
+    """A tiny untrained ar+nar VALLE (seeded), its config and a symbol map covering `texts`."""
+    from vall_e.models.valle import VALLE, VALLEConfig
+    from vall_e.text.g2p import phonemize
+    from vall_e.text.symmap import Symmap
+
+    torch.manual_seed(0)
+    symmap = Symmap.build([phonemize(t) for t in texts])
+    cfg = VALLEConfig(kind="ar+nar", d_model=d_model, n_heads=n_heads, n_layers=n_layers,
+                      n_text_tokens=len(symmap) + 8, n_codes=1024, n_levels=8, dropout=0.0, **config)
+    return VALLE(cfg), cfg, symmap
+
+
+def write_reference(path: Path) -> Path:
+    """2 s of speech-like audio at 24 kHz: a reference voice for engine tests."""
+    from vall_e.audio import save_audio
+    from vall_e.codecs.tiny_encodec import speechlike_audio
+
+    save_audio(path, speechlike_audio(2.0, seed=3), 24_000)
+    return path

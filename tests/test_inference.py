@@ -20,27 +20,18 @@ TEXTS = ["Hello there, how are you?", "The quick brown fox jumps over the lazy d
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory, tiny_encodec_dir) -> Path:
     """A tiny untrained ar+nar model exported with the tiny EnCodec's spec."""
-    from tests.conftest import export_tiny_model
-    from vall_e.models.valle import VALLE, VALLEConfig
-    from vall_e.text.g2p import phonemize
-    from vall_e.text.symmap import Symmap
+    from tests.conftest import build_tiny_model, export_tiny_model
 
-    torch.manual_seed(0)
-    symmap = Symmap.build([phonemize(t) for t in TEXTS + ["Another sentence. And one more!"]])
-    cfg = VALLEConfig(kind="ar+nar", d_model=32, n_heads=2, n_layers=2, n_text_tokens=len(symmap) + 8,
-                      n_codes=1024, n_levels=8, dropout=0.0)
-    return export_tiny_model(tmp_path_factory.mktemp("model") / "model.safetensors", VALLE(cfg), cfg, symmap,
+    model, cfg, symmap = build_tiny_model(TEXTS + ["Another sentence. And one more!"])
+    return export_tiny_model(tmp_path_factory.mktemp("model") / "model.safetensors", model, cfg, symmap,
                              tiny_encodec_dir)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    from vall_e.audio import save_audio
-    from vall_e.codecs.tiny_encodec import speechlike_audio
+    from tests.conftest import write_reference
 
-    path = tmp_path_factory.mktemp("ref") / "voice.wav"
-    save_audio(path, speechlike_audio(2.0, seed=3), 24_000)
-    return path
+    return write_reference(tmp_path_factory.mktemp("ref") / "voice.wav")
 
 
 @pytest.fixture(scope="module")

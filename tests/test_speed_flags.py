@@ -21,16 +21,10 @@ TEXTS = ["Hello there, how are you?", "Good morning."]
 
 
 def _tiny_model(d_model: int = 32, n_heads: int = 2, n_layers: int = 2):
-    """A tiny untrained ar+nar model and its symbol map (the builder of tests/test_inference.py)."""
-    from vall_e.models.valle import VALLE, VALLEConfig
-    from vall_e.text.g2p import phonemize
-    from vall_e.text.symmap import Symmap
+    """A tiny untrained ar+nar model and its symbol map."""
+    from tests.conftest import build_tiny_model
 
-    torch.manual_seed(0)
-    symmap = Symmap.build([phonemize(t) for t in TEXTS])
-    cfg = VALLEConfig(kind="ar+nar", d_model=d_model, n_heads=n_heads, n_layers=n_layers,
-                      n_text_tokens=len(symmap) + 8, n_codes=1024, n_levels=8, dropout=0.0)
-    return VALLE(cfg), cfg, symmap
+    return build_tiny_model(TEXTS, d_model, n_heads, n_layers)
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +39,9 @@ def model_file(tmp_path_factory, tiny_encodec_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    from vall_e.audio import save_audio
-    from vall_e.codecs.tiny_encodec import speechlike_audio
+    from tests.conftest import write_reference
 
-    path = tmp_path_factory.mktemp("ref") / "voice.wav"
-    save_audio(path, speechlike_audio(2.0, seed=3), 24_000)
-    return path
+    return write_reference(tmp_path_factory.mktemp("ref") / "voice.wav")
 
 
 class _Loaded(Exception):

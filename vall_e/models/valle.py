@@ -436,13 +436,13 @@ class VALLE(nn.Module):
         valid_buf = torch.zeros(B, capacity, dtype=torch.bool, device=self.device)
         valid_buf[:, :P] = valid
         causal = torch.ones(B, dtype=torch.bool, device=self.device)
+        mask = self._mask(causal, valid, text)
         text_buf = None
-        if self.config.text_heads:
+        if mask.text is not None:
             text_buf = torch.zeros(B, capacity, dtype=torch.bool, device=self.device)
-            text_buf[:, :P] = self._text_flags(valid, text)
+            text_buf[:, :P] = mask.text
         cache = self.backbone.new_cache(B, capacity, self.device, x.dtype)
-        out = self.backbone(x, Mask(causal, valid_buf[:, :P], None if text_buf is None else text_buf[:, :P]),
-                            cache=cache, use_cache=True)
+        out = self.backbone(x, mask, cache=cache, use_cache=True)
         return self.ar_head(out.hidden[:, -1]), ARState(out.cache, valid_buf, P, causal, text_buf)
 
     def ar_step(self, tokens: Tensor, state: ARState) -> tuple[Tensor, ARState]:

@@ -32,6 +32,7 @@ from vall_e.errors import UserError
 
 from .backbones import build_backbone
 from .backbones.base import Mask
+from .rows_linear import decode_linear
 
 logger = logging.getLogger(__name__)
 
@@ -457,7 +458,7 @@ class VALLE(nn.Module):
                             cache=state.cache, use_cache=True)
         state.cache = out.cache
         state.length += 1
-        return self.ar_head(out.hidden[:, -1]), state
+        return decode_linear(self.ar_head, out.hidden[:, -1]), state
 
     def ar_full(self, text: list[Tensor], lang: Tensor | None, prompt: list[Tensor],
                 resps: list[Tensor]) -> list[Tensor]:

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vall_e.errors import UserError
 
+from ..rows_linear import decode_linear
 from .base import Backbone, BackboneOutput, Mask
 from .kv_cache import KVCache
 
@@ -348,14 +349,14 @@ class TransformerBackbone(Backbone):
         x = x.view(B, D)  # one row per sample: 2-D products skip matmul's reshapes
         for i, layer in enumerate(self.layers):
             attn = layer.attn
-            qkv = _linear(attn.qkv, _norm(layer.attn_norm, x)).view(B, 3 * H, Dh)
+            qkv = decode_linear(attn.qkv, _norm(layer.attn_norm, x)).view(B, 3 * H, Dh)
             qk = torch.bmm(qkv[:, : 2 * H], rot)  # rotated q and k of every head: [B, 2H, Dh]
             k_cache, v_cache = k_layers[i], v_layers[i]
             k_cache.narrow(2, start, 1).copy_(qk[:, H:, None])
             v_cache.narrow(2, start, 1).copy_(qkv[:, 2 * H:, None])
             y = F.scaled_dot_product_attention(qk[:, :H, None], k_cache.narrow(2, 0, start + 1),
                                                v_cache.narrow(2, 0, start + 1), attn_mask=bias)  # [B, H, 1, Dh]
-            x = x + _linear(attn.out, y.view(B, D))
+            x = x + decode_linear(attn.out, y.view(B, D))
             h = _norm(layer.ffn_norm, x)
             x = x + (_ffn(layer.ffn, h) if type(layer.ffn) is FeedForward else layer.ffn(h[:, None])[:, 0])
         return _norm(self.norm, x)[:, None]
@@ -373,12 +374,6 @@ class TransformerBackbone(Backbone):
         self._compiled = torch.compile(self._decode_layers, **options)
 
 
-def _linear(m: nn.Module, x: Tensor) -> Tensor:
-    """m(x) without the nn.Module call overhead for a plain nn.Linear (others, e.g. BitLinear or a
-    quantized linear, are called as modules)."""
-    return F.linear(x, m.weight, m.bias) if type(m) is nn.Linear else m(x)
-
-
 def _norm(m: nn.Module, x: Tensor) -> Tensor:
     return F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps) if type(m) is nn.LayerNorm else m(x)
 
@@ -386,6 +381,6 @@ def _norm(m: nn.Module, x: Tensor) -> Tensor:
 def _ffn(m: FeedForward, x: Tensor) -> Tensor:
     """FeedForward.forward in eval for a decode step's rows, without the module calls."""
     if m.kind == "swiglu":
-        gate, up = _linear(m.gate_up, x).chunk(2, dim=-1)
-        return _linear(m.down, F.silu(gate).mul_(up))
-    return _linear(m.down, gelu_small(_linear(m.up, x)))
+        gate, up = decode_linear(m.gate_up, x).chunk(2, dim=-1)
+        return decode_linear(m.down, F.silu(gate).mul_(up))
+    return decode_linear(m.down, gelu_small(decode_linear(m.up, x)))

@@ -215,6 +215,45 @@ def ar_decode(ctx: Ctx, bw: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+def profile_steps(model: Any, text: list[torch.Tensor], prompt: list[torch.Tensor], ctx: Ctx, n: int = 20,
+                  advance: int = 20, top: int = 12) -> dict[str, Any]:
+    """torch.profiler over `n` greedy decode steps after `advance` unprofiled ones: the top ops by self
+    time per step, and the share of the step in attention and in the linears."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.cuda else [])
+        with torch.inference_mode():
+            logits, state = model.ar_prefill(text, None, prompt, max_length=advance + n + 2)
+            tok = logits[:, :N_CODES].argmax(-1)
+            for _ in range(advance):
+                logits, state = model.ar_step(tok, state)
+                tok = logits[:, :N_CODES].argmax(-1)
+            with profile(activities=acts) as prof:
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    logits, state = model.ar_step(tok, state)
+                    tok = logits[:, :N_CODES].argmax(-1)
+                sync(ctx.device)
+                wall = time.perf_counter() - t0
+            keys = state.length
+        events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
+        events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::")) or 1.0
+        share = lambda names: sum(e.self_cpu_time_total for e in events if e.key in names) / total  # noqa: E731
+        return {"profile_top_ops": [{"op": e.key, "calls_per_step": e.count / n,
+                                     "self_cpu_us_per_step": e.self_cpu_time_total / n} for e in events[:top]],
+                "profile_ops_per_step": sum(e.count for e in events if e.key.startswith("aten::")) / n,
+                "profile_wall_ms_per_step": 1e3 * wall / n,  # with profiler overhead
+                "profile_keys": keys,
+                "profile_share_attention": share({"aten::_scaled_dot_product_flash_attention_for_cpu",
+                                                  "aten::_scaled_dot_product_efficient_attention",
+                                                  "aten::_scaled_dot_product_flash_attention"}),
+                "profile_share_linears": share({"aten::mm", "aten::addmm"})}
+    except Exception as e:  # noqa: BLE001 - the profiler is optional
+        return {"profile_error": f"{type(e).__name__}: {e}"}
+
+
 def overhead(ctx: Ctx) -> dict[str, Any]:
     """Where a decode step's time goes at small sizes.
 
@@ -244,29 +283,7 @@ def overhead(ctx: Ctx) -> dict[str, Any]:
     step_ms = 1e3 * statistics.median(run["steps_s"][50:])
     out["quarter_ms_per_step"] = step_ms
     out["fixed_cost_share_of_quarter_step"] = out["fixed_cost_ms_per_step_12_layers"] / step_ms
-    try:
-        from torch.profiler import ProfilerActivity, profile
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.cuda else [])
-        with torch.inference_mode():
-            logits, state = model.ar_prefill(text, None, prompt, max_length=40)
-            tok = logits[:, :N_CODES].argmax(-1)
-            n = 20
-            with profile(activities=acts) as prof:
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    logits, state = model.ar_step(tok, state)
-                    tok = logits[:, :N_CODES].argmax(-1)
-                sync(ctx.device)
-                wall = time.perf_counter() - t0
-        events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
-        events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
-        out["profile_top_ops"] = [{"op": e.key, "calls_per_step": e.count / n,
-                                   "self_cpu_us_per_step": e.self_cpu_time_total / n} for e in events[:12]]
-        out["profile_ops_per_step"] = sum(e.count for e in events if e.key.startswith("aten::")) / n
-        out["profile_wall_ms_per_step"] = 1e3 * wall / n  # with profiler overhead
-    except Exception as e:  # noqa: BLE001 - the profiler is optional
-        out["profile_error"] = f"{type(e).__name__}: {e}"
+    out.update(profile_steps(model, text, prompt, ctx))
     del model
     _free()
     return out
@@ -422,29 +439,52 @@ def end_to_end(ctx: Ctx) -> dict[str, Any]:
 
 def batch(ctx: Ctx) -> dict[str, Any]:
     """Aggregate AR tokens/s at batch 1, 4, 16 (quarter), through the engine (sampling included) and
-    through the bare model (greedy)."""
+    through the bare model (greedy).
+
+    The batch sizes take turns (1, 4, 16, 1, 4, 16, ...) and each keeps its best round, so every
+    ratio compares runs made minutes apart at most: on a shared machine, one block of batch-1 runs
+    followed by one block of batch-16 runs gave ratios 20% apart from one full run to the next.
+    """
     from vall_e.sampling import SamplingParams
 
     n = 150 if ctx.quick else 375
     sizes = [1, 4, 16]
+    rounds = 2 if ctx.quick else 3
     tts = build_tts("quarter", ctx, codec=None)
     params = SamplingParams.ar_defaults(seed=0)
-    out: dict[str, Any] = {"tokens_per_sequence": n, "preset": "quarter", "engine": {}, "model": {}}
+    out: dict[str, Any] = {"tokens_per_sequence": n, "preset": "quarter", "rounds": rounds,
+                           "order": "batch sizes interleaved, best round each", "engine": {}, "model": {}}
+    inputs = {}
     for b in sizes:
         g = torch.Generator().manual_seed(b)
         text = [torch.randint(1, 200, (int(torch.randint(40, 81, (1,), generator=g)),), generator=g) for _ in range(b)]
         _, prompt = random_inputs(1, batch=b, seed=b)
-        langs = torch.zeros(b, dtype=torch.long)
-        run = lambda: tts.generate_ar(text, langs, prompt, params, [n] * b, 10 * n)  # noqa: E731
-        tts.generate_ar(text, langs, prompt, params, [10] * b, 100)  # warm-up
-        t = best_of(run, ctx.device, 2 if ctx.quick else 3, warmup=0)
-        out["engine"][b] = {**t, "tokens_per_s": b * n / t["best_s"]}
-        td, pd = _to(text, ctx.device), _to(prompt, ctx.device)
-        r = best_decode(tts.ar_model, td, pd, n, ctx.device, 2 if ctx.quick else 3)
-        total = r["prefill_s"] + sum(r["steps_s"])
+        inputs[b] = (text, prompt)
+        tts.generate_ar(text, torch.zeros(b, dtype=torch.long), prompt, params, [10] * b, 100)  # warm-up
+    engine_times: dict[int, list[float]] = {b: [] for b in sizes}
+    model_runs: dict[int, list[dict[str, Any]]] = {b: [] for b in sizes}
+    for _ in range(rounds):
+        for b in sizes:
+            text, prompt = inputs[b]
+            langs = torch.zeros(b, dtype=torch.long)
+            engine_times[b].append(timed(lambda: tts.generate_ar(text, langs, prompt, params, [n] * b, 10 * n),
+                                         ctx.device)[0])
+            model_runs[b].append(best_decode(tts.ar_model, _to(text, ctx.device), _to(prompt, ctx.device), n,
+                                             ctx.device, 1))
+    for b in sizes:
+        t = engine_times[b]
+        out["engine"][b] = {"best_s": min(t), "median_s": statistics.median(t), "repeats": len(t),
+                            "tokens_per_s": b * n / min(t)}
+        runs = model_runs[b]  # combined step by step, as best_decode does within one call
+        steps = [min(x) for x in zip(*(r["steps_s"] for r in runs))]
+        total = min(r["prefill_s"] for r in runs) + sum(steps)
         out["model"][b] = {"best_s": total, "tokens_per_s": b * n / total}
-        keys = r["prefix_len"] + n // 2  # mean attended length over the decode
+        keys = runs[0]["prefix_len"] + n // 2  # mean attended length over the decode
         out["model"][b]["bytes_per_step_mb"] = _step_bytes(tts.ar_model, keys, b) / 1e6
+    # Where a batch-16 step's time goes, midway through the decode.
+    text, prompt = inputs[sizes[-1]]
+    out["model"][sizes[-1]].update(profile_steps(tts.ar_model, _to(text, ctx.device), _to(prompt, ctx.device), ctx,
+                                                 advance=n // 2, top=8))
     # If a step were bound by memory traffic alone, batch b would gain b x bytes(1) / bytes(b): the
     # weights are read once for the whole batch, but every sequence reads its own KV cache.
     one = out["model"][1]["bytes_per_step_mb"]

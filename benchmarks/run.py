@@ -274,6 +274,12 @@ def report(results: dict[str, Any]) -> str:
             lines.append("if bound by memory traffic: " + "   ".join(
                 f"B={b}: {v:.1f}x" for b, v in bt["bandwidth_model_speedup"].items())
                 + "  (weights read once per step, each sequence reads its own KV cache)")
+        big = max(bt["model"], key=int)
+        prof = bt["model"][big]
+        if "profile_share_attention" in prof:
+            lines.append(f"profiled B={big} step ({prof['profile_keys']} keys): attention "
+                         f"{100 * prof['profile_share_attention']:.0f}%, linears {100 * prof['profile_share_linears']:.0f}% "
+                         "of op time")
     tr = sec.get("train")
     if tr and "error" not in tr:
         head(f"training, batch {tr['batch_size']} ({tr['precision']}, {tr['optimizer']})")

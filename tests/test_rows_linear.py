@@ -68,3 +68,12 @@ def test_other_modules_are_called():
 
     x = torch.randn(4, 8)
     assert torch.equal(decode_linear(Doubler(), x), 2 * x)
+
+
+def test_weight_made_under_inference_mode():
+    """A weight re-laid inside torch.inference_mode is an inference tensor (no version counter)."""
+    m = _linear(16, 40, True, False)
+    with torch.inference_mode():
+        m.weight.data = m.weight.data.t().contiguous().t()
+        x = torch.randn(3, 16)
+        torch.testing.assert_close(decode_linear(m, x), F.linear(x, m.weight, m.bias), atol=1e-5, rtol=1e-5)

@@ -45,7 +45,10 @@ def row_major_weight(m: nn.Linear) -> Tensor:
     w = m.weight
     if w.is_contiguous():
         return w
-    key = (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape))
+    # An inference tensor (a weight made under torch.inference_mode) tracks no version: its key is
+    # its storage alone.
+    version = -1 if w.is_inference() else w._version
+    key = (w.data_ptr(), version, w.device, w.dtype, tuple(w.shape))
     cached = m.__dict__.get("_row_major_weight")
     if cached is None or cached[0] != key:
         with torch.no_grad():

@@ -68,7 +68,11 @@ def best_of(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: i
     """
     for _ in range(warmup):
         fn()
-    times = [timed(fn, device)[0] for _ in range(max(1, repeats))]
+    return summarize([timed(fn, device)[0] for _ in range(max(1, repeats))])
+
+
+def summarize(times: list[float]) -> dict[str, float]:
+    """Best and median of timed repeats (what `best_of` reports)."""
     return {"best_s": min(times), "median_s": statistics.median(times), "repeats": len(times)}
 
 

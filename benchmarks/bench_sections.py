@@ -13,7 +13,7 @@ import torch
 
 from bench_common import (N_CODES, N_LEVELS, PROMPT_FRAMES, TEXT_PER_SECOND, Ctx, backbone_bytes, best_of,
                           build_codec_for, build_model, build_tts, compiler_available, random_inputs,
-                          reference_input, reset_peak_rss, rss_mb, settings_for_frames, speech, sync,
+                          reference_input, reset_peak_rss, rss_mb, settings_for_frames, speech, summarize, sync,
                           text_for_seconds, timed, tiny_encodec, world_codec)
 
 FRAME_RATE = 75
@@ -95,7 +95,11 @@ def best_decode(model: Any, text: list[torch.Tensor], prompt: list[torch.Tensor]
     every run, so the per-step minimum is close to what an idle machine would give. With runs=1 it
     is the plain measurement.
     """
-    rs = [cached_decode(model, text, prompt, n_tokens, device) for _ in range(max(1, runs))]
+    return combine_decodes([cached_decode(model, text, prompt, n_tokens, device) for _ in range(max(1, runs))])
+
+
+def combine_decodes(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    """`cached_decode` results of the same decode combined step by step (each step's best time)."""
     return {"prefill_s": min(r["prefill_s"] for r in rs), "steps_s": [min(t) for t in zip(*(r["steps_s"] for r in rs))],
             "prefix_len": rs[0]["prefix_len"], "runs": len(rs),
             "run_totals_s": [r["prefill_s"] + sum(r["steps_s"]) for r in rs]}
@@ -469,17 +473,15 @@ def batch(ctx: Ctx) -> dict[str, Any]:
             langs = torch.zeros(b, dtype=torch.long)
             engine_times[b].append(timed(lambda: tts.generate_ar(text, langs, prompt, params, [n] * b, 10 * n),
                                          ctx.device)[0])
-            model_runs[b].append(best_decode(tts.ar_model, _to(text, ctx.device), _to(prompt, ctx.device), n,
-                                             ctx.device, 1))
+            model_runs[b].append(cached_decode(tts.ar_model, _to(text, ctx.device), _to(prompt, ctx.device), n,
+                                               ctx.device))
     for b in sizes:
-        t = engine_times[b]
-        out["engine"][b] = {"best_s": min(t), "median_s": statistics.median(t), "repeats": len(t),
-                            "tokens_per_s": b * n / min(t)}
-        runs = model_runs[b]  # combined step by step, as best_decode does within one call
-        steps = [min(x) for x in zip(*(r["steps_s"] for r in runs))]
-        total = min(r["prefill_s"] for r in runs) + sum(steps)
+        t = summarize(engine_times[b])
+        out["engine"][b] = {**t, "tokens_per_s": b * n / t["best_s"]}
+        r = combine_decodes(model_runs[b])
+        total = r["prefill_s"] + sum(r["steps_s"])
         out["model"][b] = {"best_s": total, "tokens_per_s": b * n / total}
-        keys = runs[0]["prefix_len"] + n // 2  # mean attended length over the decode
+        keys = r["prefix_len"] + n // 2  # mean attended length over the decode
         out["model"][b]["bytes_per_step_mb"] = _step_bytes(tts.ar_model, keys, b) / 1e6
     # Where a batch-16 step's time goes, midway through the decode.
     text, prompt = inputs[sizes[-1]]

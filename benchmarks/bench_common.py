@@ -167,7 +167,7 @@ def build_model(preset: str, ctx: Ctx, *, dropout: float = 0.0, ban_stop: bool =
     if train:
         return model.train()
     if ctx.device.type == "cpu":  # what TTS.from_pretrained does to the models it loads
-        from vall_e.inference import cpu_decode_layout
+        from vall_e.generation.tts import cpu_decode_layout
 
         cpu_decode_layout(model)
     return model.eval()
@@ -227,13 +227,13 @@ def build_codec_for(ctx: Ctx) -> tuple[Any, str | None]:
 
 def reference_wav(sample_rate: int = 24_000, seconds: float = 3.0) -> Path:
     """A 3 s reference voice clip (espeak speech when the corpus exists, else speech-like noise)."""
-    from vall_e.audio import save_audio
+    from vall_e.utils.audio import save_audio
 
     path = CACHE / f"reference_{sample_rate}.wav"
     if not path.exists():
         corpus = sorted((CACHE / "corpus").rglob("*.wav"))
         if corpus:
-            from vall_e.audio import load_audio
+            from vall_e.utils.audio import load_audio
 
             wav = torch.cat([load_audio(p, sample_rate) for p in corpus[:4]])
         else:
@@ -282,7 +282,7 @@ PARAGRAPH = ("The old lighthouse keeper climbed the narrow stairs every evening,
 
 def text_for_seconds(seconds: float) -> str:
     """A prefix of PARAGRAPH with about TEXT_PER_SECOND phonemes per second of speech (whole words)."""
-    from vall_e.text.g2p import phonemize
+    from vall_e.text.phonemes import phonemize
 
     words = PARAGRAPH.split()
     want = max(8, int(TEXT_PER_SECOND * seconds))
@@ -300,12 +300,12 @@ def build_tts(preset: str, ctx: Ctx, codec: Any, with_g2p: bool = False, dtype: 
     with_g2p: build the symbol map from PARAGRAPH's phonemes (needs espeak) so `synthesize` works;
     otherwise any symbol map does (the sections that pass token ids directly).
     """
-    from vall_e.inference import TTS
+    from vall_e.generation.tts import TTS
     from vall_e.text.languages import LanguageMap
     from vall_e.text.symmap import Symmap
 
     if with_g2p:
-        from vall_e.text.g2p import phonemize
+        from vall_e.text.phonemes import phonemize
 
         symmap = Symmap.build([phonemize(t) for t in [PARAGRAPH] + [text_for_seconds(s) for s in (1, 5, 10, 20)]])
     else:
@@ -318,8 +318,8 @@ def build_tts(preset: str, ctx: Ctx, codec: Any, with_g2p: bool = False, dtype: 
 
 def settings_for_frames(frames: int, seed: int = 0) -> Any:
     """Generation settings that produce exactly `frames` AR frames from a STOP-banned model."""
-    from vall_e.inference import GenerationSettings
-    from vall_e.sampling import SamplingParams
+    from vall_e.generation.sampling import SamplingParams
+    from vall_e.generation.settings import GenerationSettings
 
     return GenerationSettings(ar=SamplingParams.ar_defaults(seed=seed), nar=SamplingParams.nar_defaults(seed=seed),
                               max_ar_steps=frames, max_repeat_frames=10 * frames + 10, split_sentences=False)

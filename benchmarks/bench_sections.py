@@ -10,11 +10,10 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-
 from bench_common import (N_CODES, N_LEVELS, PROMPT_FRAMES, TEXT_PER_SECOND, Ctx, backbone_bytes, best_of,
-                          build_codec_for, build_model, build_tts, compiler_available, random_inputs,
-                          reference_input, reset_peak_rss, rss_mb, settings_for_frames, speech, summarize, sync,
-                          text_for_seconds, timed, tiny_encodec, world_codec)
+                          build_codec_for, build_model, build_tts, compiler_available, random_inputs, reference_input,
+                          reset_peak_rss, rss_mb, settings_for_frames, speech, summarize, sync, text_for_seconds, timed,
+                          tiny_encodec, world_codec)
 
 FRAME_RATE = 75
 
@@ -273,7 +272,7 @@ def overhead(ctx: Ctx) -> dict[str, Any]:
         probe = VALLE(VALLEConfig(d_model=64, n_heads=4, n_layers=12, n_text_tokens=256, dropout=0.0))
     probe = probe.to(ctx.device, ctx.dtype).eval()
     if ctx.device.type == "cpu":  # as build_model does for every inference model
-        from vall_e.inference import cpu_decode_layout
+        from vall_e.generation.tts import cpu_decode_layout
 
         cpu_decode_layout(probe)
     text, prompt = random_inputs(60)
@@ -299,7 +298,7 @@ def overhead(ctx: Ctx) -> dict[str, Any]:
 def nar(ctx: Ctx) -> dict[str, Any]:
     seconds = [1, 5, 10] if ctx.quick else [1, 5, 10, 20]
     presets = ["quarter"] if ctx.quick else ["quarter", "half"]
-    from vall_e.sampling import SamplingParams
+    from vall_e.generation.sampling import SamplingParams
 
     out: dict[str, Any] = {"seconds": seconds, "passes": N_LEVELS - 1}
     params = SamplingParams.nar_defaults(seed=0)
@@ -449,7 +448,7 @@ def batch(ctx: Ctx) -> dict[str, Any]:
     ratio compares runs made minutes apart at most: on a shared machine, one block of batch-1 runs
     followed by one block of batch-16 runs gave ratios 20% apart from one full run to the next.
     """
-    from vall_e.sampling import SamplingParams
+    from vall_e.generation.sampling import SamplingParams
 
     n = 150 if ctx.quick else 375
     sizes = [1, 4, 16]
@@ -599,7 +598,7 @@ def variants(ctx: Ctx) -> dict[str, Any]:
             try:
                 extra: dict[str, Any] = {}
                 if kind == "int8_dynamic":
-                    from vall_e.inference import quantize_int8
+                    from vall_e.generation.tts import quantize_int8
 
                     model = quantize_int8(build_model(preset, ctx, dtype=torch.float32))
                 elif kind.endswith("+compile"):

@@ -47,9 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
-
     from bench_common import DTYPES, Ctx, load_average, machine_info
-    from vall_e.errors import UserError
+
+    from vall_e.utils.errors import UserError
     from vall_e.utils.io import atomic_write_text
 
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -311,6 +311,6 @@ def report(results: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    from vall_e.errors import run_main
+    from vall_e.utils.errors import run_main
 
     run_main(main, sys.argv[1:])

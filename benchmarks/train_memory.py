@@ -124,10 +124,10 @@ def run_one(name: str, preset: str, steps: int, threads: int) -> dict[str, Any]:
     if engine == "deepspeed":  # a one-process group, as a single-GPU `deepspeed` launch has
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
-        from vall_e.engines.deepspeed import import_deepspeed
+        from vall_e.training.engines.deepspeed import import_deepspeed
 
         import_deepspeed().init_distributed()
-    from vall_e.engines import local  # noqa: F401  (imports are not part of the training footprint)
+    from vall_e.training.engines import local  # noqa: F401  (imports are not part of the training footprint)
 
     if "adamw8bit" in json.dumps(over):
         import bitsandbytes  # noqa: F401
@@ -139,11 +139,11 @@ def run_one(name: str, preset: str, steps: int, threads: int) -> dict[str, Any]:
     n_params = sum(p.numel() for p in model.parameters())
     params_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if engine == "deepspeed":
-        from vall_e.engines.deepspeed import DeepSpeedEngine
+        from vall_e.training.engines.deepspeed import DeepSpeedEngine
 
         eng: Any = DeepSpeedEngine("ar+nar", model, cfg, torch.device("cpu"), steps)
     else:
-        from vall_e.engines.local import LocalEngine
+        from vall_e.training.engines.local import LocalEngine
 
         eng = LocalEngine("ar+nar", model, cfg, torch.device("cpu"), steps)
     times, losses, opt_bytes, grad_bytes = [], [], 0, 0

@@ -44,7 +44,7 @@ def export_tiny_model(path: Path, model, cfg, symmap, tiny_encodec_dir: Path) ->
     """Write `model` (an untrained tiny VALLE) as an exported model file with the tiny EnCodec's spec,
     the way `vall_e.export` does, so tests load it through `TTS.from_pretrained`."""
     from vall_e.codecs import build_codec
-    from vall_e.export import write_export
+    from vall_e.models.model_file import write_export
     from vall_e.text.languages import LanguageMap
 
     codec = build_codec({"name": "encodec", "model": str(tiny_encodec_dir)})
@@ -56,7 +56,7 @@ def export_tiny_model(path: Path, model, cfg, symmap, tiny_encodec_dir: Path) ->
 def build_tiny_model(texts: list[str], d_model: int = 32, n_heads: int = 2, n_layers: int = 2, **config):
     """A tiny untrained ar+nar VALLE (seeded), its config and a symbol map covering `texts`."""
     from vall_e.models.valle import VALLE, VALLEConfig
-    from vall_e.text.g2p import phonemize
+    from vall_e.text.phonemes import phonemize
     from vall_e.text.symmap import Symmap
 
     torch.manual_seed(0)
@@ -68,8 +68,8 @@ def build_tiny_model(texts: list[str], d_model: int = 32, n_heads: int = 2, n_la
 
 def write_reference(path: Path) -> Path:
     """2 s of speech-like audio at 24 kHz: a reference voice for engine tests."""
-    from vall_e.audio import save_audio
     from vall_e.codecs.tiny_encodec import speechlike_audio
+    from vall_e.utils.audio import save_audio
 
     save_audio(path, speechlike_audio(2.0, seed=3), 24_000)
     return path

@@ -9,9 +9,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from vall_e import audio
-from vall_e.audio import audio_to_bytes, concat_with_pauses, load_audio, peak_normalize, save_audio
-from vall_e.errors import UserError
+from vall_e.utils import audio
+from vall_e.utils.audio import audio_to_bytes, concat_with_pauses, load_audio, peak_normalize, save_audio
+from vall_e.utils.errors import UserError
 
 
 def sine(freq: float, seconds: float, sr: int, amp: float = 0.5) -> np.ndarray:

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import vall_e.models.bitlinear as bitlinear
-from vall_e.errors import UserError
 from vall_e.models.backbones import Mask, build_backbone
 from vall_e.models.bitlinear import BitLinear, activation_quant, swap_linear, weight_quant
+from vall_e.utils.errors import UserError
 
 D, H, L = 32, 4, 2
 

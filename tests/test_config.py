@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vall_e.config import Config, load_config, parse_config, split_overrides
-from vall_e.errors import UserError
+from vall_e.utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 

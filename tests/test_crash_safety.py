@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.test_train import REPO, TIMING_KEYS, ckpt_weights, records, run_tiny
-from vall_e.engines.checkpoint import read_latest, step_dirs, verify_checkpoint
+from vall_e.training.engines.checkpoint import read_latest, step_dirs, verify_checkpoint
 
 ITERATIONS = 40
 KILLS = 10
@@ -26,15 +26,15 @@ import sys, time
 sys.path.insert(0, {repo!r})
 import torch
 torch.set_num_threads(1)
-import vall_e.engines.checkpoint as ck
+import vall_e.training.engines.checkpoint as ck
 _orig = ck.save_safetensors
 def slow_save(*a, **k):  # widen the write window so kills land inside checkpoint writes
     _orig(*a, **k)
     time.sleep(0.05)
 ck.save_safetensors = slow_save
 from tests.test_train import tiny_builder
-from vall_e.errors import run_main
-from vall_e.train import main
+from vall_e.utils.errors import run_main
+from vall_e.training.trainer import main
 run_main(lambda argv: main(argv, builder=tiny_builder(n=10, delay=0.02)), sys.argv[1:])
 """
 

@@ -18,8 +18,8 @@ from vall_e.data.collate import batch_frames, collate, make_dataloader
 from vall_e.data.dataset import VALLEDataset, held_out
 from vall_e.data.prompts import max_prompt_length, sample_prompt, trim, trim_or_repeat
 from vall_e.emb.codes import save_codes
-from vall_e.errors import UserError
 from vall_e.text.symmap import read_phonemes
+from vall_e.utils.errors import UserError
 
 torch.set_num_threads(1)
 
@@ -208,10 +208,8 @@ def test_symmap_covers_all_data_and_matches_hdf5(corpus: Path) -> None:
 
 
 def test_killed_hdf5_build_leaves_nothing_loadable(corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import vall_e.emb.codes as codes_mod
-
     cfg = cfg_of(corpus)
-    real = codes_mod.read_codes
+    real = h5fmt.read_codes
     n = {"calls": 0}
 
     def dying(path, **kw):
@@ -220,7 +218,7 @@ def test_killed_hdf5_build_leaves_nothing_loadable(corpus: Path, monkeypatch: py
             raise KeyboardInterrupt  # a kill mid-build
         return real(path, **kw)
 
-    monkeypatch.setattr(codes_mod, "read_codes", dying)
+    monkeypatch.setattr(h5fmt, "read_codes", dying)
     with pytest.raises(KeyboardInterrupt):
         h5fmt.build_hdf5(cfg, progress=False)
     assert not cfg.hdf5_path.exists()
@@ -228,11 +226,11 @@ def test_killed_hdf5_build_leaves_nothing_loadable(corpus: Path, monkeypatch: py
     with pytest.raises(UserError, match="not found"):
         VALLEDataset(cfg_of(corpus, **{"dataset.use_hdf5": "true"}), "train")
     # a previous complete file survives a failed rebuild untouched
-    monkeypatch.setattr(codes_mod, "read_codes", real)
+    monkeypatch.setattr(h5fmt, "read_codes", real)
     h5fmt.build_hdf5(cfg, progress=False)
     before = cfg.hdf5_path.read_bytes()
     n["calls"] = 0
-    monkeypatch.setattr(codes_mod, "read_codes", dying)
+    monkeypatch.setattr(h5fmt, "read_codes", dying)
     with pytest.raises(KeyboardInterrupt):
         h5fmt.build_hdf5(cfg, progress=False)
     assert cfg.hdf5_path.read_bytes() == before
@@ -503,7 +501,7 @@ def test_cli_actions(corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_cli_bad_input_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from vall_e.data.__main__ import main
-    from vall_e.errors import run_main
+    from vall_e.utils.errors import run_main
 
     y = tmp_path / "c.yaml"
     y.write_text("dataset:\n  training: [nowhere/nobody]\n")

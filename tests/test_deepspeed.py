@@ -18,9 +18,10 @@ import torch
 
 from tests.test_train import make_corpus, records
 from vall_e.config import load_config
-from vall_e.engines.checkpoint import load_checkpoint, split_weights
-from vall_e.errors import UserError
-from vall_e.train import TIMING_KEYS
+from vall_e.models.weights import split_weights
+from vall_e.training.engines.checkpoint import load_checkpoint
+from vall_e.training.trainer import TIMING_KEYS
+from vall_e.utils.errors import UserError
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +58,7 @@ torch.set_num_threads(1)
 from pathlib import Path
 from safetensors.torch import save_file
 from vall_e.config import load_config
-from vall_e.train import Trainer
+from vall_e.training.trainer import Trainer
 
 root = Path(sys.argv[1])
 yaml = root / "config.yaml"
@@ -180,8 +181,8 @@ def test_compression_quantizes_the_backbone_without_nan_on_padding(tmp_path: Pat
     after the backbone's norm); the engine's replacement matches it elsewhere and stays finite."""
     from deepspeed.compression.utils import SymQuantizer
 
-    from vall_e.engines.deepspeed import DeepSpeedEngine, _SafeSymQuantizer
-    from vall_e.train import build_parts
+    from vall_e.training.engines.deepspeed import DeepSpeedEngine, _SafeSymQuantizer
+    from vall_e.training.trainer import build_parts
 
     x = torch.randn(6, 16)
     assert torch.equal(_SafeSymQuantizer.apply(x, 8, None, None, 6), SymQuantizer.apply(x, 8, None, None, 6))
@@ -251,7 +252,7 @@ def test_deepspeed_state_files_are_loaded_without_unpickling_code(tmp_path: Path
 
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
 
-    from vall_e.engines.deepspeed import _load_without_pickle
+    from vall_e.training.engines.deepspeed import _load_without_pickle
 
     engine = SimpleNamespace(checkpoint_engine=SimpleNamespace(load=None))
     _load_without_pickle(engine)

@@ -11,7 +11,7 @@ import torch
 from vall_e.codecs import build_codec, clear_codec_cache
 from vall_e.codecs.encodec import EncodecCodec
 from vall_e.codecs.tiny_encodec import speechlike_audio
-from vall_e.errors import UserError
+from vall_e.utils.errors import UserError
 
 
 @pytest.fixture(scope="module")

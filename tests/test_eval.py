@@ -1,4 +1,4 @@
-"""Objective metrics (`vall_e.metrics`) and the `python -m vall_e.eval` command.
+"""Objective metrics (`vall_e.evaluation.metrics`) and the `python -m vall_e.eval` command.
 
 Known pairs of espeak-ng speech (made offline by `vall_e.data.synthetic`): a clip against itself,
 the same sentence by the same voice at another speaking rate, a different sentence, a different
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from vall_e import metrics as M
-from vall_e.errors import UserError, run_main
+from vall_e.evaluation import metrics as M
+from vall_e.utils.errors import UserError, run_main
 
 torch.set_num_threads(1)
 
@@ -203,8 +203,8 @@ class _FakeRecognizer:
 
 
 def test_evaluate_items_in_memory(clips, tmp_path):
-    from vall_e.audio import save_audio
-    from vall_e.eval import EvalItem, evaluate_items, format_table, write_report
+    from vall_e.evaluation.evaluate import EvalItem, evaluate_items, format_table, write_report
+    from vall_e.utils.audio import save_audio
 
     ref = save_audio(tmp_path / "ref.wav", clips["a"], SR)
     items = [EvalItem("good", S1, prompt=None, reference=ref), EvalItem("wrong", S1, reference=ref),
@@ -239,10 +239,10 @@ TEXTS = ["Hello there, how are you?", "The quick brown fox jumps over the lazy d
 def model_file(tmp_path_factory, tiny_encodec_dir) -> Path:
     """A tiny untrained ar+nar model exported with the tiny EnCodec's spec (as in test_inference)."""
     from vall_e.codecs import build_codec
-    from vall_e.export import write_export
+    from vall_e.models.model_file import write_export
     from vall_e.models.valle import VALLE, VALLEConfig
-    from vall_e.text.g2p import phonemize
     from vall_e.text.languages import LanguageMap
+    from vall_e.text.phonemes import phonemize
     from vall_e.text.symmap import Symmap
 
     torch.manual_seed(0)
@@ -259,8 +259,8 @@ def model_file(tmp_path_factory, tiny_encodec_dir) -> Path:
 @pytest.fixture(scope="module")
 def listing(tmp_path_factory) -> Path:
     """A JSONL list with relative audio paths: espeak prompts and references of the texts."""
-    from vall_e.audio import save_audio
     from vall_e.data.synthetic import synthesize
+    from vall_e.utils.audio import save_audio
 
     root = tmp_path_factory.mktemp("list")
     save_audio(root / "voice.wav", synthesize("Susan bought a red coat at the market.", "en-us"), SR)
@@ -277,7 +277,7 @@ def _strict_json(path: Path) -> dict:
 
 
 def test_cli_model_and_wavs_modes(model_file, listing, tmp_path, capsys):
-    from vall_e.eval import main
+    from vall_e.evaluation.evaluate import main
 
     out, wavs = tmp_path / "report.json", tmp_path / "wavs"
     assert main(["--model", str(model_file), "--list", str(listing), "--out", str(out), "--save-wavs", str(wavs),
@@ -308,8 +308,8 @@ def test_cli_model_and_wavs_modes(model_file, listing, tmp_path, capsys):
 
 def test_cli_wavs_mode_tsv_all_metrics(clips, tmp_path, capsys):
     """A TSV list in --wavs mode with whatever recognizer and speaker encoder are installed."""
-    from vall_e.audio import save_audio
-    from vall_e.eval import main
+    from vall_e.evaluation.evaluate import main
+    from vall_e.utils.audio import save_audio
 
     save_audio(tmp_path / "prompt.wav", clips["other"], SR)
     save_audio(tmp_path / "ref.wav", clips["a"], SR)
@@ -333,7 +333,7 @@ def test_cli_wavs_mode_tsv_all_metrics(clips, tmp_path, capsys):
 
 
 def _error_line(capsys, argv) -> str:
-    from vall_e.eval import main
+    from vall_e.evaluation.evaluate import main
 
     with pytest.raises(SystemExit) as e:
         run_main(main, argv)

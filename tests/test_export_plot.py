@@ -9,12 +9,15 @@ import torch
 from safetensors.torch import save_file
 
 from vall_e.config import load_config
-from vall_e.engines.checkpoint import flat_weights, save_checkpoint
-from vall_e.errors import UserError
-from vall_e.export import export_checkpoint, load_exported, read_export, write_export
 from vall_e.models.build import build_models, model_config_dict
-from vall_e.plot import ema, load_runs, resolve
-from vall_e.plot import main as plot_main
+from vall_e.models.model_file import load_exported, read_export, write_export
+from vall_e.models.weights import flat_weights
+from vall_e.training.engines.checkpoint import save_checkpoint
+from vall_e.training.export import export_checkpoint
+from vall_e.training.plot import ema, load_runs
+from vall_e.training.plot import main as plot_main
+from vall_e.training.plot import resolve
+from vall_e.utils.errors import UserError
 
 torch.set_num_threads(1)
 
@@ -109,7 +112,7 @@ def test_damaged_or_foreign_export_is_a_user_error(tmp_path: Path) -> None:
 
 
 def test_export_command_from_a_checkpoint(tmp_path: Path) -> None:
-    from vall_e.export import main as export_main
+    from vall_e.training.export import main as export_main
 
     (tmp_path / "config.yaml").write_text("model: {kind: 'ar,nar', size: tiny, d_model: 32, n_heads: 2, n_layers: 1, "
                                           "n_levels: 2, n_codes: 16, n_text_tokens: 8, n_langs: 2}\n")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from vall_e.emb.g2p import main
-from vall_e.errors import run_main
 from vall_e.text import phonemize, read_phonemes
+from vall_e.utils.errors import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 

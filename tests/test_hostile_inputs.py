@@ -34,7 +34,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from vall_e.errors import UserError, run_main
+from vall_e.utils.errors import UserError, run_main
 
 torch.set_num_threads(1)
 
@@ -159,10 +159,10 @@ def _long_text() -> str:
 def model_file(tmp_path_factory: pytest.TempPathFactory, tiny_encodec_dir: Path) -> Path:
     """A tiny untrained ar+nar model (as in tests/test_inference.py) whose symbol map covers TEXTS."""
     from vall_e.codecs import build_codec
-    from vall_e.export import write_export
+    from vall_e.models.model_file import write_export
     from vall_e.models.valle import VALLE, VALLEConfig
-    from vall_e.text.g2p import phonemize
     from vall_e.text.languages import LanguageMap
+    from vall_e.text.phonemes import phonemize
     from vall_e.text.symmap import Symmap
 
     torch.manual_seed(0)
@@ -187,8 +187,8 @@ def _pcm16_wav_header(frames: int, sr: int) -> bytes:
 @pytest.fixture(scope="module")
 def audio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """name -> file: a good voice and every kind of hostile audio."""
-    from vall_e.audio import save_audio
     from vall_e.codecs.tiny_encodec import speechlike_audio
+    from vall_e.utils.audio import save_audio
 
     d = tmp_path_factory.mktemp("audio")
     voice = speechlike_audio(2.0, seed=3).numpy()
@@ -249,8 +249,9 @@ def make_corpus(root: Path, n: int = 4, frames: int = 150) -> Path:
 def make_checkpoint(root: Path, step: int = 3) -> Path:
     """A real checkpoint of the tiny model of `make_corpus`'s config; returns its folder."""
     from vall_e.config import load_config
-    from vall_e.engines.checkpoint import flat_weights, save_checkpoint
     from vall_e.models.build import build_models, model_config_dict
+    from vall_e.models.weights import flat_weights
+    from vall_e.training.engines.checkpoint import save_checkpoint
 
     cfg = load_config(root / "config.yaml")
     torch.manual_seed(0)
@@ -283,7 +284,7 @@ def tts_argv(text: str, ref: Path | str, out: Path, model: Path, *extra: str) ->
 @pytest.mark.parametrize("name", ["corrupt", "truncated", "empty", "silent", "notaudio", "header2h"])
 def test_tts_bad_reference_audio(name: str, audio: dict[str, Path], model_file: Path, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
-    from vall_e.__main__ import main
+    from vall_e.serving.synthesize import main
 
     out = tmp_path / "out.wav"
     one_line_error(call(main, tts_argv(TEXTS[2], audio[name], out, model_file), capsys), audio[name])
@@ -294,7 +295,7 @@ def test_tts_bad_reference_audio(name: str, audio: dict[str, Path], model_file: 
 def test_tts_eight_channels_and_8khz_references_work(name: str, audio: dict[str, Path], model_file: Path,
                                                      tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Downmixed and resampled, not refused."""
-    from vall_e.__main__ import main
+    from vall_e.serving.synthesize import main
 
     out = tmp_path / "out.wav"
     succeeded(call(main, tts_argv(TEXTS[2], audio[name], out, model_file), capsys))
@@ -306,7 +307,7 @@ def test_tts_eight_channels_and_8khz_references_work(name: str, audio: dict[str,
 def test_tts_text_cases(model_file: Path, audio: dict[str, Path], tmp_path: Path,
                         capsys: pytest.CaptureFixture[str]) -> None:
     """Empty text, a non-UTF-8 batch file, an unsupported language, phonemes the model lacks."""
-    from vall_e.__main__ import main
+    from vall_e.serving.synthesize import main
 
     out, voice = tmp_path / "out" / "x.wav", audio["voice"]
     one_line_error(call(main, tts_argv("", voice, out, model_file), capsys), "empty text")
@@ -325,7 +326,7 @@ def test_tts_text_cases(model_file: Path, audio: dict[str, Path], tmp_path: Path
 
 def test_tts_config_and_output_errors(model_file: Path, audio: dict[str, Path], tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
-    from vall_e.__main__ import main
+    from vall_e.serving.synthesize import main
 
     voice, out = audio["voice"], tmp_path / "out.wav"
     bad = tmp_path / "bad.yaml"
@@ -352,7 +353,7 @@ def _edit_model(src: Path, dst: Path, **metadata: str) -> Path:
 
 def test_tts_damaged_or_tampered_model(model_file: Path, audio: dict[str, Path], tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
-    from vall_e.__main__ import main
+    from vall_e.serving.synthesize import main
 
     data = model_file.read_bytes()
     cases: dict[str, bytes | Path] = {
@@ -562,9 +563,9 @@ def _plant(corpus_yaml: Path, kind: str, marker: Path) -> Path:
 
 @pytest.mark.parametrize("kind", QNT_KINDS)
 def test_data_hdf5_with_bad_codes_file(kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vall_e.config import load_config
     from vall_e.data.__main__ import main
     from vall_e.data.dataset import VALLEDataset
-    from vall_e.config import load_config
 
     y = make_corpus(tmp_path)
     marker = tmp_path / "PWNED"
@@ -748,8 +749,8 @@ CKPT_KINDS = ["weights_truncated", "weights_truncated_rehashed", "weights_flippe
 @pytest.mark.parametrize("kind", CKPT_KINDS)
 def test_train_resume_and_export_refuse_a_damaged_checkpoint(kind: str, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    from vall_e.export import main as export_main
-    from vall_e.train import main as train_main
+    from vall_e.training.export import main as export_main
+    from vall_e.training.trainer import main as train_main
 
     y = make_corpus(tmp_path)
     step_dir = make_checkpoint(tmp_path)
@@ -766,7 +767,7 @@ def test_train_resume_and_export_refuse_a_damaged_checkpoint(kind: str, tmp_path
 
 def test_export_refuses_weights_that_do_not_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A consistent manifest over edited weights: export refuses instead of writing a broken model file."""
-    from vall_e.export import main as export_main
+    from vall_e.training.export import main as export_main
 
     y = make_corpus(tmp_path)
     step_dir = make_checkpoint(tmp_path)
@@ -789,7 +790,7 @@ def test_train_and_export_subprocess_code_pickle_checkpoint(tmp_path: Path) -> N
 
 
 def test_train_hostile_config_data_and_exported_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from vall_e.train import main as train_main
+    from vall_e.training.trainer import main as train_main
 
     y = make_corpus(tmp_path)
     bad = tmp_path / "bad.yaml"
@@ -854,7 +855,7 @@ def test_config_subprocess_malformed_yaml(tmp_path: Path) -> None:
 
 
 def test_config_hostile_yaml_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from vall_e.config import main
+    from vall_e.config.__main__ import main
 
     marker = tmp_path / "PWNED"
     for name, (text, words) in _yaml_cases(marker).items():
@@ -875,7 +876,7 @@ def test_config_hostile_yaml_files(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_config_hostile_overrides(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    from vall_e.config import main
+    from vall_e.config.__main__ import main
 
     for arg, words in ((f"trainer.deepspeed.config={{x: {'[' * 4000}{']' * 4000}}}", ["nested too deeply"]),
                        ("trainer.deepspeed.config={a: &a [" + ",".join("x" * 10) + "], "
@@ -923,7 +924,7 @@ def test_eval_subprocess_non_utf8_list(tmp_path: Path) -> None:
 
 def test_eval_hostile_lists_and_audio(audio: dict[str, Path], model_file: Path, tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
-    from vall_e.eval import main
+    from vall_e.evaluation.evaluate import main
 
     wavs = tmp_path / "wavs"
     wavs.mkdir()
@@ -1116,7 +1117,7 @@ def test_property_hdf5_reader_loads_or_raises_user_error(h5_corpus: tuple[Path, 
 def test_property_audio_bytes_load_or_raise_user_error(cut: int, flips: list[tuple[int, int]], fmt: str,
                                                        channels: int) -> None:
     """Any prefix of an audio file with any bytes flipped: mono float32 finite audio, or one line."""
-    from vall_e.audio import load_audio
+    from vall_e.utils.audio import load_audio
 
     rng = np.random.default_rng(cut)
     x = (0.3 * rng.standard_normal((1600, channels))).astype(np.float32)
@@ -1149,7 +1150,7 @@ _texts = st.one_of(st.text(max_size=30),
 def test_property_batched_g2p_matches_single_and_isolates_errors(texts: list[str]) -> None:
     """phonemize_many(on_error="return"): each text gets exactly what phonemize gives it alone (tokens
     or a one-line UserError), so one bad transcript never changes or hides the others' output."""
-    from vall_e.text.g2p import phonemize, phonemize_many
+    from vall_e.text.phonemes import phonemize, phonemize_many
 
     batch = phonemize_many(texts, on_error="return")
     assert len(batch) == len(texts)

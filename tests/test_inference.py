@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from vall_e.errors import UserError
+from vall_e.utils.errors import UserError
 
 torch.set_num_threads(2)
 
@@ -36,14 +36,14 @@ def reference(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tts(model_file):
-    from vall_e.inference import TTS
+    from vall_e.generation.tts import TTS
 
     return TTS.from_pretrained(model_file, device="cpu")
 
 
 def _settings(**kw):
-    from vall_e.inference import GenerationSettings
-    from vall_e.sampling import SamplingParams
+    from vall_e.generation.sampling import SamplingParams
+    from vall_e.generation.settings import GenerationSettings
 
     ar = replace(SamplingParams.ar_defaults(), **{"seed": 1, **kw.pop("ar", {})})
     nar = replace(SamplingParams.nar_defaults(), **{"seed": 1, **kw.pop("nar", {})})
@@ -61,7 +61,7 @@ def test_synthesize_shapes_and_limits(tts, reference):
 
 
 def test_step_limit_follows_text_length(tts):
-    from vall_e.inference import FRAMES_PER_PHONEME_LIMIT, MIN_AR_STEPS
+    from vall_e.generation.tts import FRAMES_PER_PHONEME_LIMIT, MIN_AR_STEPS
 
     short, long = tts.encode_text("Hi."), tts.encode_text(" ".join(["hello there"] * 20))
     lims = tts._step_limits([short, long], cap=0)
@@ -111,7 +111,7 @@ def test_seed_reproducible_and_varies(tts, reference):
 
 def test_repeated_code_stops_sequence(model_file, reference):
     """A model stuck on one code (forced through its head's bias) is stopped by the repetition guard."""
-    from vall_e.inference import TTS
+    from vall_e.generation.tts import TTS
 
     tts = TTS.from_pretrained(model_file, device="cpu")
     head = tts.ar_model.ar_head
@@ -173,7 +173,7 @@ def test_stream_matches_non_streamed(tts, reference):
 
 
 def test_long_text_split_into_sentences(tts, reference):
-    from vall_e.inference import split_sentences
+    from vall_e.generation.tts import split_sentences
 
     parts = split_sentences("One. Two! Three? " + "word " * 100)
     assert parts[:3] == ["One.", "Two!", "Three?"] and all(len(p) <= 200 for p in parts)

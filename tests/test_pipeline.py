@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
-
 import yaml
 
 torch.set_num_threads(2)
@@ -24,7 +23,7 @@ def run(tmp_path_factory, tiny_encodec_dir) -> dict:
     from vall_e.data.synthetic import generate_corpus
     from vall_e.emb.g2p import main as g2p_main
     from vall_e.emb.qnt import main as qnt_main
-    from vall_e.train import Trainer
+    from vall_e.training.trainer import Trainer
 
     root = tmp_path_factory.mktemp("pipeline")
     corpus = root / "corpus"
@@ -54,13 +53,13 @@ def run(tmp_path_factory, tiny_encodec_dir) -> dict:
 
 
 def test_reruns_skip_and_reloading_gives_identical_codes_and_ids(run):
-    from vall_e.audio import load_audio
     from vall_e.codecs import build_codec
     from vall_e.emb.codes import load_codes
     from vall_e.emb.g2p import main as g2p_main
     from vall_e.emb.qnt import main as qnt_main
-    from vall_e.text.g2p import phonemize
+    from vall_e.text.phonemes import phonemize
     from vall_e.text.symmap import read_phonemes
+    from vall_e.utils.audio import load_audio
 
     qnt_files = sorted(run["corpus"].rglob("*.qnt.pt"))
     mtimes = [p.stat().st_mtime_ns for p in qnt_files]
@@ -96,7 +95,7 @@ def test_hdf5_and_folder_datasets_yield_identical_samples(run):
 
 
 def test_training_lowers_validation_loss_by_30_percent(run):
-    from vall_e.engines.metrics import iter_metrics
+    from vall_e.training.engines.metrics_log import iter_metrics
 
     recs = [r for r in iter_metrics(run["root"] / "logs" / "pipe" / "metrics.jsonl") if "val.loss" in r]
     first, last = recs[0], recs[-1]

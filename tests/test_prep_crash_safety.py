@@ -36,9 +36,9 @@ KILLS = 10  # per command
 MAINS = {"g2p": "vall_e.emb.g2p", "qnt": "vall_e.emb.qnt", "fit": "vall_e.codecs.world", "hdf5": "vall_e.data.__main__"}
 CLI = {"g2p": "vall_e.emb.g2p", "qnt": "vall_e.emb.qnt", "fit": "vall_e.codecs.world", "hdf5": "vall_e.data"}
 FIT_ARGS = ["--levels", "8", "--codes", "32", "--iters", "5", "--seed", "0"]
-PRELOAD = ["torch", "numpy", "h5py", "soundfile", "tqdm", "pyworld", "vall_e.config", "vall_e.audio",
+PRELOAD = ["torch", "numpy", "h5py", "soundfile", "tqdm", "pyworld", "vall_e.config", "vall_e.utils.audio",
            "vall_e.codecs", "vall_e.codecs.world", "vall_e.emb.codes", "vall_e.emb.g2p", "vall_e.emb.qnt",
-           "vall_e.text.g2p", "vall_e.data.hdf5", "vall_e.data.__main__", "tests.test_prep_crash_safety"]
+           "vall_e.text.phonemes", "vall_e.data.hdf5", "vall_e.data.__main__", "tests.test_prep_crash_safety"]
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +72,7 @@ def _child(cmd: str, argv: list[str], log: str, slow_fsync: float) -> None:
             real(fileno)
 
         os.fsync = fsync
-    from vall_e.errors import run_main
+    from vall_e.utils.errors import run_main
 
     run_main(importlib.import_module(MAINS[cmd]).main, argv)
 

@@ -12,7 +12,7 @@ import torch
 
 from vall_e.emb.codes import load_codes, read_codes, save_codes
 from vall_e.emb.qnt import main as qnt_main
-from vall_e.errors import UserError, run_main
+from vall_e.utils.errors import UserError, run_main
 
 SPEC = {"name": "encodec", "n_levels": 8, "n_codes": 1024, "sample_rate": 24000, "frame_rate": 75.0}
 
@@ -142,8 +142,8 @@ def outputs(root: Path) -> list[str]:
 
 def test_qnt_writes_skips_and_matches_codec(corpus: Path, tiny_encodec_dir: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    from vall_e.audio import load_audio
     from vall_e.codecs import build_codec
+    from vall_e.utils.audio import load_audio
 
     model = f"codec.model={tiny_encodec_dir}"
     assert run([str(corpus), model, "--batch-size", "2"]) == 0

@@ -12,7 +12,7 @@ from vall_e.models.rows_linear import MAX_DOT_ROWS, decode_linear, row_major_wei
 def _linear(n_in: int, n_out: int, bias: bool, column_major: bool) -> nn.Linear:
     torch.manual_seed(0)
     m = nn.Linear(n_in, n_out, bias=bias)
-    if column_major:  # what vall_e.inference.cpu_decode_layout does to wide weights
+    if column_major:  # what vall_e.generation.tts.cpu_decode_layout does to wide weights
         m.weight.data = m.weight.data.t().contiguous().t()
     return m
 

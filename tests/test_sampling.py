@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from vall_e.errors import UserError
-from vall_e.sampling import (
+from vall_e.generation.sampling import (
     PAD_ID,
     BeamSearch,
     Mirostat,
@@ -28,6 +27,7 @@ from vall_e.sampling import (
     recent_counts,
     repetition_aware_select,
 )
+from vall_e.utils.errors import UserError
 
 torch.set_num_threads(1)
 NEG = -math.inf
@@ -450,7 +450,7 @@ def test_categorical_draw_edges_and_counter_uniform():
 def test_block_of_step_uniforms_equals_per_step_uniforms():
     """The AR sampler reads its uniforms from `counter_uniform_steps` blocks; they must be the very
     numbers `counter_uniform` gives step by step, so seeded outputs do not depend on the block size."""
-    from vall_e.sampling import _SLOTS, counter_uniform, counter_uniform_steps, sequence_keys
+    from vall_e.generation.sampling import _SLOTS, counter_uniform, counter_uniform_steps, sequence_keys
 
     keys = sequence_keys(1234, torch.arange(5))
     block = counter_uniform_steps(keys, 7, 10)

@@ -36,10 +36,10 @@ STEPS = 40  # AR frames per request: keeps every request short
 def model_file(tmp_path_factory, tiny_encodec_dir) -> Path:
     """A tiny untrained ar+nar model exported with the tiny EnCodec's spec (as in test_inference)."""
     from vall_e.codecs import build_codec
-    from vall_e.export import write_export
+    from vall_e.models.model_file import write_export
     from vall_e.models.valle import VALLE, VALLEConfig
-    from vall_e.text.g2p import phonemize
     from vall_e.text.languages import LanguageMap
+    from vall_e.text.phonemes import phonemize
     from vall_e.text.symmap import Symmap
 
     torch.manual_seed(0)
@@ -61,8 +61,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def voice_bytes() -> bytes:
-    from vall_e.audio import audio_to_bytes
     from vall_e.codecs.tiny_encodec import speechlike_audio
+    from vall_e.utils.audio import audio_to_bytes
 
     return audio_to_bytes(speechlike_audio(2.0, seed=3), 24_000, "wav")
 
@@ -269,8 +269,8 @@ def test_voice_upload_list_and_use(server, voice_bytes):
     assert "bob_2" in [v["id"] for v in client.get("/v1/voices").json()["data"]]
     assert _speech(client, input=TEXTS[2], voice="bob_2", response_format="wav").status_code == 200
     # Re-upload as flac: the old file is replaced (one file per name) and the new one is used.
-    from vall_e.audio import audio_to_bytes
     from vall_e.codecs.tiny_encodec import speechlike_audio
+    from vall_e.utils.audio import audio_to_bytes
 
     flac = audio_to_bytes(speechlike_audio(1.5, seed=9), 24_000, "flac")
     r = client.post("/v1/voices", data={"name": "bob_2"}, files={"file": ("v.flac", flac)})
@@ -385,7 +385,7 @@ class FakeTTS:
         return torch.zeros(10, 8, dtype=torch.long)
 
     def synthesize(self, texts, references, settings):
-        from vall_e.errors import UserError
+        from vall_e.utils.errors import UserError
 
         texts = [texts] if isinstance(texts, str) else list(texts)
         self.batches.append(texts)
@@ -411,7 +411,7 @@ def _asgi(app, coro_fn):
 
 
 def _app(tmp_path, voice_bytes, **limits):
-    from vall_e.server import ServerLimits, create_app
+    from vall_e.serving.server import ServerLimits, create_app
 
     (tmp_path / "alice.wav").write_bytes(voice_bytes)
     fake = FakeTTS(limits.pop("delay", 0.0))
@@ -473,8 +473,8 @@ def test_helpers_and_missing_dependency(monkeypatch):
     import importlib.util
     import struct
 
-    from vall_e.errors import UserError
-    from vall_e.server import _check_deps, is_loopback, streaming_wav_header
+    from vall_e.serving.server import _check_deps, is_loopback, streaming_wav_header
+    from vall_e.utils.errors import UserError
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.com")
@@ -487,8 +487,8 @@ def test_helpers_and_missing_dependency(monkeypatch):
 
 
 def test_non_loopback_warning_and_bad_flags(model_file, tmp_path):
-    from vall_e.errors import UserError
-    from vall_e.server import main
+    from vall_e.serving.server import main
+    from vall_e.utils.errors import UserError
 
     with pytest.raises(UserError, match="--max-batch 0: must be > 0"):
         main(["--model", str(model_file), "--max-batch", "0"])

@@ -416,7 +416,7 @@ def test_training_memory_is_flat(tmp_path: Path) -> None:
 
     from tests.test_train import make_corpus
     from vall_e.config import load_config
-    from vall_e.engines.metrics import iter_metrics
+    from vall_e.training.engines.metrics_log import iter_metrics
 
     steps = _env_int("VALLE_SOAK_STEPS", 2000)
     assert steps >= 20, f"VALLE_SOAK_STEPS={steps}: too few"

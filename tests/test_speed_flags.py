@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from vall_e.errors import UserError, run_main
+from vall_e.utils.errors import UserError, run_main
 
 torch.set_num_threads(1)
 
@@ -51,7 +51,7 @@ class _Loaded(Exception):
 @pytest.fixture
 def capture_load(monkeypatch):
     """Replace TTS.from_pretrained with one that records its arguments and stops the command."""
-    from vall_e.inference import TTS
+    from vall_e.generation.tts import TTS
 
     calls: list[tuple[tuple, dict]] = []
 
@@ -79,8 +79,8 @@ def _linears(tts) -> tuple[int, int]:
 
 
 def test_cli_int8_writes_audio_with_quantized_linears(model_file, reference, tmp_path, monkeypatch):
-    from vall_e.__main__ import main
-    from vall_e.inference import TTS
+    from vall_e.generation.tts import TTS
+    from vall_e.serving.synthesize import main
 
     engines = []
     real = TTS.from_pretrained
@@ -102,7 +102,7 @@ def test_cli_int8_writes_audio_with_quantized_linears(model_file, reference, tmp
 
 
 def test_cli_passes_dtype_and_compile(capture_load, model_file, reference, tmp_path):
-    from vall_e.__main__ import build_parser, main
+    from vall_e.serving.synthesize import build_parser, main
 
     args = build_parser().parse_args(["t", "r"])
     assert (args.dtype, args.compile) == ("float32", False)
@@ -119,7 +119,7 @@ def test_cli_passes_dtype_and_compile(capture_load, model_file, reference, tmp_p
 def test_cli_bad_combinations_are_one_line_errors(model_file, reference, tmp_path, capsys):
     """int8 is CPU-only dynamic quantization, and the compiled step needs float weights: the engine
     refuses both before any work, and the CLI shows one line, no traceback, no output file."""
-    from vall_e.__main__ import main
+    from vall_e.serving.synthesize import main
 
     out = tmp_path / "x.wav"
     for extra, words in ((["--device", "cuda", "--dtype", "int8"], "int8"),
@@ -139,7 +139,7 @@ def test_cli_bad_combinations_are_one_line_errors(model_file, reference, tmp_pat
 def test_server_passes_dtype_and_compile(capture_load, model_file):
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    from vall_e import server
+    from vall_e.serving import server
 
     args = server.build_parser().parse_args([])
     assert (args.dtype, args.compile) == ("float32", False)
@@ -151,7 +151,7 @@ def test_server_passes_dtype_and_compile(capture_load, model_file):
 
 
 def test_webui_engine_passes_dtype_and_compile():
-    from vall_e.webui import DTYPES, Engine, build_parser
+    from vall_e.serving.webui import DTYPES, Engine, build_parser
 
     assert "int8" in DTYPES
     args = build_parser().parse_args(["--dtype", "int8", "--compile"])
@@ -171,7 +171,7 @@ def test_webui_engine_passes_dtype_and_compile():
 
 def test_webui_main_passes_dtype_and_compile(capture_load, model_file):
     pytest.importorskip("gradio")
-    from vall_e import webui
+    from vall_e.serving import webui
 
     with pytest.raises(_Loaded):  # the fail-fast load, before the page is built
         webui.main(["--model", str(model_file), "--device", "cpu", "--dtype", "int8", "--compile"])
@@ -181,7 +181,7 @@ def test_webui_main_passes_dtype_and_compile(capture_load, model_file):
 
 
 def test_webui_int8_on_cuda_is_a_user_error(model_file):
-    from vall_e.webui import Engine
+    from vall_e.serving.webui import Engine
 
     with pytest.raises(UserError, match="int8"):
         Engine().get(str(model_file), "cuda", "int8")
@@ -205,8 +205,8 @@ def test_compiled_decode_gives_the_eager_greedy_codes():
     (d_model 64, 2 layers, 30 forced steps, a batch of two with different prefix lengths)."""
     import torch._dynamo
 
-    from vall_e.inference import TTS
-    from vall_e.sampling import SamplingParams
+    from vall_e.generation.sampling import SamplingParams
+    from vall_e.generation.tts import TTS
 
     model, _, symmap = _tiny_model(d_model=64, n_heads=4, n_layers=2)
     meta = {"symmap": symmap}

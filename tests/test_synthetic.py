@@ -23,8 +23,8 @@ from vall_e.data.synthetic import (
     speakers,
     synthesize,
 )
-from vall_e.errors import UserError, run_main
 from vall_e.text import phonemize
+from vall_e.utils.errors import UserError, run_main
 
 
 def median_f0(wav: np.ndarray, sr: int) -> float:

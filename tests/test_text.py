@@ -9,7 +9,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vall_e.errors import UserError
 from vall_e.text import (
     LanguageMap,
     Symmap,
@@ -22,6 +21,7 @@ from vall_e.text import (
     tokenize,
 )
 from vall_e.text.symmap import BOS_ID, BOUNDARY_ID, EOS_ID, PAD_ID
+from vall_e.utils.errors import UserError
 
 B = " "
 

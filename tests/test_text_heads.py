@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vall_e.errors import UserError
 from vall_e.models.backbones.base import Mask
 from vall_e.models.backbones.transformer import Attention, TransformerBackbone
 from vall_e.models.presets import resolve_dims
 from vall_e.models.valle import VALLE, VALLEConfig, _Targets
+from vall_e.utils.errors import UserError
 
 torch.set_num_threads(1)
 N_TEXT = 64
@@ -157,9 +157,10 @@ def test_engine_with_text_heads_batches_and_beams(tmp_path, tiny_encodec_dir):
     from dataclasses import replace
 
     from tests.conftest import export_tiny_model
-    from vall_e.inference import TTS, GenerationSettings
-    from vall_e.sampling import SamplingParams
-    from vall_e.text.g2p import phonemize
+    from vall_e.generation.sampling import SamplingParams
+    from vall_e.generation.settings import GenerationSettings
+    from vall_e.generation.tts import TTS
+    from vall_e.text.phonemes import phonemize
     from vall_e.text.symmap import Symmap
 
     texts = ["Hello there.", "The quick brown fox jumps over the lazy dog."]

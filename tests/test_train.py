@@ -25,13 +25,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from vall_e.config import load_config
-from vall_e.engines.checkpoint import (find_checkpoint, load_checkpoint, read_latest, save_checkpoint,
-                                       split_weights, step_dirs)
-from vall_e.engines.local import LocalEngine
-from vall_e.engines.metrics import iter_metrics
-from vall_e.engines.optim import LRSchedule, lr_factor, set_lr
-from vall_e.errors import UserError
-from vall_e.train import TIMING_KEYS, Trainer, TrainingParts
+from vall_e.models.weights import split_weights
+from vall_e.training.engines.checkpoint import find_checkpoint, load_checkpoint, read_latest, save_checkpoint, step_dirs
+from vall_e.training.engines.local import LocalEngine
+from vall_e.training.engines.metrics_log import iter_metrics
+from vall_e.training.engines.optim import LRSchedule, lr_factor, set_lr
+from vall_e.training.trainer import TIMING_KEYS, Trainer, TrainingParts
+from vall_e.utils.errors import UserError
 
 torch.set_num_threads(1)
 
@@ -284,7 +284,7 @@ def test_lr_command_rescales_schedule_and_prodigy_gets_d_coef() -> None:
 
 def test_prodigy_optimizer_built_with_d_coef() -> None:
     pytest.importorskip("prodigyopt")
-    from vall_e.engines.optim import build_optimizer
+    from vall_e.training.engines.optim import build_optimizer
 
     cfg = make_cfg(Path("/tmp"), **{"hyperparameters.optimizer": "prodigy", "hyperparameters.learning_rate": 0.25})
     opt = build_optimizer([nn.Parameter(torch.zeros(2))], cfg.hyperparameters)
@@ -292,7 +292,7 @@ def test_prodigy_optimizer_built_with_d_coef() -> None:
 
 
 def test_missing_optional_optimizer_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from vall_e.engines.optim import build_optimizer
+    from vall_e.training.engines.optim import build_optimizer
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     cfg = make_cfg(Path("/tmp"), **{"hyperparameters.optimizer": "adamw8bit"})
@@ -375,8 +375,8 @@ def test_fp16_with_grad_scaler_trains_and_resumes_exactly(tmp_path: Path) -> Non
 
 
 def test_deepspeed_config_and_missing_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from vall_e.engines import build_engine
-    from vall_e.engines.deepspeed import build_ds_config
+    from vall_e.training.engines import build_engine
+    from vall_e.training.engines.deepspeed import build_ds_config
 
     cfg = make_cfg(tmp_path, **{"trainer.backend": "deepspeed", "trainer.weight_dtype": "bfloat16",
                                 "trainer.deepspeed.zero_optimization_level": 2,
@@ -421,7 +421,7 @@ def test_build_models_kinds_sizes_and_checks(tmp_path: Path) -> None:
 
 
 def test_endless_nan_losses_stop_with_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import vall_e.train as train_mod
+    import vall_e.training.trainer as train_mod
 
     monkeypatch.setattr(train_mod, "MAX_BAD_STEPS", 5)
     with pytest.raises(UserError, match="NaN/inf for 5 steps"):
@@ -650,8 +650,8 @@ sys.path.insert(0, {repo!r})
 import torch
 torch.set_num_threads(1)
 from tests.test_train import tiny_builder
-from vall_e.errors import run_main
-from vall_e.train import main
+from vall_e.utils.errors import run_main
+from vall_e.training.trainer import main
 run_main(lambda argv: main(argv, builder=tiny_builder(n=10, delay={delay})), sys.argv[1:])
 """
 
@@ -737,7 +737,7 @@ import torch, torch.distributed as dist
 torch.set_num_threads(1)
 from safetensors.torch import save_file
 from tests.test_train import tiny_builder, make_cfg
-from vall_e.train import Trainer
+from vall_e.training.trainer import Trainer
 from pathlib import Path
 root = Path(sys.argv[1])
 t = Trainer(make_cfg(root, **{{"trainer.iterations": 4, "trainer.save_frequency": 2, "evaluation.frequency": 2}}),
@@ -822,7 +822,7 @@ def make_corpus(root: Path, speakers: int = 4, per_speaker: int = 6, n_codes: in
 
 
 def test_real_model_lowers_validation_loss(tmp_path: Path) -> None:
-    from vall_e.train import main
+    from vall_e.training.trainer import main
 
     y = make_corpus(tmp_path)
     assert main([f"yaml={y}", "trainer.iterations=150", "evaluation.frequency=150"]) == 0
@@ -834,8 +834,8 @@ def test_real_model_lowers_validation_loss(tmp_path: Path) -> None:
     train = [r for r in records(tmp_path, name) if "loss" in r]
     assert {"ar.acc", "nar.acc"} <= set().union(*train)
     # export, then the exported file reproduces the trained network's outputs
-    from vall_e.export import load_exported
-    from vall_e.export import main as export_main
+    from vall_e.models.model_file import load_exported
+    from vall_e.training.export import main as export_main
 
     assert export_main([f"yaml={y}"]) == 0
     models, meta = load_exported(tmp_path / "ckpt" / name / "model.safetensors")
@@ -879,8 +879,8 @@ def test_real_training_stdin_commands(tmp_path: Path) -> None:
 
 
 def test_evaluation_synthesizes_wavs_with_the_tts_engine(tmp_path: Path, tiny_encodec_dir: Path) -> None:
-    pytest.importorskip("vall_e.inference")
-    from vall_e.train import main
+    pytest.importorskip("vall_e.generation.tts")
+    from vall_e.training.trainer import main
 
     spec = {"name": "encodec", "model": str(tiny_encodec_dir), "bandwidth": 1.5, "frame_rate": 75.0, "n_levels": 2}
     y = make_corpus(tmp_path, codec=spec)

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vall_e.errors import UserError
 from vall_e.models.presets import PRESETS, resolve_dims
 from vall_e.models.valle import VALLE, VALLEConfig
+from vall_e.utils.errors import UserError
 
 torch.set_num_threads(1)
 N_TEXT = 64

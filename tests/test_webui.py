@@ -17,9 +17,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from vall_e.errors import UserError
-from vall_e.webui import (CONTROL_NAMES, CONTROLS, DEFAULTS, Engine, parse_listen, settings_from_ui,
-                          synthesize_to_file)
+from vall_e.serving.webui import (CONTROL_NAMES, CONTROLS, DEFAULTS, Engine, parse_listen, settings_from_ui,
+                                  synthesize_to_file)
+from vall_e.utils.errors import UserError
 
 torch.set_num_threads(1)
 
@@ -199,7 +199,7 @@ def test_handler_user_errors(tmp_path):
 
 @pytest.mark.skipif(not HAVE_GRADIO, reason="gradio is not installed (pip install 'vall-e[webui]')")
 def test_generate_button_is_wired_to_every_control():
-    from vall_e.webui import build_ui
+    from vall_e.serving.webui import build_ui
 
     ui = build_ui(Engine("model.safetensors", device="cpu"))
     assert set(ui.controls) == set(CONTROL_NAMES)
@@ -228,7 +228,7 @@ def test_parse_listen():
 
 
 def test_missing_gradio_is_a_user_error(monkeypatch):
-    from vall_e import webui
+    from vall_e.serving import webui
 
     monkeypatch.setitem(sys.modules, "gradio", None)  # makes `import gradio` raise ImportError
     with pytest.raises(UserError, match=r"pip install 'vall-e\[webui\]'"):
@@ -237,7 +237,7 @@ def test_missing_gradio_is_a_user_error(monkeypatch):
 
 @pytest.mark.skipif(not HAVE_GRADIO, reason="gradio is not installed (pip install 'vall-e[webui]')")
 def test_bad_model_path_fails_before_serving(tmp_path):
-    from vall_e import webui
+    from vall_e.serving import webui
 
     with pytest.raises(UserError, match="nope.safetensors"):  # raised before launch(), which would block
         webui.main(["--model", str(tmp_path / "nope.safetensors"), "--listen", "127.0.0.1:1"])
@@ -273,10 +273,10 @@ def _browser_missing() -> str | None:
 def model_file(tmp_path_factory, tiny_encodec_dir) -> Path:
     """A tiny untrained ar+nar model exported with the tiny EnCodec's spec (as tests/test_inference.py)."""
     from vall_e.codecs import build_codec
-    from vall_e.export import write_export
+    from vall_e.models.model_file import write_export
     from vall_e.models.valle import VALLE, VALLEConfig
-    from vall_e.text.g2p import phonemize
     from vall_e.text.languages import LanguageMap
+    from vall_e.text.phonemes import phonemize
     from vall_e.text.symmap import Symmap
 
     torch.manual_seed(0)
@@ -335,8 +335,8 @@ def test_browser_generates_speech(server, tmp_path):
         pytest.skip(missing)
     from playwright.sync_api import sync_playwright
 
-    from vall_e.audio import save_audio
     from vall_e.codecs.tiny_encodec import speechlike_audio
+    from vall_e.utils.audio import save_audio
     from vall_e.utils.io import atomic_write_bytes
 
     url, proc, log = server

@@ -18,11 +18,10 @@ import torch
 
 from vall_e.codecs.base import registered_codecs
 from vall_e.codecs.rvq import ResidualVQ, fit_rvq, kmeans
-from vall_e.codecs.world import (WorldCodec, fit_world_codec, import_pyworld, main, world_features,
-                                 world_synthesize)
-from vall_e.errors import UserError
+from vall_e.codecs.world import WorldCodec, fit_world_codec, import_pyworld, main, world_features, world_synthesize
 # metrics as in the prototype (22.05 kHz WORLD analysis, SPTK mel-cepstrum, MCD/DTW, F0 RMSE)
-from vall_e.metrics import analyse as _analyse, f0_rmse_frames as f0_rmse, mcd, mcd_dtw
+from vall_e.evaluation.metrics import analyse as _analyse, f0_rmse_frames as f0_rmse, mcd, mcd_dtw
+from vall_e.utils.errors import UserError
 
 SR = 24_000
 N_CODES = 256
@@ -30,8 +29,8 @@ N_LEVELS = 8
 
 def _corpus(root: Path) -> dict[str, list[np.ndarray]]:
     """speaker -> utterances (24 kHz mono float32), each a different sentence (espeak-ng, offline)."""
-    from vall_e.audio import load_audio
     from vall_e.data.synthetic import generate_corpus
+    from vall_e.utils.audio import load_audio
 
     generate_corpus(root, n_speakers=2, n_utterances=12, seed=0, progress=False)
     by_spk: dict[str, list[np.ndarray]] = {}

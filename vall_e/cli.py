@@ -9,6 +9,8 @@ import importlib
 import sys
 from typing import Sequence
 
+from vall_e.utils.errors import run_main
+
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "tts": ("vall_e.__main__", "synthesize speech: vall-e tts TEXT REFERENCES [OUT]"),
     "train": ("vall_e.train", "train a model: vall-e train yaml=PATH"),
@@ -21,8 +23,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "webui": ("vall_e.webui", "Gradio web UI"),
     "server": ("vall_e.server", "HTTP API server"),
     "eval": ("vall_e.eval", "objective evaluation of synthesized speech"),
-    "demo": ("vall_e.demo", "offline end-to-end demo"),
-    "config": ("vall_e.config", "print the resolved configuration"),
+    "demo": ("vall_e.demo.__main__", "offline end-to-end demo"),
+    "config": ("vall_e.config.__main__", "print the resolved configuration"),
 }
 
 
@@ -50,8 +52,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"error: `vall-e {name}` is not available in this version", file=sys.stderr)
             raise SystemExit(2) from None
         raise
-    from vall_e.errors import run_main
-
     sys.argv = [f"vall-e {name}", *rest]
     run_main(module.main, rest)
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from vall_e.codecs.base import Codec, register_codec, registered_codecs
-from vall_e.errors import UserError
+from vall_e.utils.errors import UserError
 
 __all__ = ["Codec", "register_codec", "registered_codecs", "build_codec", "codec_names", "spec_to_dict",
            "clear_codec_cache"]

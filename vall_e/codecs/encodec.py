@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from vall_e.codecs.base import Codec, register_codec
-from vall_e.errors import UserError
+from vall_e.utils.errors import UserError
 
 DEFAULT_MODEL = "facebook/encodec_24khz"
 # Largest padded batch fed to the model at once, in samples (about 100 s of 24 kHz audio).

@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from vall_e.errors import UserError
+from vall_e.utils.errors import UserError
 from vall_e.utils.io import atomic_path, remove_stale_temps
 
 FORMAT = "vall_e.rvq"
@@ -274,8 +276,6 @@ class ResidualVQ:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically to a safetensors file."""
-        from safetensors.torch import save_file
-
         tensors, meta = self.to_tensors()
         remove_stale_temps(Path(path).parent, Path(path).name, exact=True)  # left by a killed save
         with atomic_path(path) as tmp:
@@ -283,8 +283,6 @@ class ResidualVQ:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ResidualVQ":
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: codebook file not found")

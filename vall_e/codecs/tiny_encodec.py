@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vall_e.codecs.encodec import _quiet_transformers
 from vall_e.utils.io import atomic_dir
 
 TINY_CONFIG = dict(num_filters=8, hidden_size=32, codebook_dim=32, num_lstm_layers=1,
@@ -129,8 +130,6 @@ def make_tiny_encodec(out_dir: str | os.PathLike, calibration_audio: Sequence[Te
     `speechlike_audio` in several voices. Deterministic for a given seed and input.
     """
     from transformers import EncodecConfig, EncodecFeatureExtractor, EncodecModel
-
-    from vall_e.codecs.encodec import _quiet_transformers
 
     out_dir = Path(out_dir)
     gen = torch.Generator().manual_seed(seed)

@@ -29,10 +29,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from vall_e.audio import load_audio, save_audio
 from vall_e.codecs.base import Codec, register_codec
 from vall_e.codecs.rvq import ResidualVQ, fit_rvq
-from vall_e.errors import UserError, run_main
+from vall_e.utils.audio import load_audio, save_audio
+from vall_e.utils.errors import UserError, run_main
 
 SAMPLE_RATE = 24_000
 FRAME_RATE = 75.0

@@ -14,15 +14,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from vall_e.config import parse_config
+from vall_e.data import hdf5 as h5fmt
+from vall_e.data.collate import batch_frames, make_dataloader
+from vall_e.data.dataset import VALLEDataset, load_symmap
+from vall_e.data.hdf5 import build_hdf5
 from vall_e.data.listing import METADATA_NAME, list_split, resolve_dir
-from vall_e.errors import UserError
+from vall_e.utils.errors import UserError, run_main
 
 ACTIONS = ("summary", "metadata", "hdf5", "symmap", "sample")
 
 
 def _summary(cfg: Any, yaml_hint: str) -> None:
-    from vall_e.data import hdf5 as h5fmt
-
     d = cfg.dataset
     print(f"config folder: {cfg.cfg_path}")
     if not d.training:
@@ -79,8 +81,6 @@ def _metadata(cfg: Any) -> None:
 
 
 def _symmap(cfg: Any) -> None:
-    from vall_e.data.dataset import load_symmap
-
     every = {u.key: u for s in ("training", "validation")
              for u in list_split(cfg, s, validate=False, min_utterances=0)}
     if not every:
@@ -91,8 +91,6 @@ def _symmap(cfg: Any) -> None:
 
 
 def _describe(batch: dict[str, Any]) -> str:
-    from vall_e.data.collate import batch_frames
-
     rows = [f"  batch of {len(batch['resps'])} (padded size {batch_frames(batch)}), lang {batch['lang'].tolist()}"]
     for t, p, r, s in zip(batch["text"], batch["prompt"], batch["resps"], batch["speaker"]):
         rows.append(f"    {s}: text {list(t.shape)} prompt {list(p.shape)} resps {list(r.shape)}")
@@ -100,9 +98,6 @@ def _describe(batch: dict[str, Any]) -> str:
 
 
 def _sample(cfg: Any) -> None:
-    from vall_e.data.collate import make_dataloader
-    from vall_e.data.dataset import VALLEDataset
-
     train = VALLEDataset(cfg, "train")
     val = VALLEDataset(cfg, "val", symmap=train.symmap, languages=train.languages)
     print(f"symbols: {len(train.symmap)}, languages: {train.languages.to_dict()}")
@@ -133,8 +128,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.action == "metadata":
         _metadata(cfg)
     elif args.action == "hdf5":
-        from vall_e.data.hdf5 import build_hdf5
-
         path = build_hdf5(cfg)
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     elif args.action == "symmap":
@@ -145,6 +138,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from vall_e.errors import run_main
-
     run_main(main)

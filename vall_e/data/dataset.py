@@ -13,6 +13,7 @@ of their names, so no set-up is needed and the split never changes between runs.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 from pathlib import Path
@@ -23,10 +24,12 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from vall_e.data import hdf5 as h5fmt
-from vall_e.data.listing import DEFAULT_FRAME_RATE, Utterance, list_split
+from vall_e.data.listing import DEFAULT_FRAME_RATE, QNT_SUFFIX, Utterance, list_split, resolve_dir, utterance_ids
 from vall_e.data.prompts import max_prompt_length, prompt_length, sample_prompt, trim
 from vall_e.data.sampler import ItemKey, item_seed
-from vall_e.errors import UserError
+from vall_e.emb.codes import load_codes, read_codes
+from vall_e.text.symmap import Symmap, read_phonemes
+from vall_e.utils.errors import UserError
 
 SPLITS = ("train", "val")
 
@@ -62,8 +65,6 @@ def held_out(utterances: Sequence[Utterance], fraction: float, keep: int = 1) ->
 
 def load_symmap(cfg: Any, utterances: Sequence[Utterance], save: bool = True):
     """The folder-mode symbol map: `{cfg_path}/symmap.json`, extended (and saved) to cover the data."""
-    from vall_e.text.symmap import Symmap, read_phonemes
-
     path = Path(cfg.symmap_path)
     base = Symmap.load(path) if path.is_file() else None
     symmap = Symmap.build((read_phonemes(u.phn_path) for u in utterances), base=base)
@@ -77,9 +78,6 @@ def load_symmap(cfg: Any, utterances: Sequence[Utterance], save: bool = True):
 
 def peek_codec_spec(cfg: Any) -> dict[str, Any] | None:
     """The codec spec stored in the first training `.qnt.pt` (None for the reference's bare tensors)."""
-    from vall_e.data.listing import QNT_SUFFIX, resolve_dir, utterance_ids
-    from vall_e.emb.codes import read_codes
-
     for entry in cfg.dataset.training:
         folder = resolve_dir(entry, cfg.cfg_path)
         try:
@@ -247,8 +245,6 @@ class VALLEDataset(Dataset):
                 raise UserError(f"{self.hdf5_path}:{utt.key}/audio: has {codes.shape[1]} code levels, "
                                 f"model.n_levels is {self.n_levels}")
         else:
-            from vall_e.emb.codes import load_codes
-
             codes = load_codes(utt.qnt_path)
         if codes.shape[0] != utt.frames:
             raise UserError(f"{utt.qnt_path if not self.use_hdf5 else self.hdf5_path}: {utt.key} has "
@@ -262,8 +258,6 @@ class VALLEDataset(Dataset):
             if not self._reencode:
                 return torch.from_numpy(h5fmt.read_array(self._file(), utt.key, "text", ndim=1,
                                                          n_values=len(self.symmap)).astype("int64"))
-            import json
-
             try:
                 tokens = json.loads(g.attrs["phonemes"])
                 if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
@@ -272,8 +266,6 @@ class VALLEDataset(Dataset):
                 raise UserError(f"{self.hdf5_path}:{utt.key}: damaged 'phonemes' attribute ({e}); "
                                 "rebuild it with `python -m vall_e.data yaml=CONFIG --action hdf5`") from None
             return torch.tensor(self.symmap.encode(tokens, source=f"{self.hdf5_path}:{utt.key}"), dtype=torch.long)
-        from vall_e.text.symmap import read_phonemes
-
         return torch.tensor(self.symmap.encode(read_phonemes(utt.phn_path), source=str(utt.phn_path)),
                             dtype=torch.long)
 

@@ -22,11 +22,16 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+import h5py
 import numpy as np
+from tqdm import tqdm
 
-from vall_e.data.listing import (DEFAULT_FRAME_RATE, PHN_SUFFIX, QNT_SUFFIX, language_of, resolve_dir,
-                                 speaker_key, speaker_parts, utterance_ids)
-from vall_e.errors import UserError
+from vall_e.data.listing import (DEFAULT_FRAME_RATE, PHN_SUFFIX, QNT_SUFFIX, language_of, resolve_dir, speaker_key,
+                                 speaker_parts, utterance_ids)
+from vall_e.emb.codes import read_codes
+from vall_e.text.languages import LanguageMap
+from vall_e.text.symmap import Symmap, read_phonemes
+from vall_e.utils.errors import UserError
 from vall_e.utils.io import atomic_path
 
 FORMAT = "vall_e.data"
@@ -45,8 +50,6 @@ def _rebuild_hint(path: Path) -> str:
 
 def open_hdf5(path: str | os.PathLike):
     """Open a complete data.h5 read-only; UserError for a missing, foreign or incomplete file."""
-    import h5py
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: HDF5 dataset not found; build it with `python -m vall_e.data yaml=... --action hdf5`")
@@ -73,14 +76,10 @@ def _root_json(f, name: str) -> Any:
 
 
 def read_symmap(f):
-    from vall_e.text.symmap import Symmap
-
     return Symmap.from_json(_root_json(f, "symmap"), source=f"{f.filename}:symmap")
 
 
 def read_languages(f):
-    from vall_e.text.languages import LanguageMap
-
     return LanguageMap.from_json(_root_json(f, "languages"), source=f"{f.filename}:languages")
 
 
@@ -164,13 +163,6 @@ def build_hdf5(cfg: Any, path: str | os.PathLike | None = None, frame_rate: floa
     The symbol map is built from all the phonemes (extending `{cfg_path}/symmap.json` when it
     exists, so ids stay stable across modes and rebuilds). Returns the written path.
     """
-    import h5py
-    from tqdm import tqdm
-
-    from vall_e.emb.codes import read_codes
-    from vall_e.text.languages import LanguageMap
-    from vall_e.text.symmap import Symmap, read_phonemes
-
     path = Path(path) if path is not None else Path(cfg.hdf5_path)
     d = cfg.dataset
     jobs: list[tuple[str, Path, str]] = []  # (split, folder, id)
@@ -201,7 +193,7 @@ def build_hdf5(cfg: Any, path: str | os.PathLike | None = None, frame_rate: floa
     base = Symmap.load(cfg.symmap_path) if Path(cfg.symmap_path).is_file() else None
     symmap = Symmap.build([phonemes[k] for k in sorted(phonemes, key=lambda k: (k[0], str(k[1]), k[2]))],
                           base=base)
-    languages = dataset_languages(cfg, LanguageMap)
+    languages = dataset_languages(cfg)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(path)
@@ -256,11 +248,9 @@ def _as_json_str(data: Any) -> str:
     return data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
 
 
-def dataset_languages(cfg: Any, language_map_cls: Any = None):
+def dataset_languages(cfg: Any) -> LanguageMap:
     """The language map a config implies: {"en": 0}, then dataset.language, then speaker_languages' keys."""
-    if language_map_cls is None:
-        from vall_e.text.languages import LanguageMap as language_map_cls
-    m = language_map_cls()
+    m = LanguageMap()
     m.add(cfg.dataset.language)
     for lang in cfg.dataset.speaker_languages:
         m.add(lang)

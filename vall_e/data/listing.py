@@ -17,7 +17,9 @@ from typing import Any, Iterable, Sequence
 
 from tqdm import tqdm
 
-from vall_e.errors import UserError
+from vall_e.emb.codes import load_codes
+from vall_e.text.symmap import read_phonemes
+from vall_e.utils.errors import UserError
 from vall_e.utils.io import atomic_write_text
 
 QNT_SUFFIX = ".qnt.pt"
@@ -119,9 +121,6 @@ def _read_metadata(path: Path) -> dict[str, Any]:
 
 def measure_utterance(speaker_dir: Path, uid: str) -> dict[str, Any]:
     """Frames, levels and phoneme count of one utterance (loads its codes and phonemes)."""
-    from vall_e.emb.codes import load_codes
-    from vall_e.text.symmap import read_phonemes
-
     qnt = speaker_dir / f"{uid}{QNT_SUFFIX}"
     phn = speaker_dir / f"{uid}{PHN_SUFFIX}"
     codes = load_codes(qnt)

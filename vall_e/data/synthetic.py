@@ -28,8 +28,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import soundfile as sf
+import soxr
+from tqdm import tqdm
 
-from vall_e.errors import UserError, run_main
+from vall_e.text.espeak import data_path, load_private_library, unload_library
+from vall_e.utils.errors import UserError, run_main
 from vall_e.utils.io import atomic_path, atomic_write_text
 
 # espeak-ng API constants (speak_lib.h)
@@ -163,8 +167,6 @@ class _Espeak:
     _callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
 
     def __init__(self) -> None:
-        from vall_e.text.espeak import data_path
-
         self.data = data_path()
         self.chunks: list[np.ndarray] = []
         self._callback = self._callback_type(self._collect)  # keep a reference: espeak holds a raw pointer
@@ -176,8 +178,6 @@ class _Espeak:
 
     def _open(self) -> ctypes.CDLL:
         """Load and initialise a fresh library instance (call under `lock`)."""
-        from vall_e.text.espeak import load_private_library, unload_library
-
         lib = load_private_library()
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.espeak_Initialize.restype = ctypes.c_int
@@ -202,8 +202,6 @@ class _Espeak:
 
     @staticmethod
     def _close(lib: ctypes.CDLL) -> None:
-        from vall_e.text.espeak import unload_library
-
         lib.espeak_Terminate()
         unload_library(lib)
 
@@ -276,8 +274,6 @@ def synthesize(text: str, voice: str | Voice = "en-us", sample_rate: int = 24000
         raise UserError(f"espeak-ng produced no audio for {text[:40]!r}")
     wav = pcm.astype(np.float32) / 32768.0
     if sample_rate != engine.sample_rate:
-        import soxr
-
         wav = soxr.resample(wav, engine.sample_rate, sample_rate, quality="HQ").astype(np.float32)
     return np.clip(wav, -1.0, 1.0)
 
@@ -702,15 +698,11 @@ def generate_corpus(out_dir: str | Path, n_speakers: int = 4, n_utterances: int 
     resumes). Each utterance's sentence depends only on (language, seed, speaker index within its
     language, utterance index), so an English group is the same alone or beside other languages.
     """
-    from tqdm import tqdm
-
     plan = speaker_plan(n_speakers, language)
     if n_utterances < 1:
         raise UserError(f"number of utterances must be at least 1, got {n_utterances}")
     if not group or "/" in group or "\\" in group or group.startswith("."):
         raise UserError(f"group must be a plain folder name, got {group!r}")
-    import soundfile as sf
-
     multi = len(plan) > 1
     paths: list[Path] = []
     with tqdm(total=n_speakers * n_utterances, desc="corpus", unit="utt", disable=not progress,

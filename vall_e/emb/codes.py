@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vall_e.errors import UserError
+from vall_e.utils.errors import UserError
 from vall_e.utils.io import atomic_path
 
 # Codes in the reference's bare-tensor files come from EnCodec: 1024 codes per level.

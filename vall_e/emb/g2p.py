@@ -14,7 +14,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from vall_e.errors import UserError, run_main
+from tqdm import tqdm
+
+from vall_e.config import parse_config
+from vall_e.text.languages import normalize_language
+from vall_e.text.phonemes import phonemize_many
+from vall_e.text.symmap import format_phonemes
+from vall_e.utils.errors import UserError, run_main
 from vall_e.utils.io import atomic_write_text, remove_stale_temps
 
 PHN_SUFFIX = ".phn.txt"
@@ -66,11 +72,6 @@ def read_transcript(path: Path) -> str:
 def phonemize_files(jobs: Sequence[tuple[Path, Path]], language: str, batch_size: int = 64,
                     progress: bool = True) -> int:
     """Phonemize and write each job in order; raise UserError at the first bad file. Returns count."""
-    from tqdm import tqdm
-
-    from vall_e.text.g2p import phonemize_many
-    from vall_e.text.symmap import format_phonemes
-
     written = 0
     with tqdm(total=len(jobs), desc="g2p", unit="file", disable=not progress, file=sys.stderr) as bar:
         for start in range(0, len(jobs), batch_size):
@@ -107,17 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="language code, e.g. en, de, fr-fr, en-gb (default: dataset.language, en)")
     parser.add_argument("--batch-size", type=int, default=64, help="transcripts per espeak call")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    try:
-        from vall_e.config import parse_config
-    except ImportError:  # config module missing: plain flags only
-        args = parser.parse_args(argv)
-        default_language = "en"
-    else:
-        cfg, args = parse_config(argv, parser)
-        default_language = cfg.dataset.language
-    from vall_e.text.languages import normalize_language
-
-    language = args.language or default_language
+    cfg, args = parse_config(argv, parser)
+    language = args.language or cfg.dataset.language
     normalize_language(language)  # fail on a bad code before any work
     if not args.suffix or args.suffix == PHN_SUFFIX:
         raise UserError(f"--suffix must name the transcripts' ending, not {args.suffix!r}")

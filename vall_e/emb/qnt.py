@@ -13,7 +13,15 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from vall_e.errors import UserError, run_main
+import torch
+from tqdm import tqdm
+
+from vall_e.codecs import build_codec
+from vall_e.codecs.world import fit_world_codec
+from vall_e.config import parse_config
+from vall_e.emb.codes import save_codes
+from vall_e.utils.audio import audio_duration, load_audio
+from vall_e.utils.errors import UserError, run_main
 from vall_e.utils.io import remove_stale_temps
 
 QNT_SUFFIX = ".qnt.pt"
@@ -48,10 +56,6 @@ def output_path(audio: Path) -> Path:
 
 def _fit_world(cfg: Any, root: Path, wav_paths: list[Path]) -> Path:
     """Hook for `--fit`: fit the offline WORLD codec's codebooks on `wav_paths` before quantising."""
-    try:
-        from vall_e.codecs.world import fit_world_codec
-    except ImportError as e:
-        raise UserError(f"--fit: the WORLD codec is not available ({e})") from None
     out = cfg.resolve_path(cfg.codec.codebooks) if cfg.codec.codebooks else root / "codebooks.safetensors"
     if not wav_paths:
         raise UserError(f"--fit: no audio files under {root} to fit the codec on")
@@ -77,8 +81,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from vall_e.config import parse_config
-
     cfg, args = parse_config(argv, _parser())
     root: Path = args.dir
     if not root.is_dir():
@@ -100,8 +102,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cfg.codec.name != "world":
             raise UserError(f"--fit only applies to codec.name=world (got codec.name={cfg.codec.name})")
         if max_seconds is not None:  # fitting loads every file: refuse over-long ones from their headers
-            from vall_e.audio import audio_duration
-
             for p in files:
                 if audio_duration(p) > max_seconds:
                     raise UserError(f"{p}: {audio_duration(p):.1f} s is longer than the limit of {max_seconds:g} s "
@@ -118,13 +118,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.fit and skipped:
         print(f"note: {skipped} existing {QNT_SUFFIX} files were kept; they were encoded before this fit",
               file=sys.stderr)
-
-    import torch
-    from tqdm import tqdm
-
-    from vall_e.audio import load_audio
-    from vall_e.codecs import build_codec
-    from vall_e.emb.codes import save_codes
 
     codec = build_codec(spec)
     codec_spec = codec.spec()

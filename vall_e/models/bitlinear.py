@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vall_e.errors import UserError
+from vall_e.utils.errors import UserError
 
 _EPS = 1e-5
 

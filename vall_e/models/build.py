@@ -10,7 +10,10 @@ from typing import Any
 
 from torch import nn
 
-from vall_e.errors import UserError
+from vall_e.models.bitlinear import swap_linear
+from vall_e.models.presets import resolve_dims
+from vall_e.models.valle import VALLE, VALLEConfig
+from vall_e.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +29,6 @@ def model_names(kind: str) -> list[str]:
 def valle_configs(model_cfg: Any, n_text_tokens: int | None = None, n_langs: int | None = None) -> dict[str, Any]:
     """One `VALLEConfig` per network. `n_text_tokens` / `n_langs` are what the data needs (the
     symbol map's size, the language count); the config must be at least that large."""
-    from vall_e.models.presets import resolve_dims
-    from vall_e.models.valle import VALLEConfig
-
     m = model_cfg
     if n_text_tokens is not None and n_text_tokens > m.n_text_tokens:
         raise UserError(f"model.n_text_tokens={m.n_text_tokens} is too small for the symbol map "
@@ -60,14 +60,10 @@ def build_models(model_cfg: Any, n_text_tokens: int | None = None, n_langs: int 
                  bnb_cfg: Any = None) -> dict[str, nn.Module]:
     """Build the network(s) described by `cfg.model`, with `cfg.bitsandbytes` layer swaps and
     `model.frozen_params` applied."""
-    from vall_e.models.valle import VALLE
-
     models: dict[str, nn.Module] = {}
     for name, vcfg in valle_configs(model_cfg, n_text_tokens, n_langs).items():
         model = VALLE(vcfg)
         if bnb_cfg is not None and getattr(bnb_cfg, "linear", False):
-            from vall_e.models.bitlinear import swap_linear
-
             kind = "bitnet" if getattr(bnb_cfg, "bitnet", False) else "bnb8"
             if kind == "bnb8" and not getattr(bnb_cfg, "enabled", False):
                 raise UserError("bitsandbytes.linear needs bitsandbytes.enabled=true (or bitsandbytes.bitnet=true)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from vall_e.errors import UserError
+from vall_e.utils.errors import UserError
 
 PRESETS: dict[str, tuple[int, int, int]] = {
     "tiny": (64, 4, 2),  # tests

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vall_e.errors import UserError
+from vall_e.utils.errors import UserError
 
 from .backbones import build_backbone
 from .backbones.base import Mask

@@ -1,8 +1,8 @@
 """Text front end: G2P (phonemizer + espeak-ng from the espeakng-loader wheel), the phoneme symbol
 map with the `.phn.txt` format, and the language map. Importing this package loads no library;
 espeak-ng is loaded on the first phonemize call."""
-from vall_e.text.g2p import BOUNDARY, phonemize, phonemize_many, tokenize
 from vall_e.text.languages import LanguageMap, normalize_language, supported_languages
+from vall_e.text.phonemes import BOUNDARY, phonemize, phonemize_many, tokenize
 from vall_e.text.symmap import Symmap, format_phonemes, parse_phonemes, read_phonemes
 
 __all__ = [

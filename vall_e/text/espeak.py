@@ -11,6 +11,7 @@ one process without changing each other's voice or settings. Because nobody else
 """
 from __future__ import annotations
 
+import _ctypes
 import atexit
 import ctypes
 import ctypes.util
@@ -22,7 +23,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from vall_e.errors import UserError
+from vall_e.utils.errors import UserError
 
 _INSTALL_HINT = "install the espeakng-loader wheel (pip install espeakng-loader) or a system espeak-ng"
 _configure_lock = threading.Lock()
@@ -125,8 +126,6 @@ def unload_library(lib: ctypes.CDLL) -> None:
 
     The caller must drop every reference to `lib` (and its functions) afterwards.
     """
-    import _ctypes
-
     if sys.platform == "win32":  # pragma: no cover
         _ctypes.FreeLibrary(lib._handle)
     else:

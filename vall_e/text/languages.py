@@ -11,7 +11,8 @@ import functools
 import json
 from typing import Any, Iterator, Mapping
 
-from vall_e.errors import UserError
+from vall_e.text.espeak import configure_phonemizer
+from vall_e.utils.errors import UserError
 
 # user code -> espeak-ng voice (language) code
 ALIASES: dict[str, str] = {
@@ -57,8 +58,6 @@ def _key(code: str) -> str:
 @functools.lru_cache(maxsize=1)
 def espeak_languages() -> dict[str, str]:
     """espeak-ng's own language codes, lower-cased key -> the code as espeak spells it."""
-    from vall_e.text.espeak import configure_phonemizer
-
     configure_phonemizer()
     from phonemizer.backend import EspeakBackend
 

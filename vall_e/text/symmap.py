@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from vall_e.errors import UserError
+from vall_e.utils.errors import UserError
 from vall_e.utils.io import atomic_write_text
 
 PAD, BOS, EOS, BOUNDARY = "<pad>", "<s>", "</s>", " "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-from vall_e.errors import UserError
+from vall_e.utils.errors import UserError
 
 from .base import Backbone, BackboneOutput, Mask
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from vall_e.errors import UserError
 from vall_e.models.bitlinear import swap_linear
+from vall_e.utils.errors import UserError
 
 from .transformer import TransformerBackbone
 

@@ -13,16 +13,15 @@ padded with "not allowed" up to that length.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import inspect
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache, LlamaConfig, LlamaModel, StaticCache
 from transformers.cache_utils import Cache
 
-from vall_e.errors import UserError
+from vall_e.utils.errors import UserError
 
 from .base import Backbone, BackboneOutput, Mask
 

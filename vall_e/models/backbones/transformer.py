@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vall_e.errors import UserError
+from vall_e.utils.errors import UserError
 
 from ..rows_linear import decode_linear
 from .base import Backbone, BackboneOutput, Mask

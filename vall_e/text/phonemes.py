@@ -21,8 +21,9 @@ import threading
 import unicodedata
 from typing import Any, Literal, Sequence, overload
 
-from vall_e.errors import UserError
+from vall_e.text.espeak import configure_phonemizer
 from vall_e.text.languages import normalize_language
+from vall_e.utils.errors import UserError
 
 BOUNDARY = " "
 MERGE_MARKS = frozenset("ˈˌː")
@@ -38,8 +39,6 @@ def _backend(espeak_code: str) -> Any:
     """Cached phonemizer EspeakBackend for an espeak language code (call under `_lock`)."""
     backend = _backends.get(espeak_code)
     if backend is None:
-        from vall_e.text.espeak import configure_phonemizer
-
         configure_phonemizer()
         from phonemizer.backend import EspeakBackend
 

@@ -15,16 +15,31 @@ from __future__ import annotations
 import logging
 import math
 import re
+import shutil
 import time
-from dataclasses import dataclass, field, replace
+import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
+from torch.ao.quantization import quantize_dynamic
 
-from vall_e.errors import UserError
-from vall_e.sampling import BeamSearch, SamplingParams, TokenSampler
+from vall_e.codecs import build_codec
+from vall_e.codecs.rvq import ResidualVQ
+from vall_e.codecs.world import WorldCodec
+from vall_e.config import load_config
+from vall_e.data.prompts import trim_or_repeat
+from vall_e.generation.sampling import BeamSearch, SamplingParams, TokenSampler
+from vall_e.generation.settings import GenerationSettings
+from vall_e.models.backbones.kv_cache import KVCache
+from vall_e.models.model_file import load_exported
+from vall_e.text.languages import LanguageMap
+from vall_e.text.phonemes import phonemize
+from vall_e.text.symmap import Symmap
+from vall_e.utils.audio import concat_with_pauses, load_audio
+from vall_e.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -36,22 +51,6 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 FRAMES_PER_PHONEME_LIMIT = 20
 MIN_AR_STEPS = 75
 MAX_REFERENCE_SECONDS = 120.0  # a reference longer than this is refused from its header (never loaded)
-
-
-@dataclass
-class GenerationSettings:
-    """Everything that shapes one synthesis besides the text and the voice."""
-
-    ar: SamplingParams = field(default_factory=SamplingParams.ar_defaults)
-    nar: SamplingParams = field(default_factory=SamplingParams.nar_defaults)
-    max_ar_steps: int = 0  # user cap on AR frames; 0 = follow the text length only
-    max_nar_levels: int = 7  # NAR passes (levels 1..max_nar_levels)
-    input_prompt_length: float = 3.0  # seconds of reference used as the prompt; 0 = all of it
-    max_repeat_frames: int = 150  # a level-0 code repeated this many frames in a row ends the sequence
-    min_frames_per_phoneme: float = 1.0  # STOP is banned before this many frames per phoneme (premature stops)
-    language: str = "en"
-    split_sentences: bool = True
-    pause: float = 0.25  # seconds of silence between joined sentences
 
 
 def split_sentences(text: str, max_chars: int = 200) -> list[str]:
@@ -99,10 +98,6 @@ def cpu_decode_layout(model: torch.nn.Module) -> int:
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of `model` with every nn.Linear dynamically quantized (int8 weights, per-tensor scale;
     activations quantized per call), for CPU inference. Embeddings and norms stay float32."""
-    import warnings
-
-    from torch.ao.quantization import quantize_dynamic
-
     with warnings.catch_warnings():  # torch.ao's deprecation notice
         warnings.simplefilter("ignore")
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
@@ -110,16 +105,12 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
 
 def _check_compiler(device: torch.device) -> None:
     """torch.compile's CPU backend (inductor) builds C++: say so before the first decode fails."""
-    import shutil
-
     if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         raise UserError("compile=True needs a C++ compiler (g++ or clang++) for torch.compile on the CPU")
 
 
 def _reorder_cache(cache: Any, index: Tensor) -> Any:
     """Reorder a backbone cache along its batch dimension (beam search)."""
-    from vall_e.models.backbones.kv_cache import KVCache
-
     if isinstance(cache, KVCache):
         cache.reorder(index)
         return cache
@@ -155,9 +146,6 @@ class TTS:
         decode_layout: re-lay wide weight matrices for faster CPU decoding (`cpu_decode_layout`); it
         changes the given models' parameters, so only `from_pretrained` (which owns them) turns it on.
         """
-        from vall_e.text.languages import LanguageMap
-        from vall_e.text.symmap import Symmap
-
         if dtype not in DTYPES and dtype != "int8":
             raise UserError(f"unknown dtype {dtype!r}; choose one of float32, bfloat16, float16, int8")
         self.device = torch.device(device)
@@ -200,15 +188,10 @@ class TTS:
         """Load an exported `model.safetensors`, or a training run through its YAML (its export, else
         its latest checkpoint). The codec and G2P settings come from the model's metadata.
         dtype and compile: see `TTS.__init__`."""
-        from vall_e.codecs import build_codec
-        from vall_e.export import load_exported
-
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         path = Path(path)
         if path.suffix in (".yaml", ".yml"):
-            from vall_e.config import load_config
-
             cfg = load_config(path)
             candidate = cfg.ckpt_dir / cfg.model.full_name / "model.safetensors"
             if not candidate.exists():
@@ -222,9 +205,6 @@ class TTS:
         if codec_device:
             spec["device"] = codec_device
         if meta.get("codec_tensors") and spec.get("name") == "world":  # codebooks embedded in the file
-            from vall_e.codecs.rvq import ResidualVQ
-            from vall_e.codecs.world import WorldCodec
-
             codec = WorldCodec(ResidualVQ.from_tensors(*meta["codec_tensors"], source=str(path)),
                                device=spec.get("device", "cpu"))
         else:
@@ -237,8 +217,6 @@ class TTS:
 
     # ------------------------------------------------------------------ front ends
     def encode_text(self, text: str, language: str = "en") -> Tensor:
-        from vall_e.text.g2p import phonemize
-
         tokens = [self._known_symbol(t) for t in phonemize(text, language)]
         return torch.tensor(self.symmap.encode(tokens, source=f"the text {text[:40]!r}"), dtype=torch.long)
 
@@ -276,8 +254,6 @@ class TTS:
     def encode_reference(self, references: str | Path | Sequence[str | Path] | Tensor,
                          prompt_seconds: float = 3.0) -> Tensor:
         """Reference audio -> prompt codes [T, L]. Several files (or `a.wav;b.wav`) are joined."""
-        from vall_e.data.prompts import trim_or_repeat
-
         if isinstance(references, Tensor):
             codes = references if references.dim() == 2 else self.codec.encode(references)
         else:
@@ -285,8 +261,6 @@ class TTS:
                 references = [p for p in str(references).split(";") if p.strip()]
             if not references:
                 raise UserError("no reference audio given")
-            from vall_e.audio import load_audio  # only for files: a waveform or codes tensor needs no soundfile
-
             pieces = [self.codec.encode(load_audio(p, self.codec.sample_rate, max_seconds=MAX_REFERENCE_SECONDS))
                       for p in references]
             codes = torch.cat(pieces)
@@ -483,8 +457,6 @@ class TTS:
         for i in range(len(texts)):
             mine = [w for w, o in zip(wavs, owners) if o == i]
             if len(mine) > 1:
-                from vall_e.audio import concat_with_pauses  # only here: the engine runs without soundfile
-
                 out.append(concat_with_pauses(mine, self.sample_rate, settings.pause))
             else:
                 out.append(mine[0])

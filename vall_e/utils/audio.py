@@ -18,7 +18,7 @@ import soxr
 import torch
 from torch import Tensor
 
-from vall_e.errors import UserError
+from vall_e.utils.errors import UserError
 from vall_e.utils.io import atomic_path
 
 # A file whose peak stays below this (about -80 dBFS) is treated as silent.

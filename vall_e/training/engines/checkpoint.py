@@ -27,9 +27,10 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from vall_e.errors import UserError
+from vall_e.models.weights import load_safetensors, save_safetensors
+from vall_e.utils.errors import UserError
 from vall_e.utils.io import atomic_dir, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -43,67 +44,6 @@ LATEST_FILE = "latest"
 
 _STEP_RE = re.compile(r"^\d+$")
 _STALE_RE = re.compile(r"^\.(\d+|latest)\..*\.tmp$|^\.\d+\.old$|^\.model\.safetensors\..*\.tmp\.safetensors$")
-
-
-# --------------------------------------------------------------------------------------------
-# Weights
-# --------------------------------------------------------------------------------------------
-
-def flat_weights(state_dicts: dict[str, dict[str, Tensor]], prefix: bool = True) -> dict[str, Tensor]:
-    """One flat CPU dict for safetensors: keys "{model}.{key}" (no prefix for a lone model when
-    `prefix` is false). Tensors that share storage (tied weights) are copied so safetensors accepts them."""
-    out: dict[str, Tensor] = {}
-    seen: set[int] = set()
-    lone = len(state_dicts) == 1 and not prefix
-    for name, sd in state_dicts.items():
-        for k, t in sd.items():
-            if not isinstance(t, Tensor):
-                continue
-            key = k if lone else f"{name}.{k}"
-            t = t.detach()
-            ptr = t.untyped_storage().data_ptr() if t.numel() else None
-            t = t.to("cpu", copy=t.device.type == "cpu" and ptr in seen).contiguous()
-            if ptr is not None:
-                seen.add(ptr)
-            out[key] = t
-    return out
-
-
-def split_weights(flat: dict[str, Tensor], names: list[str], prefix: bool = True) -> dict[str, dict[str, Tensor]]:
-    """Inverse of `flat_weights`."""
-    if len(names) == 1 and not prefix:
-        return {names[0]: dict(flat)}
-    out: dict[str, dict[str, Tensor]] = {n: {} for n in names}
-    for k, t in flat.items():
-        name, _, rest = k.partition(".")
-        if name not in out:
-            raise UserError(f"weights: key {k!r} belongs to no model ({', '.join(names)})")
-        out[name][rest] = t
-    return out
-
-
-def save_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(path), metadata=metadata)
-
-
-def load_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """(tensors, metadata); a damaged file is a UserError naming it."""
-    from safetensors import safe_open
-
-    try:
-        tensors: dict[str, Tensor] = {}
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = dict(f.metadata() or {})
-            for k in f.keys():
-                tensors[k] = f.get_tensor(k)
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except Exception as e:  # safetensors raises its own error types for bad headers and short files
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path}: not a valid safetensors file (truncated or damaged): {first}") from None
-    return tensors, meta
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,22 +274,3 @@ def find_checkpoint(run_dir: Path, tag: str = "") -> Path | None:
     logger.warning("%s names step %d, but %s is missing: resuming from the previous complete checkpoint, "
                    "step %d", run_dir / LATEST_FILE, latest, d, earlier[-1])
     return run_dir / str(earlier[-1])
-
-
-def load_model_weights(model: nn.Module, weights: dict[str, Tensor], strict: bool, source: str) -> None:
-    """`load_state_dict` with a one-line UserError naming `source` on any mismatch."""
-    own = model.state_dict()
-    for k, t in weights.items():
-        if k in own and tuple(own[k].shape) != tuple(t.shape):
-            raise UserError(f"{source}: weight {k!r} has shape {tuple(t.shape)}, the model expects "
-                            f"{tuple(own[k].shape)} (different model config?)")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if strict and (missing or unexpected):
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} weight(s) e.g. {missing[0]!r}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} weight(s) e.g. {unexpected[0]!r}")
-        raise UserError(f"{source}: {'; '.join(parts)} (set trainer.strict_loading=false to load anyway)")
-    if missing or unexpected:
-        logger.warning("%s: %d missing and %d unexpected weights ignored", source, len(missing), len(unexpected))

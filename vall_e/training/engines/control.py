@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
@@ -144,8 +145,6 @@ class Controller:
         rank must leave the loop at the same step, or the next collective hangs."""
         if self.world_size <= 1:
             return flag
-        import torch.distributed as dist
-
         t = torch.tensor([int(flag)], dtype=torch.long, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
@@ -154,8 +153,6 @@ class Controller:
         lines = self.reader.poll() if self.reader is not None else []
         stop = self.signals.stop_requested
         if self.world_size > 1:
-            import torch.distributed as dist
-
             data = "\n".join(lines).encode("utf-8") if self.rank == 0 else b""
             head = torch.tensor([len(data), int(stop)], dtype=torch.long, device=self.device)
             dist.all_reduce(head, op=dist.ReduceOp.MAX)  # rank 0's length (others send 0); any rank's stop

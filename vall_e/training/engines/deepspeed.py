@@ -34,11 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from vall_e.engines.local import StepResult, mean_stats, move_to, set_activation_checkpointing
-from vall_e.engines.optim import LRSchedule, build_optimizer, current_lr, set_lr
-from vall_e.errors import UserError
+from vall_e.training.engines.local import StepResult, mean_stats, move_to, set_activation_checkpointing
+from vall_e.training.engines.optim import LRSchedule, build_optimizer, current_lr, set_lr
+from vall_e.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -199,8 +200,6 @@ def _load_without_pickle(engine: Any) -> None:
     Its own loader unpickles them (`weights_only=False`), so a tampered `*_optim_states.pt` could run
     code on resume. Its files hold tensors, dicts, lists, numbers and strings, which the safe loader reads.
     """
-    import torch
-
     ce = getattr(engine, "checkpoint_engine", None)
     if ce is None:
         return
@@ -326,8 +325,6 @@ class DeepSpeedEngine:
     def _any(self, flag: bool) -> bool:
         if self.world_size == 1:
             return flag
-        import torch.distributed as dist
-
         t = torch.tensor([float(flag)], device=self.engine.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)

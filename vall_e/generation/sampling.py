@@ -7,13 +7,13 @@ over the batch in Python, so one call serves a whole batch of texts.
 
 Fixes against the reference (mrq/vall-e, behaviour file §11):
 
-* quirk 5: the repetition penalty divides positive logits and multiplies negative ones, so a
-  penalised token always loses probability; its decay makes the penalty *fade* with distance.
-* quirk 6: mirostat keeps one μ per sequence, initialised to 2·tau.
-* quirk 7: `BeamSearch` is a real beam search (hypotheses reordered, length-normalised scores).
-* quirk 8: `ban_tokens` lets a NAR pass exclude STOP.
+* #5: the repetition penalty divides positive logits and multiplies negative ones, so a penalised
+  token always loses probability; its decay makes the penalty *fade* with distance.
+* #6: mirostat keeps one μ per sequence, initialised to 2·tau.
+* #7: `BeamSearch` is a real beam search (hypotheses reordered, length-normalised scores).
+* #8: `ban_tokens` lets a NAR pass exclude STOP.
 
-`TokenSampler.sample` applies, in this order (the reference's order, §6.4, plus the new steps):
+`TokenSampler.sample` applies, in this order (the reference's order, plus the new steps):
 
 1. repetition penalty (history), 2. length penalty on STOP (AR), 3. banned ids -> -inf
    (steps 1-3 are `TokenSampler.penalize`, also the input of a beam search);
@@ -40,7 +40,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from vall_e.errors import UserError
+from vall_e.utils.errors import UserError
 
 PAD_ID = -1
 """Default padding value of history tensors."""

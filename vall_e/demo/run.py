@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from vall_e.errors import UserError, run_main
+from vall_e.utils.errors import UserError, run_main
 
 logger = logging.getLogger("vall_e.demo")
 
@@ -142,8 +142,8 @@ def _estimate_iterations(cfg_path: Path, minutes: float) -> tuple[int, float]:
 def _mcd_table(items: list[dict[str, Any]], columns: dict[str, list[str]]) -> dict[str, Any]:
     import numpy as np
 
-    from vall_e.audio import load_audio
-    from vall_e.metrics import analyse, mcd_dtw
+    from vall_e.utils.audio import load_audio
+    from vall_e.evaluation.metrics import analyse, mcd_dtw
 
     rows = []
     for idx, item in enumerate(items):
@@ -211,11 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # 4. train + export
     from vall_e.config import load_config
-    from vall_e.train import Trainer
+    from vall_e.training.trainer import Trainer
 
     # The symbol map starts with the held-out sentences' phonemes: a small corpus may never use one of
     # them (say 'ᵻ'), and synthesis would refuse a phoneme the model has no embedding for.
-    from vall_e.text.g2p import phonemize_many
+    from vall_e.text.phonemes import phonemize_many
     from vall_e.text.symmap import Symmap
 
     symmap_path = out / "symmap.json"
@@ -234,16 +234,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer = Trainer(cfg, read_stdin=False)
     trainer.run()
     model_path = trainer.export() or cfg.ckpt_dir / cfg.model.full_name / "model.safetensors"
-    from vall_e.plot import main as plot_main
+    from vall_e.training.plot import main as plot_main
 
     plot_main([f"yaml={cfg_path}", "--ys", "loss", "ar.acc", "nar.acc", "--out", str(out / "loss.png")])
 
     # 5. synthesize held-out sentences, and the same with an untrained copy of the model
-    from vall_e.audio import save_audio
-    from vall_e.export import read_export
-    from vall_e.inference import TTS, GenerationSettings
+    from vall_e.utils.audio import save_audio
+    from vall_e.models.model_file import read_export
+    from vall_e.generation.settings import GenerationSettings
+    from vall_e.generation.tts import TTS
     from vall_e.models.valle import VALLE, VALLEConfig
-    from vall_e.sampling import SamplingParams
+    from vall_e.generation.sampling import SamplingParams
 
     _stage("synthesizing held-out sentences", t0)
     tts = TTS.from_pretrained(model_path, device="cpu")

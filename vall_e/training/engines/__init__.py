@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vall_e.engines.local import LocalEngine, StepResult
+from vall_e.training.engines.deepspeed import DeepSpeedEngine
+from vall_e.training.engines.local import LocalEngine, StepResult
 
 __all__ = ["LocalEngine", "StepResult", "build_engine"]
 
@@ -20,7 +21,5 @@ def build_engine(name: str, model: nn.Module, cfg: Any, device: torch.device, to
                  rank: int = 0, world_size: int = 1) -> Any:
     """The engine for `cfg.trainer.backend` (DeepSpeed is imported only when chosen)."""
     if cfg.trainer.backend == "deepspeed":
-        from vall_e.engines.deepspeed import DeepSpeedEngine
-
         return DeepSpeedEngine(name, model, cfg, device, total_steps, rank, world_size)
     return LocalEngine(name, model, cfg, device, total_steps, rank, world_size)

@@ -19,9 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from vall_e.engines.optim import LRSchedule, build_optimizer, current_lr, set_lr
+from vall_e.training.engines.optim import LRSchedule, build_optimizer, current_lr, set_lr
+from vall_e.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +109,6 @@ class LocalEngine:
         self.scaler = torch.amp.GradScaler(self.device.type) if (self.amp and self.dtype == torch.float16) else None
         self.ddp = None
         if world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
             # Each sample trains one level, so some level embeddings/heads get no gradient in a step.
             self.ddp = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                            find_unused_parameters=True)
@@ -125,8 +126,6 @@ class LocalEngine:
         """True on every rank when `flag` is true on any rank."""
         if self.world_size == 1:
             return flag
-        import torch.distributed as dist
-
         t = torch.tensor([float(flag)], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
@@ -236,8 +235,6 @@ class LocalEngine:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {}}
 
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
-        from vall_e.errors import UserError
-
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.schedule.load_state_dict(state["schedule"])

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import unicodedata
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -27,6 +28,8 @@ from typing import Any, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import soxr
+
+from vall_e.codecs.world import import_pyworld
 
 METRIC_SR = 22_050  # analysis rate of every signal metric (see the module docstring)
 FRAME_MS = 5.0  # WORLD frame period for the metrics
@@ -101,8 +104,6 @@ def _to_f64(wav: Any) -> np.ndarray:
 
 def _world(wav: Any, sr: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(signal at METRIC_SR, f0, frame times, spectral envelope)."""
-    from vall_e.codecs.world import import_pyworld
-
     pw = import_pyworld()
     x = _to_f64(wav)
     if sr != METRIC_SR:
@@ -361,8 +362,6 @@ class ResemblyzerEncoder:
     """Resemblyzer's GE2E VoiceEncoder; its weights (`pretrained.pt`) ship inside the wheel."""
 
     def __init__(self, device: str = "cpu") -> None:
-        import warnings
-
         with warnings.catch_warnings():  # resemblyzer 0.1.4 imports a deprecated scipy.ndimage path
             warnings.simplefilter("ignore", DeprecationWarning)
             from resemblyzer import VoiceEncoder, preprocess_wav

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from vall_e.errors import UserError
+from vall_e.utils.errors import UserError
 
 OPTIMIZERS = ("adamw", "sgd", "prodigy", "adamw8bit")
 SCHEDULES = ("constant", "cosine", "linear", "onecycle")

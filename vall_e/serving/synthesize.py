@@ -1,0 +1,141 @@
+"""`python -m vall_e TEXT REFERENCES [OUT]`: synthesize speech in the voice of the reference audio.
+
+Every flag of the reference implementation is here (`--ar-temp`, `--top-p`, `--beam-width`, ...),
+plus min-p, repetition-aware sampling, a seed, a batch mode, and one numbered file per text line.
+References are joined with `;`. The model comes from `--model model.safetensors` or a training run's
+`--yaml` (or `yaml=`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from vall_e.config import parse_config
+from vall_e.generation.sampling import SamplingParams
+from vall_e.generation.settings import GenerationSettings
+from vall_e.generation.tts import TTS
+from vall_e.utils.audio import concat_with_pauses, save_audio
+from vall_e.utils.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vall_e", description="Zero-shot TTS with VALL-E.")
+    p.add_argument("text", help="text to speak; several lines give one output per line")
+    p.add_argument("references", help="reference audio file(s) of the voice, joined with ';'")
+    p.add_argument("out", nargs="?", default=None, help="output audio file (default: ./data/{time}.wav)")
+    p.add_argument("--out-path", default=None, help="output audio file (same as the positional OUT)")
+    p.add_argument("--yaml", default=None, help="training run config; its exported model is used")
+    p.add_argument("--model", default=None, help="exported model.safetensors")
+    p.add_argument("--ar-ckpt", default=None, help="alias of --model (the reference's flag)")
+    p.add_argument("--nar-ckpt", default=None, help="accepted for compatibility; the exported file holds both")
+    p.add_argument("--language", default="en", help="text language (en, de, fr, es, ...)")
+    p.add_argument("--max-ar-steps", type=int, default=0, help="cap on AR frames (0: follow the text length)")
+    p.add_argument("--max-nar-levels", type=int, default=7, help="NAR passes (levels 1..N)")
+    p.add_argument("--max-ar-context", type=int, default=-1, help="if > 0, only the last N generated frames are attended")
+    p.add_argument("--ar-temp", type=float, default=0.95, help="AR temperature (0 = greedy)")
+    p.add_argument("--nar-temp", type=float, default=0.2, help="NAR temperature (0 = greedy)")
+    p.add_argument("--min-ar-temp", type=float, default=-1.0, help="in [0, ar-temp): dynamic temperature")
+    p.add_argument("--min-nar-temp", type=float, default=-1.0, help="in [0, nar-temp): dynamic temperature")
+    p.add_argument("--input-prompt-length", type=float, default=3.0,
+                   help="seconds of reference used as the prompt (trimmed or repeated); 0 = all")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--repetition-penalty-decay", type=float, default=0.0)
+    p.add_argument("--length-penalty", type=float, default=0.0, help="penalty on STOP (AR)")
+    p.add_argument("--beam-width", type=int, default=0, help="> 1: beam search for the AR")
+    p.add_argument("--mirostat-tau", type=float, default=0.0)
+    p.add_argument("--mirostat-eta", type=float, default=0.1)
+    p.add_argument("--ras-window", type=int, default=10, help="repetition-aware sampling window (VALL-E 2: 10)")
+    p.add_argument("--ras-ratio", type=float, default=0.1, help="repetition-aware sampling threshold")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible output")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"],
+                   help="int8: every Linear dynamically quantized (CPU only)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the AR decode step with torch.compile "
+                        "(CPU: needs a C++ compiler; first call takes 1-4 min)")
+    p.add_argument("--amp", action="store_true", help="accepted for compatibility (use --dtype)")
+    p.add_argument("--join", action="store_true", help="multi-line text: write one joined file")
+    p.add_argument("--no-split", action="store_true", help="do not split long text into sentences")
+    p.add_argument("--pause", type=float, default=0.25, help="seconds of silence between joined sentences/lines")
+    p.add_argument("--batch-file", default=None, help="read texts from this file, one per line (TEXT is then ignored; pass -)")
+    p.add_argument("--batch-size", type=int, default=8, help="texts synthesized together")
+    p.add_argument("--stream", action="store_true", help="stream: write audio as it is generated, report time to first audio")
+    return p
+
+
+def _settings(args: argparse.Namespace):
+    ar = replace(SamplingParams.ar_defaults(), temperature=args.ar_temp, min_temperature=args.min_ar_temp,
+                 top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                 repetition_penalty=args.repetition_penalty, repetition_penalty_decay=args.repetition_penalty_decay,
+                 length_penalty=args.length_penalty, beam_width=args.beam_width, mirostat_tau=args.mirostat_tau,
+                 mirostat_eta=args.mirostat_eta, ras_window=args.ras_window, ras_ratio=args.ras_ratio,
+                 max_ar_context=args.max_ar_context, seed=args.seed)
+    nar = replace(SamplingParams.nar_defaults(), temperature=args.nar_temp, min_temperature=args.min_nar_temp,
+                  seed=args.seed)
+    return GenerationSettings(ar=ar, nar=nar, max_ar_steps=args.max_ar_steps, max_nar_levels=args.max_nar_levels,
+                              input_prompt_length=args.input_prompt_length, language=args.language,
+                              split_sentences=not args.no_split, pause=args.pause)
+
+
+def _numbered(path: Path, i: int, n: int) -> Path:
+    return path if n == 1 else path.with_name(f"{path.stem}.{i:0{len(str(n))}d}{path.suffix}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    cfg, args = parse_config(argv, parser)
+    model_path = args.model or args.ar_ckpt or args.yaml
+    if model_path is None:
+        default = cfg.ckpt_dir / cfg.model.full_name / "model.safetensors"
+        if not default.exists():
+            raise UserError("no model given: pass --model model.safetensors or --yaml/yaml= of a training run")
+        model_path = default
+    if args.batch_file:
+        try:
+            texts = [line.strip() for line in Path(args.batch_file).read_text(encoding="utf-8").splitlines()]
+        except UnicodeDecodeError:
+            raise UserError(f"{args.batch_file}: not UTF-8 text") from None
+        except OSError as e:
+            raise UserError(f"{args.batch_file}: cannot read ({e.strerror})") from None
+    else:
+        texts = [line.strip() for line in args.text.splitlines()]
+    texts = [t for t in texts if t]
+    if not texts:
+        raise UserError("empty text: nothing to synthesize")
+    out = Path(args.out or args.out_path or f"./data/{int(time.time())}.wav")
+
+    tts = TTS.from_pretrained(model_path, device=args.device, dtype=args.dtype, compile=args.compile)
+    settings = _settings(args)
+    if args.stream:
+        stats: dict[str, float] = {}
+        chunks = []
+        for line in texts:
+            for chunk in tts.stream(line, args.references, settings, stats=stats):
+                chunks.append(chunk)
+        save_audio(out, torch.cat(chunks), tts.sample_rate)
+        print(json.dumps({"out": str(out), **{k: round(v, 3) for k, v in stats.items()}}))
+        return 0
+    wavs = []
+    for start in tqdm(range(0, len(texts), args.batch_size), desc="synthesizing", unit="batch",
+                      disable=len(texts) <= args.batch_size):
+        wavs += tts.synthesize(texts[start:start + args.batch_size], args.references, settings)
+    if args.join or len(wavs) == 1:
+        wav = concat_with_pauses(wavs, tts.sample_rate, args.pause) if len(wavs) > 1 else wavs[0]
+        save_audio(out, wav, tts.sample_rate)
+        print(out)
+    else:
+        for i, wav in enumerate(wavs, 1):
+            path = _numbered(out, i, len(wavs))
+            save_audio(path, wav, tts.sample_rate)
+            print(path)
+    return 0

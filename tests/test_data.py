@@ -367,7 +367,7 @@ def test_trim_and_trim_or_repeat() -> None:
     assert r.shape == (25, 3) and r[:, 0].tolist() == list(range(10)) * 2 + list(range(5))
     one = trim_or_repeat(x[:1], 7)
     assert one.shape == (7, 3) and (one == x[0]).all()
-    # quirk 3 of the reference: L < n <= 2L returned only n - L frames
+    # docs/reference-differences.md #3: the reference returned only n - L frames for L < n <= 2L
     assert trim_or_repeat(x, 15).shape[0] == 15
     rng = random.Random(0)
     starts = set()

@@ -63,7 +63,8 @@ def test_repetition_penalty_lowers_probability_for_either_sign():
     out = apply_repetition_penalty(logits, history, 2.0)
     assert out.tolist() == [[1.0, -2.0, 0.5, -3.0]]  # positive divided, negative multiplied
     before, after = logits.softmax(-1), out.softmax(-1)
-    assert after[0, 0] < before[0, 0] and after[0, 1] < before[0, 1]  # quirk 5: -1 -> -2, not -0.5
+    # docs/reference-differences.md #5: -1 -> -2, not -0.5
+    assert after[0, 0] < before[0, 0] and after[0, 1] < before[0, 1]
     # a penalty < 1 favours repeats, again for either sign
     for token in (0, 1):
         fav = apply_repetition_penalty(logits, torch.tensor([[token]]), 0.5).softmax(-1)

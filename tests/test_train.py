@@ -279,7 +279,7 @@ def test_lr_command_rescales_schedule_and_prodigy_gets_d_coef() -> None:
     fake_prodigy.param_groups[0]["d_coef"] = 1.0
     set_lr(fake_prodigy, None, 0.5, 0)
     assert fake_prodigy.param_groups[0]["d_coef"] == 0.5 and fake_prodigy.param_groups[0]["lr"] == 1.0
-    assert "d_coeff" not in fake_prodigy.param_groups[0]  # the reference's typo (quirk 11)
+    assert "d_coeff" not in fake_prodigy.param_groups[0]  # the reference's typo (docs/reference-differences.md #11)
 
 
 def test_prodigy_optimizer_built_with_d_coef() -> None:

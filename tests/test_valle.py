@@ -59,10 +59,11 @@ def test_presets_and_explicit_dimensions():
     assert resolve_dims("double") == (1024, 16, 24)
     assert resolve_dims("full", n_layers=6) == (1024, 16, 6)
     assert resolve_dims("tiny", d_model=128, n_heads=8) == (128, 8, PRESETS["tiny"][2])
-    assert resolve_dims(0.5) == resolve_dims("0.5") == (512, 8, 12)  # quirk 10: floats work
+    assert resolve_dims(0.5) == resolve_dims("0.5") == (512, 8, 12)  # docs/reference-differences.md #10: floats work
     d, h, l = resolve_dims(0.3)  # floor(1024 * 0.3) = 307 does not split into 4 heads: rounded down
     assert (h, l) == (4, 12) and d % (2 * h) == 0 and 300 <= d <= 307
-    assert resolve_dims({"dim": 384, "heads": 6, "layers": 3}) == (384, 6, 3)  # quirk 10: dicts work
+    # docs/reference-differences.md #10: dicts work
+    assert resolve_dims({"dim": 384, "heads": 6, "layers": 3}) == (384, 6, 3)
     for bad in ("huge", 0.01, {"depth": 3}):
         with pytest.raises(UserError):
             resolve_dims(bad)

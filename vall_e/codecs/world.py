@@ -7,7 +7,7 @@ same T = ceil(samples / 320) as EnCodec at 24 kHz, with 8 levels x 1024 codes by
 Per frame (45 dims at 24 kHz): log-F0 (interpolated through unvoiced frames), a voicing flag, 40
 coded spectral-envelope dims (WORLD's mel-cepstrum-like `code_spectral_envelope`) and 3 band
 aperiodicities. After per-dimension normalisation log-F0 is weighted x4 and voicing x2, which gives
-pitch enough of the bits (variant B of shared/reference/offline-codec-prototype.md).
+pitch enough of the bits (the offline-codec study's variant B; docs/architecture.md, decisions).
 """
 from __future__ import annotations
 
@@ -96,7 +96,8 @@ class WorldFeatureConfig:
 
     sample_rate: int = SAMPLE_RATE
     frame_rate: float = FRAME_RATE
-    f0_method: str = "dio"  # dio (+stonemask) | harvest (5-17x slower; marks ~all espeak frames voiced)
+    # dio (+stonemask) | harvest (much slower, and it marks ~all espeak frames voiced: benchmarks/README.md)
+    f0_method: str = "dio"
     f0_floor: float = 60.0
     f0_ceil: float = 500.0
     fft_size: int = 1024

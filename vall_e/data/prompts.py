@@ -1,7 +1,7 @@
 """Acoustic prompts: pieces of a speaker's other utterances, cut to a jittered target length.
 
 The reference's `trim` returned a wrong-length piece when the prompt was shorter than asked
-(quirk 3); here every cut is either exactly the asked length or the whole (shorter) input, and
+(docs/reference-differences.md #3); here every cut is either exactly the asked length or the whole (shorter) input, and
 `trim_or_repeat` gives exactly the asked length by tiling a short input. Inference uses
 `trim_or_repeat` for `--input-prompt-length`.
 """

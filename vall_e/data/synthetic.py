@@ -158,8 +158,9 @@ class _Espeak:
     espeak-ng keeps state (oscillator phase, filter memory) in static variables that survive
     `espeak_Terminate`, so the same text would come out slightly different depending on what was
     spoken before, and it seeds its noise generator from the clock. Each utterance therefore loads
-    the library, initialises it, seeds the noise, speaks and unloads it again (about 10 ms), which
-    makes every utterance depend only on its text and voice.
+    the library, initialises it, seeds the noise, speaks and unloads it again, which makes every
+    utterance depend only on its text and voice (the cost per utterance: benchmarks/README.md,
+    "Measurements behind code choices").
     """
 
     lock = threading.Lock()

@@ -1,7 +1,7 @@
 """Objective speech metrics that run offline on CPU: MCD (plain and DTW), duration ratio, F0 error,
 speaker similarity, and WER/CER through a speech recognizer.
 
-Signal metrics follow shared/reference/offline-codec-prototype.md exactly: both signals are
+Signal metrics follow the offline-codec study's method exactly (docs/architecture.md): both signals are
 resampled to 22.05 kHz (our espeak-derived audio has nothing above 11 kHz, and a 24 kHz MCD reads
 about 4 dB too high from vocoder leakage there), analysed with WORLD (DIO + StoneMask, CheapTrick,
 5 ms frames), turned into an SPTK-style mel-cepstrum (`sp2mc`, order 24, alpha 0.455, log

@@ -5,7 +5,7 @@ same per-sequence settings apply to all T frames) and, where it needs one, a per
 history `[B, t]` in which `pad_id` (default -1) marks empty slots anywhere in a row. Nothing loops
 over the batch in Python, so one call serves a whole batch of texts.
 
-Fixes against the reference (mrq/vall-e, behaviour file §11):
+Fixes against the reference (numbers of docs/reference-differences.md):
 
 * #5: the repetition penalty divides positive logits and multiplies negative ones, so a penalised
   token always loses probability; its decay makes the penalty *fade* with distance.
@@ -162,7 +162,7 @@ class SamplingParams:
     def nar_defaults(cls, **changes) -> SamplingParams:
         """NAR: the README's temperature 0.2. RAS is off (frames are drawn in parallel, there is no
         recent past) and so is the repetition penalty: the reference penalised against the previous
-        *level's* codes (quirk 5), which belong to another codebook."""
+        *level's* codes, which belong to another codebook (docs/reference-differences.md #5)."""
         return cls(**{"temperature": 0.2, "ras_window": 0, **changes})
 
     @classmethod
@@ -204,8 +204,8 @@ def apply_repetition_penalty(logits: Tensor, history: Tensor | None, penalty: fl
     for the last token, fading towards 1 with distance when decay > 0 (the reference's comment says
     the decay applies "to how far away it is", but its formula penalty * d**decay grew with
     distance). Positive logits are divided by the factor and negative ones multiplied, so with
-    penalty > 1 the token always loses probability (the reference divided both, quirk 5). Ids
-    outside [0, V) (padding) are ignored.
+    penalty > 1 the token always loses probability (the reference divided both:
+    docs/reference-differences.md #5). Ids outside [0, V) (padding) are ignored.
     """
     if penalty == 1.0 or history is None or history.numel() == 0:
         return logits
@@ -355,8 +355,9 @@ class Mirostat:
     """Mirostat v1 (Basu et al. 2021) with one surprise target state μ per sequence.
 
     μ starts at 2·tau for every sequence (the reference started at 2·eta and shared one state
-    across the batch, quirk 6). `truncate` keeps each row's top-k, with k from the row's estimated
-    Zipf exponent and its own μ; `update` moves μ by eta·(surprise - tau) per sequence.
+    across the batch: docs/reference-differences.md #6). `truncate` keeps each row's top-k, with k
+    from the row's estimated Zipf exponent and its own μ; `update` moves μ by eta·(surprise - tau)
+    per sequence.
     """
 
     def __init__(self, tau: float, eta: float, batch_size: int, device: torch.device | str | None = None,
@@ -626,7 +627,8 @@ class TokenSampler:
 
 
 class BeamSearch:
-    """A real beam search for the AR (the reference's was greedy over B rows, quirk 7).
+    """A real beam search for the AR (the reference's was greedy over B rows:
+    docs/reference-differences.md #7).
 
     The caller repeats each batch item `beam_width` times (`repeat_interleave`, rows b*W..b*W+W-1),
     and per step passes log-probabilities [B*W, V] (re-normalised here with log_softmax, so raw

@@ -80,11 +80,12 @@ def cpu_decode_layout(model: torch.nn.Module) -> int:
     how many were changed. Values, shapes and results are unchanged (up to float rounding).
 
     Why: an AR step multiplies one row per sample by every weight matrix, so it streams the weights
-    from memory. On the CPU (MKL, AVX2) that product runs ~1.4-1.8x faster from a column-major
-    weight when the matrix is wider than tall (fused QKV, SwiGLU gate/up, the heads) and slower
-    when it is taller (the down projection), see benchmarks/README.md; batched NAR passes are not
-    affected. float32 only: bfloat16/float16 products from a column-major weight are >10x slower.
-    Only for inference: a re-laid parameter is no longer contiguous.
+    from memory. On the CPU (MKL, AVX2) that product runs faster from a column-major weight when
+    the matrix is wider than tall (fused QKV, SwiGLU gate/up, the heads) and slower when it is
+    taller (the down projection); batched NAR passes are not affected. float32 only: bfloat16 and
+    float16 products from a column-major weight are much slower. The numbers are in
+    benchmarks/README.md ("Measurements behind code choices"). Only for inference: a re-laid
+    parameter is no longer contiguous.
     """
     changed = 0
     for m in model.modules():
@@ -386,7 +387,7 @@ class TTS:
         n_levels = min(max_levels + 1, self.n_levels)
         # One sampler row per text, keyed by its batch position, so a text samples the same codes
         # whichever other texts share its batch. No repetition history: the previous level's codes
-        # come from another codebook (the reference's quirk 5).
+        # come from another codebook (docs/reference-differences.md #5).
         sampler = TokenSampler(replace(params, beam_width=0), stop_id=None, batch_size=len(keep), device=dev,
                                sequence_ids=keep)
         for level in range(1, n_levels):

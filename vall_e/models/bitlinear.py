@@ -6,7 +6,7 @@ BitLinear (Ma et al. 2024, "The Era of 1-bit LLMs"; Wang et al. 2023, "BitNet"):
 - the weights are quantised to ternary {-1, 0, +1} times one absmean scale per matrix;
 - both quantisers use the straight-through estimator, so gradients update the full-precision latent
   weights (the ones kept in `weight`) as if no rounding had happened.
-Written here because the `bitnet` package pulls several GB of dependencies (DESIGN.md).
+Written here because the `bitnet` package pulls several GB of dependencies (docs/architecture.md).
 """
 from __future__ import annotations
 

@@ -21,7 +21,8 @@ PRESETS: dict[str, tuple[int, int, int]] = {
 
 
 def _from_scale(f: float) -> tuple[int, int, int]:
-    """The reference's float form: floor(1024 f) / floor(16 f) / 12 (it crashed on `math`, quirk 10).
+    """The reference's float form: floor(1024 f) / floor(16 f) / 12 (it crashed on `math`:
+    docs/reference-differences.md #10).
 
     d_model is rounded down to a multiple of 2 x heads so heads split it evenly with an even head size.
     """
@@ -36,7 +37,8 @@ def resolve_dims(size: Any = "full", d_model: int = 0, n_heads: int = 0, n_layer
     """Dimensions for `size`; explicit non-zero `d_model`/`n_heads`/`n_layers` override the preset.
 
     `size` is a preset name, a scale factor (float, or a string such as "0.5"), or a dict with
-    `d_model`/`dim`, `n_heads`/`heads`, `n_layers`/`layers` (the reference ignored dicts, quirk 10).
+    `d_model`/`dim`, `n_heads`/`heads`, `n_layers`/`layers` (the reference ignored
+    dicts: docs/reference-differences.md #10).
     """
     if isinstance(size, dict):
         aliases = {"dim": "d_model", "heads": "n_heads", "layers": "n_layers"}

@@ -1,10 +1,10 @@
 """A linear layer for the few rows of a batched decode step on the CPU.
 
 Why: a decode step multiplies one row per sample by every weight matrix. With 2 to 64 rows, MKL's
-`x @ W.T` (what `F.linear` runs) reads a weight that is not in cache at only 5-8 GB/s, against
-13-18 GB/s for a single row; the same product computed as `(W @ x.T).T` from a row-major weight
-streams it 1.3-2.8x faster (benchmarks/README.md, "Speed work"). One row keeps `F.linear`, which
-`vall_e.inference.cpu_decode_layout` tunes with column-major weights for wide matrices; those get a
+`x @ W.T` (what `F.linear` runs) reads a weight that is not in cache far slower than for a single
+row; the same product computed as `(W @ x.T).T` from a row-major weight streams it faster
+(benchmarks/README.md, "Measurements behind code choices"). One row keeps `F.linear`, which
+`vall_e.generation.tts.cpu_decode_layout` tunes with column-major weights for wide matrices; those get a
 row-major copy here, made on the first batched step (so batch-1 users never pay its memory) and
 remade when the weight changes.
 """
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Up to this many rows the (W @ x.T).T form wins or ties on this class of CPU (measured 2-128 rows,
-# quarter and half shapes: at 128 rows it loses for the quarter model).
+# Up to this many rows the (W @ x.T).T form wins or ties on the CPUs it was measured on; beyond it
+# loses for small models (benchmarks/README.md, "Measurements behind code choices").
 MAX_DOT_ROWS = 64
 
 
@@ -25,8 +25,8 @@ def decode_linear(m: nn.Module, x: Tensor) -> Tensor:
     the batched-rows form on the CPU for 2..MAX_DOT_ROWS rows; other modules (BitLinear, a quantized
     linear) are called as modules.
 
-    With several rows the result is copied back to row-major: passing the transposed view on was
-    slower (the norms and adds downstream run worse on it), measured interleaved step by step."""
+    With several rows the result is copied back to row-major: the norms and adds downstream run
+    worse on the transposed view (benchmarks/README.md)."""
     if type(m) is not nn.Linear:
         return m(x)
     rows = x.shape[0]

@@ -14,9 +14,9 @@ One network serves both stages (kind "ar+nar", the default), or a network does o
 Attention is causal for AR samples and bidirectional for NAR samples, chosen per sample in one batch.
 
 Heads: one per level. The AR head has n_codes + 1 outputs (STOP); each NAR head has n_codes outputs,
-so the NAR can never emit STOP (the reference's shared head let it, quirk 8). Per-level heads also
-spare one projection from serving 8 codebooks whose ids mean unrelated things; they cost
-(n_levels - 1) x d x n_codes parameters (7M at the full size, ~4%).
+so the NAR can never emit STOP (the reference's shared head let it: docs/reference-differences.md #8).
+Per-level heads also spare one projection from serving 8 codebooks whose ids mean unrelated things;
+they cost (n_levels - 1) x d x n_codes parameters (7M at the full size, ~4%).
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@
 
 Every control of the page is declared once in `CONTROLS`, and one function, `settings_from_ui`,
 maps their values to the `GenerationSettings` handed to `tts.synthesize`. The reference's web UI
-parsed its context-length and beam-width sliders and then never passed them on (behaviour file
-§10.1); here the tests check that every control changes the settings object.
+parsed its context-length and beam-width sliders and then never passed them on
+(docs/reference-differences.md #19); here the tests check that every control changes the settings.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ GRADIO_MISSING = "the web UI needs: pip install 'vall-e[webui]'"
 
 @dataclass(frozen=True)
 class Control:
-    """One setting on the page: its widget, default and range (the reference's, §10.1, where it had one)."""
+    """One setting on the page: its widget, default and range (the reference's, where it had one)."""
 
     name: str
     label: str

@@ -1,6 +1,6 @@
 """Text -> IPA phoneme tokens with phonemizer's espeak-ng backend.
 
-Token rules (the reference's, with its word-boundary quirk fixed):
+Token rules (the reference's, with its word-boundary quirk fixed: docs/reference-differences.md #2):
 - espeak's IPA output (stress and punctuation kept) is split into single characters; a combining
   mark (e.g. the nasal tilde in French `ɑ̃`) stays on its base character.
 - stress marks `ˈ ˌ` and the length mark `ː` are merged onto the preceding phone token, as the

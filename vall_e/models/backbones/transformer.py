@@ -124,9 +124,10 @@ class Attention(nn.Module):
 def gelu_small(x: Tensor) -> Tensor:
     """Exact (erf) GELU in plain elementwise ops, for a decode step's few rows.
 
-    F.gelu sends contiguous fp32 input to oneDNN, whose per-call cost (~10 us, and an OpenMP region
-    that stalls when another process holds the second core) dwarfs a few thousand elements; these
-    single-threaded ops take a few microseconds. Equal to F.gelu within float rounding.
+    F.gelu sends contiguous fp32 input to oneDNN, whose fixed per-call cost (and an OpenMP region
+    that stalls when another process holds the second core) dwarfs the work on a few thousand
+    elements; these single-threaded ops cost far less (benchmarks/README.md, "Measurements behind
+    code choices"). Equal to F.gelu within float rounding.
     """
     half = x * 0.5
     return torch.addcmul(half, half, torch.erf(x * 0.7071067811865476))
@@ -364,8 +365,8 @@ class TransformerBackbone(Backbone):
     def compile_decode(self, **options) -> None:
         """Run the one-token decode step's layers as a `torch.compile`d graph (keyword options go to
         torch.compile). Dynamic shapes, so one graph serves every cache length; on the CPU inductor's
-        C++ wrapper, which saves the Python wrapper's per-kernel cost (~15% of a quarter step, against
-        ~4% without it). Caches made by `new_cache` afterwards keep each layer in its own buffer, which
+        C++ wrapper, which saves the Python wrapper's per-kernel cost, a large share of a small model's
+        step (benchmarks/README.md, "Measurements behind code choices"). Caches made by `new_cache` afterwards keep each layer in its own buffer, which
         lets the compiled graph write the new key/value in place. The first steps compile (minutes on a
         small CPU)."""
         options.setdefault("dynamic", True)

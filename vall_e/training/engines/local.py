@@ -1,8 +1,8 @@
 """The local engine: one network, its optimizer and LR schedule; DDP when launched under torchrun.
 
-What it adds over the reference's local engine (quirk 9): gradient clipping (and the global grad
-norm), a GradScaler for fp16, DDP gradient all-reduce, LR schedules, and steps that are skipped
-(and counted) instead of corrupting the weights:
+What it adds over the reference's local engine (docs/reference-differences.md #9): gradient
+clipping (and the global grad norm), a GradScaler for fp16, DDP gradient all-reduce, LR schedules,
+and steps that are skipped (and counted) instead of corrupting the weights:
 
 * NaN/inf loss or gradient norm: the optimizer step is skipped. Under DDP the decision is
   all-reduced, so every rank skips the same step.

@@ -1,9 +1,9 @@
 """Optimizers and learning-rate schedules built from `cfg.hyperparameters`.
 
-The reference's local engine had no schedule at all (quirk 9) and its `lr` command missed Prodigy's
-`d_coef` key (quirk 11). Here the schedule is a pure function of the optimizer step, so resuming a
-run at step N gives exactly the learning rate an uninterrupted run has at step N, and `set_lr`
-knows which knob each optimizer exposes.
+The reference's local engine had no schedule at all and its `lr` command missed Prodigy's `d_coef`
+key (docs/reference-differences.md #9 and #11). Here the schedule is a pure function of the
+optimizer step, so resuming a run at step N gives exactly the learning rate an uninterrupted run
+has at step N, and `set_lr` knows which knob each optimizer exposes.
 """
 from __future__ import annotations
 
@@ -130,8 +130,8 @@ def set_lr(optimizer: torch.optim.Optimizer, schedule: LRSchedule | None, value:
     """The `lr X` command. Returns a description of what changed.
 
     Prodigy: X becomes `d_coef` (its learning-rate knob; the reference wrote a `d_coeff` key that
-    Prodigy never reads, quirk 11). Others: the LR is X from this step on, and the schedule keeps
-    its shape from here (its peak is rescaled so the current LR equals X).
+    Prodigy never reads: docs/reference-differences.md #11). Others: the LR is X from this step on,
+    and the schedule keeps its shape from here (its peak is rescaled so the current LR equals X).
     """
     if not math.isfinite(value) or value < 0:
         raise UserError(f"lr {value}: must be a finite, non-negative number")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import abc
 from typing import Any, Callable
 
-import torch
 from torch import Tensor
 
 

@@ -127,19 +127,6 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in override.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in _DICT_VALUED:
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-# fields whose value is itself a mapping (replace rather than merge key by key)
-_DICT_VALUED = {"speaker_languages", "optimizer_params", "config"}
-
 # A config is small; more values than this (e.g. YAML aliases expanding exponentially, the
 # "billion laughs") is refused before anything walks or copies it.
 MAX_CONFIG_VALUES = 100_000

@@ -34,7 +34,7 @@ i. A plain `torch.Generator` cannot give that (the batch size shifts its stream)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -148,10 +148,6 @@ class SamplingParams:
     def uses_ras(self) -> bool:
         return self.ras_window > 0 and self.ras_ratio > 0
 
-    def with_(self, **changes) -> SamplingParams:
-        """A validated copy with some fields changed."""
-        return replace(self, **changes)
-
     # --- recommended stage defaults -------------------------------------------------------------
     @classmethod
     def ar_defaults(cls, **changes) -> SamplingParams:
@@ -164,12 +160,6 @@ class SamplingParams:
         recent past) and so is the repetition penalty: the reference penalised against the previous
         *level's* codes, which belong to another codebook (docs/reference-differences.md #5)."""
         return cls(**{"temperature": 0.2, "ras_window": 0, **changes})
-
-    @classmethod
-    def valle2_defaults(cls, **changes) -> SamplingParams:
-        """AR as VALL-E 2 / CosyVoice: nucleus 0.8, top-k 25, RAS window 10, ratio 0.1."""
-        return cls(**{"temperature": 1.0, "top_p": 0.8, "top_k": 25, "ras_window": 10,
-                      "ras_ratio": 0.1, **changes})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,7 +404,10 @@ class Mirostat:
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _M2 = 0x94D049BB133111EB - (1 << 64)
-_SLOTS = 4  # independent draws per step: 0 = main, 1 = repetition-aware fallback
+_DRAWS = 2  # independent draws per step (slots): 0 = main, 1 = repetition-aware fallback
+# A step's counters are step * _COUNTER_STRIDE + slot + 1. The stride is wider than _DRAWS only so that
+# the random streams, and with them every seeded output, stay what they were when 4 slots were reserved.
+_COUNTER_STRIDE = 4
 _UNIFORM_BLOCK = 64  # AR steps whose uniforms TokenSampler computes at once
 
 
@@ -439,7 +432,7 @@ def sequence_keys(seed: int, sequence_ids: Tensor) -> Tensor:
 
 def counter_uniform(keys: Tensor, step: int, slot: int, shape: Sequence[int] = ()) -> Tensor:
     """float64 uniforms in [0, 1) of shape [B, *shape]: a pure function of (key, step, slot, position)."""
-    salt = _mix64(torch.tensor((step * _SLOTS + slot + 1), dtype=torch.long, device=keys.device) * _GOLDEN)
+    salt = _mix64(torch.tensor((step * _COUNTER_STRIDE + slot + 1), dtype=torch.long, device=keys.device) * _GOLDEN)
     base = _mix64(keys ^ salt)
     numel = math.prod(shape)
     pos = torch.arange(1, numel + 1, dtype=torch.long, device=keys.device)
@@ -448,14 +441,14 @@ def counter_uniform(keys: Tensor, step: int, slot: int, shape: Sequence[int] = (
 
 
 def counter_uniform_steps(keys: Tensor, first_step: int, n_steps: int) -> Tensor:
-    """float64 [B, n_steps, _SLOTS]: `counter_uniform(keys, first_step + i, slot)[b]` at [b, i, slot].
+    """float64 [B, n_steps, _DRAWS]: `counter_uniform(keys, first_step + i, slot)[b]` at [b, i, slot].
 
     The same arithmetic on a whole block of steps at once, so an AR step reads its uniforms with one
     index instead of ~40 small integer ops (bit-identical: int64 products wrap the same way).
     """
-    counters = (torch.arange(first_step, first_step + n_steps, dtype=torch.long, device=keys.device)[:, None] * _SLOTS
-                + torch.arange(_SLOTS, dtype=torch.long, device=keys.device) + 1)
-    salt = _mix64(counters * _GOLDEN)  # [n_steps, _SLOTS]
+    steps = torch.arange(first_step, first_step + n_steps, dtype=torch.long, device=keys.device)
+    counters = steps[:, None] * _COUNTER_STRIDE + torch.arange(_DRAWS, dtype=torch.long, device=keys.device) + 1
+    salt = _mix64(counters * _GOLDEN)  # [n_steps, _DRAWS]
     base = _mix64(keys[:, None, None] ^ salt)
     bits = _lsr(_mix64(base + _GOLDEN), 11)  # position 1 of counter_uniform's shape () draw
     return bits.double() / float(1 << 53)
@@ -661,17 +654,8 @@ class BeamSearch:
         self.done = torch.zeros(B, dtype=torch.bool, device=self.device)
 
     @property
-    def history(self) -> Tensor:
-        """Tokens so far per row [B*W, length], already in the current row order."""
-        return self.tokens
-
-    @property
     def all_done(self) -> bool:
         return bool(self.done.all())
-
-    def is_done(self) -> bool:
-        """Whether every batch item is done (the same as `all_done`)."""
-        return self.all_done
 
     def _norm(self, length: float) -> float:
         return float(length) ** self.alpha

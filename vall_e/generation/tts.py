@@ -365,7 +365,7 @@ class TTS:
                 logprobs = torch.full_like(logprobs, -math.inf)
                 logprobs[:, self.stop_id] = 0.0
             tokens, index = beams.step(logprobs)
-            if beams.is_done() or step == limit:
+            if beams.all_done or step == limit:
                 break
             state.cache = _reorder_cache(state.cache, index)
             state.valid = state.valid.index_select(0, index)

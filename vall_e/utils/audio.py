@@ -31,7 +31,6 @@ _FORMATS: dict[str, tuple[str, str]] = {
     "mp3": ("MP3", "MPEG_LAYER_III"),
     "ogg": ("OGG", "VORBIS"),
 }
-BYTES_FORMATS = ("wav", "flac", "mp3", "ogg", "pcm")
 _EXACT_LENGTH_FORMATS = ("WAV", "WAVEX", "RF64", "W64", "FLAC", "AIFF", "CAF")
 
 

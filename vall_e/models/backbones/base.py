@@ -34,10 +34,6 @@ class Mask:
     valid: Tensor
     text: Tensor | None = None
 
-    @property
-    def n_keys(self) -> int:  # cached keys plus the current queries
-        return self.valid.shape[1]
-
     def positions(self, seq_len: int) -> Tensor:
         """Long[B, seq_len]: positions of the last `seq_len` keys (the current queries)."""
         pos = self.valid.long().cumsum(-1) - 1

@@ -39,7 +39,7 @@ def pad(seqs, left):
 
 def test_kv_cache_writes_in_place_and_returns_filled_views():
     cache = KVCache(n_layers=2, batch_size=3, n_heads=2, max_length=10, head_dim=4)
-    ptr = cache.k.data_ptr()
+    ptrs = [k.data_ptr() for k in cache.k_layers + cache.v_layers]
     k1, v1 = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
     k, v = cache.update(1, k1, v1)
     assert k.shape == (3, 2, 4, 4) and torch.equal(k, k1) and torch.equal(v, v1)
@@ -48,13 +48,17 @@ def test_kv_cache_writes_in_place_and_returns_filled_views():
     k, v = cache.update(1, k2, v2)
     assert k.shape == (3, 2, 5, 4)
     assert torch.equal(k[:, :, :4], k1) and torch.equal(k[:, :, 4:], k2) and torch.equal(v[:, :, 4:], v2)
-    assert cache.k[0].abs().sum() == 0  # other layers untouched
-    assert cache.k.data_ptr() == ptr  # no reallocation
+    assert torch.equal(cache.k_layers[1][:, :, :5], k) and torch.equal(cache.v_layers[1][:, :, 4:5], v2)  # in place
+    assert cache.k_layers[0].abs().sum() == 0 and cache.v_layers[0].abs().sum() == 0  # other layers untouched
+    assert [k.data_ptr() for k in cache.k_layers + cache.v_layers] == ptrs  # no reallocation
     cache.advance(1)
     with pytest.raises(RuntimeError, match="full"):
         cache.update(0, torch.randn(3, 2, 6, 4), torch.randn(3, 2, 6, 4))
     cache.reorder(torch.tensor([2, 0]))
-    assert cache.batch_size == 2 and torch.equal(cache.k[1, 0, :, :4], k1[2])
+    assert cache.batch_size == 2 and torch.equal(cache.k_layers[1][0, :, :4], k1[2])
+    assert torch.equal(cache.v_layers[1][1, :, :4], v1[0])
+    k, _ = cache.update(1, torch.zeros(2, 2, 1, 4), torch.zeros(2, 2, 1, 4))  # writes land in the reordered buffers
+    assert torch.equal(k[0, :, :4], k1[2]) and k[:, :, 5].abs().sum() == 0
     cache.reset()
     assert cache.length == 0
 

@@ -228,8 +228,7 @@ class TransformerBackbone(Backbone):
                 nn.init.zeros_(p)
 
     def new_cache(self, batch_size: int, max_length: int, device: torch.device, dtype: torch.dtype) -> KVCache:
-        return KVCache(self.n_layers, batch_size, self.n_heads, max_length, self.head_dim, device, dtype,
-                       per_layer=self._compiled is not None)
+        return KVCache(self.n_layers, batch_size, self.n_heads, max_length, self.head_dim, device, dtype)
 
     @staticmethod
     def _bias(allowed: Tensor, dtype: torch.dtype) -> Tensor:
@@ -334,9 +333,7 @@ class TransformerBackbone(Backbone):
             B = x.shape[0]
             bias = torch.cat([self._bias(text_keys[:, None, None, :], x.dtype).expand(B, t, 1, K),
                               bias.expand(B, self.n_heads - t, 1, K)], dim=1)  # [B, H, 1, K]
-        layers = self._decode_layers
-        if self._compiled is not None and cache.per_layer:
-            layers = self._compiled
+        layers = self._decode_layers if self._compiled is None else self._compiled
         hidden = layers(x, rot, bias, cache.k_layers, cache.v_layers, start)
         cache.advance(1)
         return BackboneOutput(hidden=hidden, cache=cache, aux_loss=None)
@@ -366,9 +363,9 @@ class TransformerBackbone(Backbone):
         """Run the one-token decode step's layers as a `torch.compile`d graph (keyword options go to
         torch.compile). Dynamic shapes, so one graph serves every cache length; on the CPU inductor's
         C++ wrapper, which saves the Python wrapper's per-kernel cost, a large share of a small model's
-        step (benchmarks/README.md, "Measurements behind code choices"). Caches made by `new_cache` afterwards keep each layer in its own buffer, which
-        lets the compiled graph write the new key/value in place. The first steps compile (minutes on a
-        small CPU)."""
+        step (benchmarks/README.md, "Measurements behind code choices"). The KV cache keeps each layer
+        in its own buffer, so the compiled graph writes the new key and value in place. The first
+        steps compile (minutes on a small CPU)."""
         options.setdefault("dynamic", True)
         if next(self.parameters()).device.type == "cpu":
             options["options"] = {"cpp_wrapper": True, **options.get("options", {})}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vall_e.models.backbones.base import Mask
+from vall_e.models.backbones.base import BackboneShape, Mask
 from vall_e.models.backbones.transformer import Attention, TransformerBackbone
 from vall_e.models.presets import resolve_dims
 from vall_e.models.valle import VALLE, VALLEConfig, _Targets
@@ -50,7 +50,7 @@ def test_text_head_output_depends_only_on_the_text():
     attn = Attention(d_model=32, n_heads=4, dropout=0.0, text_heads=1).eval()
     with torch.no_grad():
         attn.out.weight[:, 8:] = 0  # only head 0 (the text head) reaches the output
-    bb = TransformerBackbone(32, 4, 1)
+    bb = TransformerBackbone(BackboneShape(32, 4, 1))
     S, N = 10, 4
     valid = torch.ones(1, S, dtype=torch.bool)
     text = torch.zeros(1, S, dtype=torch.bool)
@@ -133,8 +133,8 @@ def test_text_head_settings_are_checked():
     assert VALLEConfig.from_dict({k: v for k, v in cfg.to_dict().items()
                                   if not k.startswith(("text_heads", "guided"))}).text_heads == 0  # older exports
     with pytest.raises(ValueError):
-        TransformerBackbone(64, 4, 1, text_heads=1)(torch.zeros(1, 3, 64), Mask(torch.tensor([True]),
-                                                                                 torch.ones(1, 3, dtype=torch.bool)))
+        TransformerBackbone(BackboneShape(64, 4, 1), text_heads=1)(
+            torch.zeros(1, 3, 64), Mask(torch.tensor([True]), torch.ones(1, 3, dtype=torch.bool)))
 
 
 def test_guided_attention_refuses_gradient_checkpointing():

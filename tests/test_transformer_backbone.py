@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vall_e.models.backbones import Mask, build_backbone
+from vall_e.models.backbones import BackboneShape, Mask, build_backbone
 from vall_e.models.backbones.kv_cache import KVCache
 from vall_e.models.backbones.transformer import TransformerBackbone
 
@@ -144,7 +144,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(model):
 
 def test_dropout_only_in_training():
     torch.manual_seed(5)
-    model = TransformerBackbone(D, H, L, dropout=0.5)
+    model = TransformerBackbone(BackboneShape(D, H, L, dropout=0.5))
     x = torch.randn(1, 6, D)
     assert not torch.allclose(run(model.train(), x, [True]), run(model, x, [True]))
     assert torch.equal(run(model.eval(), x, [True]), run(model, x, [True]))
@@ -152,6 +152,6 @@ def test_dropout_only_in_training():
 
 def test_bad_shapes_are_rejected():
     with pytest.raises(ValueError, match="heads"):
-        TransformerBackbone(30, 4, 1)
+        TransformerBackbone(BackboneShape(30, 4, 1))
     with pytest.raises(ValueError, match="experts"):
-        TransformerBackbone(32, 4, 1, experts=4)
+        TransformerBackbone(BackboneShape(32, 4, 1, experts=4))

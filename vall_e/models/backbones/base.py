@@ -72,6 +72,24 @@ class Mask:
         return allowed[:, None]
 
 
+@dataclass(frozen=True)
+class BackboneShape:
+    """The arguments every backbone takes; each backbone's own options are keyword arguments beside it.
+
+    d_model: width; n_heads, n_layers; ffn_mult: feed-forward width as a multiple of d_model;
+    dropout (training); experts: mixture-of-experts count (1 = a plain FFN; backbones without experts
+    refuse more); max_positions: the longest sequence (text + prompt + response).
+    """
+
+    d_model: int
+    n_heads: int
+    n_layers: int
+    ffn_mult: int = 4
+    dropout: float = 0.0
+    experts: int = 1
+    max_positions: int = 8192
+
+
 @dataclass
 class BackboneOutput:
     hidden: Tensor  # [B, S, D]

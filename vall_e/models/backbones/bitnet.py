@@ -11,24 +11,15 @@ from typing import Any
 from vall_e.models.bitlinear import swap_linear
 from vall_e.utils.errors import UserError
 
+from .base import BackboneShape
 from .transformer import TransformerBackbone
 
 
 class BitNetBackbone(TransformerBackbone):
     """`TransformerBackbone` whose attention and FFN linears are BitLinear."""
 
-    def __init__(
-        self,
-        d_model: int,
-        n_heads: int,
-        n_layers: int,
-        ffn_mult: int = 4,
-        dropout: float = 0.0,
-        experts: int = 1,
-        max_positions: int = 8192,
-        **extra: Any,
-    ):
-        if experts != 1:
-            raise UserError(f"model.experts={experts}: the bitnet backbone has no experts; use mixtral or retnet")
-        super().__init__(d_model, n_heads, n_layers, ffn_mult, dropout, experts, max_positions, **extra)
+    def __init__(self, shape: BackboneShape, **options: Any):
+        if shape.experts != 1:
+            raise UserError(f"model.experts={shape.experts}: the bitnet backbone has no experts; use mixtral or retnet")
+        super().__init__(shape, **options)
         self.n_bitlinear = swap_linear(self.layers, "bitnet")

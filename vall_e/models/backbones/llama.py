@@ -23,7 +23,7 @@ from transformers.cache_utils import Cache
 
 from vall_e.utils.errors import UserError
 
-from .base import Backbone, BackboneOutput, Mask
+from .base import Backbone, BackboneOutput, BackboneShape, Mask
 
 _ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 _ATTN = ("sdpa", "eager")
@@ -45,6 +45,32 @@ class HFBackbone(Backbone):
 
     model: nn.Module
     config: Any
+
+    def _config(self, config_cls: type, shape: BackboneShape, hidden_act: str, attn_implementation: str,
+                **extra: Any) -> Any:
+        """A transformers decoder config for `shape`: no vocabulary (we pass embeddings), our rotary
+        settings, no special tokens, no cache of its own; `extra` adds the model's own fields."""
+        if attn_implementation not in _ATTN:
+            raise ValueError(f"attn_implementation must be one of {_ATTN}, got {attn_implementation!r}")
+        self.d_model = shape.d_model
+        return config_cls(
+            vocab_size=1,
+            hidden_size=shape.d_model,
+            intermediate_size=shape.ffn_mult * shape.d_model,
+            num_hidden_layers=shape.n_layers,
+            num_attention_heads=shape.n_heads,
+            num_key_value_heads=shape.n_heads,
+            hidden_act=hidden_act,
+            max_position_embeddings=shape.max_positions,
+            attention_dropout=shape.dropout,
+            rope_parameters=dict(_ROPE),
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+            use_cache=False,
+            attn_implementation=attn_implementation,
+            **extra,
+        )
 
     def _finish_init(self) -> None:
         # The word embedding is never used (we pass inputs_embeds); drop it so no parameter goes
@@ -123,43 +149,12 @@ _CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).param
 class LlamaBackbone(HFBackbone):
     """transformers' Llama (RMSNorm, rotary, gated MLP of ffn_mult*d) with our masks."""
 
-    def __init__(
-        self,
-        d_model: int,
-        n_heads: int,
-        n_layers: int,
-        ffn_mult: int = 4,
-        dropout: float = 0.0,
-        experts: int = 1,
-        max_positions: int = 8192,
-        hidden_act: str = "gelu",
-        attn_implementation: str = "sdpa",
-        **extra: Any,
-    ):
+    def __init__(self, shape: BackboneShape, hidden_act: str = "gelu", attn_implementation: str = "sdpa",
+                 **extra: Any):
         super().__init__()
-        if experts > 1:
-            raise UserError(f"model.experts={experts}: the llama backbone has no experts; use backbone mixtral")
-        if attn_implementation not in _ATTN:
-            raise ValueError(f"attn_implementation must be one of {_ATTN}, got {attn_implementation!r}")
-        self.d_model = d_model
-        self.config = LlamaConfig(
-            vocab_size=1,
-            hidden_size=d_model,
-            intermediate_size=ffn_mult * d_model,
-            num_hidden_layers=n_layers,
-            num_attention_heads=n_heads,
-            num_key_value_heads=n_heads,
-            hidden_act=hidden_act,
-            max_position_embeddings=max_positions,
-            attention_dropout=dropout,
-            rope_parameters=dict(_ROPE),
-            bos_token_id=None,
-            eos_token_id=None,
-            pad_token_id=None,
-            use_cache=False,
-            attn_implementation=attn_implementation,
-            **extra,
-        )
+        if shape.experts > 1:
+            raise UserError(f"model.experts={shape.experts}: the llama backbone has no experts; use backbone mixtral")
+        self.config = self._config(LlamaConfig, shape, hidden_act, attn_implementation, **extra)
         self.model = LlamaModel(self.config)
         self._finish_init()
 

@@ -14,57 +14,22 @@ from torch import Tensor
 from transformers import MixtralConfig, MixtralModel
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from .base import BackboneOutput, Mask
-from .llama import _ATTN, _ROPE, HFBackbone
+from .base import BackboneOutput, BackboneShape, Mask
+from .llama import HFBackbone
 
 
 class MixtralBackbone(HFBackbone):
     """transformers' Mixtral: `experts` SwiGLU experts of ffn_mult*d per layer, top-2 (or top-1) routing."""
 
-    def __init__(
-        self,
-        d_model: int,
-        n_heads: int,
-        n_layers: int,
-        ffn_mult: int = 4,
-        dropout: float = 0.0,
-        experts: int = 8,
-        max_positions: int = 8192,
-        experts_per_token: int = 2,
-        router_aux_loss_coef: float = 0.001,
-        hidden_act: str = "silu",
-        attn_implementation: str = "sdpa",
-        **extra: Any,
-    ):
+    def __init__(self, shape: BackboneShape, experts_per_token: int = 2, router_aux_loss_coef: float = 0.001,
+                 hidden_act: str = "silu", attn_implementation: str = "sdpa", **extra: Any):
         super().__init__()
-        if experts < 1:
-            raise ValueError(f"experts must be >= 1, got {experts}")
-        if attn_implementation not in _ATTN:
-            raise ValueError(f"attn_implementation must be one of {_ATTN}, got {attn_implementation!r}")
-        self.d_model = d_model
-        self.top_k = min(experts_per_token, experts)
-        self.config = MixtralConfig(
-            vocab_size=1,
-            hidden_size=d_model,
-            intermediate_size=ffn_mult * d_model,
-            num_hidden_layers=n_layers,
-            num_attention_heads=n_heads,
-            num_key_value_heads=n_heads,
-            hidden_act=hidden_act,
-            max_position_embeddings=max_positions,
-            attention_dropout=dropout,
-            num_local_experts=experts,
-            num_experts_per_tok=self.top_k,
-            router_aux_loss_coef=router_aux_loss_coef,
-            sliding_window=None,
-            rope_parameters=dict(_ROPE),
-            bos_token_id=None,
-            eos_token_id=None,
-            pad_token_id=None,
-            use_cache=False,
-            attn_implementation=attn_implementation,
-            **extra,
-        )
+        if shape.experts < 1:
+            raise ValueError(f"experts must be >= 1, got {shape.experts}")
+        self.top_k = min(experts_per_token, shape.experts)
+        self.config = self._config(MixtralConfig, shape, hidden_act, attn_implementation,
+                                   num_local_experts=shape.experts, num_experts_per_tok=self.top_k,
+                                   router_aux_loss_coef=router_aux_loss_coef, sliding_window=None, **extra)
         self.model = MixtralModel(self.config)
         self._finish_init()
 

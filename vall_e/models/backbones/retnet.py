@@ -21,14 +21,13 @@ in as one chunk (its state is produced for the cache), then one token per step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .base import Backbone, BackboneOutput, Mask
+from .base import Backbone, BackboneOutput, BackboneShape, Mask
 from .transformer import RotaryEmbedding, apply_rotary
 
 
@@ -181,34 +180,21 @@ class RetNetLayer(nn.Module):
 class RetNetBackbone(Backbone):
     """Pre-norm RetNet: `n_layers` x (retention + FFN, or a top-2 MoE FFN when experts > 1), final LayerNorm.
 
-    extra: value_factor (value dim = value_factor * d, default 2), top_k (2), aux_loss_coef (0.001,
+    Options: value_factor (value dim = value_factor * d, default 2), top_k (2), aux_loss_coef (0.001,
     as the reference's XMoE: coef x sum over layers), rotary_base (10000).
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        n_heads: int,
-        n_layers: int,
-        ffn_mult: int = 4,
-        dropout: float = 0.0,
-        experts: int = 1,
-        max_positions: int = 8192,
-        value_factor: int = 2,
-        top_k: int = 2,
-        aux_loss_coef: float = 0.001,
-        rotary_base: float = 10000.0,
-        **extra: Any,
-    ):
+    def __init__(self, shape: BackboneShape, value_factor: int = 2, top_k: int = 2, aux_loss_coef: float = 0.001,
+                 rotary_base: float = 10000.0):
         super().__init__()
-        if extra:
-            raise TypeError(f"unexpected RetNet arguments: {', '.join(extra)}")
-        self.d_model, self.n_heads, self.n_layers = d_model, n_heads, n_layers
+        d_model = shape.d_model
+        self.d_model, self.n_heads, self.n_layers = d_model, shape.n_heads, shape.n_layers
         self.value_dim = value_factor * d_model
         self.aux_loss_coef = aux_loss_coef
         self.layers = nn.ModuleList(
-            RetNetLayer(d_model, n_heads, self.value_dim, ffn_mult * d_model, dropout, experts, top_k, rotary_base)
-            for _ in range(n_layers)
+            RetNetLayer(d_model, shape.n_heads, self.value_dim, shape.ffn_mult * d_model, shape.dropout, shape.experts,
+                        top_k, rotary_base)
+            for _ in range(shape.n_layers)
         )
         self.norm = nn.LayerNorm(d_model)
         self.gradient_checkpointing = False  # set by the trainer: recompute layers in backward

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from vall_e.utils.errors import UserError
 
 from ..rows_linear import decode_linear
-from .base import Backbone, BackboneOutput, Mask
+from .base import Backbone, BackboneOutput, BackboneShape, Mask
 from .kv_cache import KVCache
 
 
@@ -195,11 +195,11 @@ class TransformerBackbone(Backbone):
     text_heads: how many heads of every layer are text heads (see `Attention`; needs `mask.text`).
     Set `collect_text_attention` to get their attention over the text in `BackboneOutput`."""
 
-    def __init__(self, d_model: int, n_heads: int, n_layers: int, ffn_mult: int = 4, dropout: float = 0.0,
-                 experts: int = 1, max_positions: int = 8192, rope_base: float = 10000.0,
-                 ffn: str = "swiglu", text_heads: int = 0) -> None:
+    def __init__(self, shape: BackboneShape, rope_base: float = 10000.0, ffn: str = "swiglu",
+                 text_heads: int = 0) -> None:
         super().__init__()
-        if experts != 1:
+        d_model, n_heads, n_layers = shape.d_model, shape.n_heads, shape.n_layers
+        if shape.experts != 1:
             raise ValueError("the transformer backbone has no mixture of experts (use mixtral or retnet)")
         if d_model % n_heads or (d_model // n_heads) % 2:
             raise ValueError(f"d_model {d_model} must split into {n_heads} heads of even size")
@@ -208,11 +208,11 @@ class TransformerBackbone(Backbone):
         self.d_model, self.n_heads, self.n_layers, self.text_heads = d_model, n_heads, n_layers, text_heads
         self.collect_text_attention = False
         self.head_dim = d_model // n_heads
-        self.max_positions = max_positions
+        self.max_positions = shape.max_positions
         self.rotary = RotaryEmbedding(self.head_dim, rope_base)
         self._swap: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # see _rotation
         self._compiled = None  # see compile_decode
-        self.layers = nn.ModuleList(Block(d_model, n_heads, ffn_mult, dropout, ffn, text_heads)
+        self.layers = nn.ModuleList(Block(d_model, n_heads, shape.ffn_mult, shape.dropout, ffn, text_heads)
                                     for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
         self.gradient_checkpointing = False  # set by the trainer: recompute blocks in backward

@@ -151,9 +151,10 @@ def test_server_passes_dtype_and_compile(capture_load, model_file):
 
 
 def test_webui_engine_passes_dtype_and_compile():
-    from vall_e.serving.webui import DTYPES, Engine, build_parser
+    from vall_e.serving.options import ENGINE_DTYPES
+    from vall_e.serving.webui import Engine, build_parser
 
-    assert "int8" in DTYPES
+    assert "int8" in ENGINE_DTYPES
     args = build_parser().parse_args(["--dtype", "int8", "--compile"])
     assert (args.dtype, args.compile) == ("int8", True)
     assert build_parser().parse_args([]).compile is False

@@ -32,6 +32,7 @@ import yaml
 
 from vall_e.config.schema import Config
 from vall_e.utils.errors import UserError
+from vall_e.utils.io import read_text
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -183,15 +184,7 @@ def _safe_yaml(text: str, where: str) -> Any:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing or malformed file is a one-line error naming it."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: config file not found") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: config file is not UTF-8 text") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read config file ({e.strerror})") from None
-    data = _safe_yaml(text, str(path))
+    data = _safe_yaml(read_text(path, "config file"), str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):

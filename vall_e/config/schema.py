@@ -163,6 +163,19 @@ class BitsAndBytesConfig:
     bitnet: bool = _f(False, "with `linear`: use BitNet b1.58 BitLinear layers (no bitsandbytes needed)")
 
 
+class _RunPath:
+    """A read-only `Config` attribute: a fixed name under the run's folder (`cfg_path`)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, cfg: Any, owner: type | None = None) -> Any:
+        return self if cfg is None else cfg.cfg_path / self.name
+
+    def __set__(self, cfg: Any, value: Any) -> None:
+        raise AttributeError(f"{self.name} is a run path under cfg_path; set cfg_path instead")
+
+
 @dataclass
 class Config:
     device: str = _f("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
@@ -178,29 +191,15 @@ class Config:
     cfg_path: Path = field(default=Path("data"), metadata={"help": "root of run paths; set from the YAML's folder"})
 
     # ----- run paths, all under the YAML's folder as in the reference -----
-    @property
-    def ckpt_dir(self) -> Path:
-        return self.cfg_path / "ckpt"
-
-    @property
-    def log_dir(self) -> Path:
-        return self.cfg_path / "logs"
-
-    @property
-    def cache_dir(self) -> Path:
-        return self.cfg_path / ".cache"
+    ckpt_dir = _RunPath("ckpt")
+    log_dir = _RunPath("logs")
+    cache_dir = _RunPath(".cache")
+    metrics_path = _RunPath("metrics.png")
+    symmap_path = _RunPath("symmap.json")
 
     @property
     def hdf5_path(self) -> Path:
         return self.cfg_path / self.dataset.hdf5_name
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.cfg_path / "metrics.png"
-
-    @property
-    def symmap_path(self) -> Path:
-        return self.cfg_path / "symmap.json"
 
     def resolve_path(self, p: str | Path) -> Path:
         """A path from the config, relative to the YAML's folder unless absolute."""

@@ -58,50 +58,33 @@ class Voice:
     range: int = 50  # pitch range 0..100 (default 50)
 
 
-# Alternating sex, different accents, rates and pitches, so that speakers differ clearly.
-VOICES: tuple[Voice, ...] = (
-    Voice("us_m1", "en-us+m1", rate=165, pitch=40, range=45),
-    Voice("us_f2", "en-us+f2", rate=180, pitch=60, range=70),
-    Voice("gb_m3", "en+m3", rate=185, pitch=50, range=40),
-    Voice("rp_f4", "en-gb-x-rp+f4", rate=160, pitch=55, range=60),
-    Voice("us_m7", "en-us+m7", rate=170, pitch=35, range=55),
-    Voice("sc_f1", "en-gb-scotland+f1", rate=175, pitch=65, range=50),
-    Voice("ny_m2", "en-us-nyc+m2", rate=190, pitch=45, range=65),
-    Voice("us_f5", "en-us+f5", rate=155, pitch=50, range=80),
+# Every language has eight voices with the same pattern of espeak variants and prosody: alternating
+# sex, different rates and pitches, so that speakers differ clearly: (variant, rate, pitch, range).
+_PROSODY: tuple[tuple[str, int, int, int], ...] = (
+    ("m1", 165, 40, 45), ("f2", 180, 60, 70), ("m3", 185, 50, 40), ("f4", 160, 55, 60),
+    ("m7", 170, 35, 55), ("f1", 175, 65, 50), ("m2", 190, 45, 65), ("f5", 155, 50, 80),
 )
 
-# The other languages: the same pattern of variants and prosody, espeak's regional voices for variety.
+
+def _voices(*accents: tuple[str, str]) -> tuple[Voice, ...]:
+    """One voice per prosody slot from its (name prefix, espeak base voice): e.g. ("us", "en-us") and
+    slot "m1" give Voice("us_m1", "en-us+m1", ...)."""
+    return tuple(Voice(f"{prefix}_{variant}", f"{base}+{variant}", rate=rate, pitch=pitch, range=range_)
+                 for (prefix, base), (variant, rate, pitch, range_) in zip(accents, _PROSODY, strict=True))
+
+
+# English with different accents; the other languages use espeak's regional voices for variety.
 # (espeak-ng names the French voice `fr`; `fr-fr` is only its phonemizer language code.)
-DE_VOICES: tuple[Voice, ...] = (
-    Voice("de_m1", "de+m1", rate=165, pitch=40, range=45),
-    Voice("de_f2", "de+f2", rate=180, pitch=60, range=70),
-    Voice("de_m3", "de+m3", rate=185, pitch=50, range=40),
-    Voice("de_f4", "de+f4", rate=160, pitch=55, range=60),
-    Voice("de_m7", "de+m7", rate=170, pitch=35, range=55),
-    Voice("de_f1", "de+f1", rate=175, pitch=65, range=50),
-    Voice("de_m2", "de+m2", rate=190, pitch=45, range=65),
-    Voice("de_f5", "de+f5", rate=155, pitch=50, range=80),
-)
-FR_VOICES: tuple[Voice, ...] = (
-    Voice("fr_m1", "fr+m1", rate=165, pitch=40, range=45),
-    Voice("fr_f2", "fr+f2", rate=180, pitch=60, range=70),
-    Voice("be_m3", "fr-be+m3", rate=185, pitch=50, range=40),
-    Voice("fr_f4", "fr+f4", rate=160, pitch=55, range=60),
-    Voice("ch_m7", "fr-ch+m7", rate=170, pitch=35, range=55),
-    Voice("be_f1", "fr-be+f1", rate=175, pitch=65, range=50),
-    Voice("fr_m2", "fr+m2", rate=190, pitch=45, range=65),
-    Voice("ch_f5", "fr-ch+f5", rate=155, pitch=50, range=80),
-)
-ES_VOICES: tuple[Voice, ...] = (
-    Voice("es_m1", "es+m1", rate=165, pitch=40, range=45),
-    Voice("es_f2", "es+f2", rate=180, pitch=60, range=70),
-    Voice("lat_m3", "es-419+m3", rate=185, pitch=50, range=40),
-    Voice("es_f4", "es+f4", rate=160, pitch=55, range=60),
-    Voice("es_m7", "es+m7", rate=170, pitch=35, range=55),
-    Voice("lat_f1", "es-419+f1", rate=175, pitch=65, range=50),
-    Voice("lat_m2", "es-419+m2", rate=190, pitch=45, range=65),
-    Voice("es_f5", "es+f5", rate=155, pitch=50, range=80),
-)
+VOICES: tuple[Voice, ...] = _voices(
+    ("us", "en-us"), ("us", "en-us"), ("gb", "en"), ("rp", "en-gb-x-rp"),
+    ("us", "en-us"), ("sc", "en-gb-scotland"), ("ny", "en-us-nyc"), ("us", "en-us"))
+DE_VOICES: tuple[Voice, ...] = _voices(*[("de", "de")] * 8)
+FR_VOICES: tuple[Voice, ...] = _voices(
+    ("fr", "fr"), ("fr", "fr"), ("be", "fr-be"), ("fr", "fr"),
+    ("ch", "fr-ch"), ("be", "fr-be"), ("fr", "fr"), ("ch", "fr-ch"))
+ES_VOICES: tuple[Voice, ...] = _voices(
+    ("es", "es"), ("es", "es"), ("lat", "es-419"), ("es", "es"),
+    ("es", "es"), ("lat", "es-419"), ("lat", "es-419"), ("es", "es"))
 LANGUAGE_VOICES: dict[str, tuple[Voice, ...]] = {"en": VOICES, "de": DE_VOICES, "fr": FR_VOICES, "es": ES_VOICES}
 LANGUAGES: tuple[str, ...] = tuple(LANGUAGE_VOICES)  # the corpus languages, by short code
 _LANGUAGE_ALIASES = {"en": "en", "en-us": "en", "de": "de", "de-de": "de", "fr": "fr", "fr-fr": "fr",
@@ -367,18 +350,69 @@ def _en_sentence(rng: random.Random) -> str:
 
 
 class _Grammar:
-    """A language's sentence parts; `sentence` assembles them like the English generator."""
+    """A language's sentence parts; `sentence` assembles them like the English generator.
+
+    A language gives its word lists, `noun_phrase` and `question_words`, and overrides `object_phrase`
+    when an object takes another form than a subject, `finite` when the verb needs an auxiliary, and
+    `clause` when its word order differs from subject-verb-object-place-adverb.
+    """
 
     conjunctions: tuple[str, ...] = ()
+    please: tuple[str, ...] = ()  # the words that open a request
+    thing_verbs: tuple[tuple[str, str], ...] = ()  # (finite form, imperative) of verbs taking a thing
+    person_verbs: tuple[tuple[str, str], ...] = ()  # ... taking a person
+    any_verbs: tuple[tuple[str, str], ...] = ()  # ... taking either
+    intransitive: tuple[tuple[str, str], ...] = ()
+    places: tuple[str, ...] = ()
+    adverbs: tuple[str, ...] = ()
+
+    def noun_phrase(self, rng: random.Random, person: bool) -> list[str]:
+        raise NotImplementedError
+
+    def object_phrase(self, rng: random.Random, person: bool) -> list[str]:
+        return self.noun_phrase(rng, person)
+
+    def verb_object(self, rng: random.Random) -> tuple[tuple[str, str], list[str]]:
+        r = rng.random()
+        if r < 0.4:
+            return rng.choice(self.thing_verbs), self.object_phrase(rng, False)
+        if r < 0.55:
+            return rng.choice(self.person_verbs), self.object_phrase(rng, True)
+        if r < 0.7:
+            return rng.choice(self.any_verbs), self.object_phrase(rng, rng.random() < 0.5)
+        return rng.choice(self.intransitive), []
+
+    def finite(self, verb: tuple[str, str]) -> list[str]:
+        """The verb's finite form in a statement (and a question)."""
+        return [verb[0]]
 
     def clause(self, rng: random.Random) -> list[str]:
+        subject = self.noun_phrase(rng, True)
+        verb, obj = self.verb_object(rng)
+        words = subject + self.finite(verb) + obj
+        if rng.random() < 0.4:
+            words += rng.choice(self.places).split()
+        if rng.random() < 0.3:
+            words += rng.choice(self.adverbs).split()
+        return words
+
+    def question_words(self, subject: list[str], verb: list[str], obj: list[str]) -> list[str]:
         raise NotImplementedError
 
     def question(self, rng: random.Random) -> list[str]:
-        raise NotImplementedError
+        subject = self.noun_phrase(rng, True)
+        verb, obj = self.verb_object(rng)
+        words = self.question_words(subject, self.finite(verb), obj)
+        if rng.random() < 0.4:
+            words += rng.choice(self.places).split()
+        return words
 
     def request(self, rng: random.Random) -> list[str]:
-        raise NotImplementedError
+        verb, obj = self.verb_object(rng)
+        words = [*self.please, verb[1]] + obj
+        if rng.random() < 0.6:
+            words += rng.choice(self.places).split()
+        return words
 
     def sentence(self, rng: random.Random) -> str:
         while True:
@@ -435,8 +469,9 @@ class _German(_Grammar):
               "hinter dem Haus", "in der Schule", "unter der alten Brücke", "in der Stadt")
     names = ("Anna", "Peter", "Maria", "Thomas", "Laura", "Lukas", "Julia", "Felix")
     conjunctions = ("und", "aber", "denn")
+    please = ("bitte",)
 
-    def noun_phrase(self, rng: random.Random, person: bool, case: int) -> list[str]:
+    def noun_phrase(self, rng: random.Random, person: bool, case: int = 0) -> list[str]:
         """A name or `det [adj] Noun`; case 0 = nominative, 1 = accusative."""
         if person and rng.random() < 0.25:
             return [rng.choice(self.names)]
@@ -450,15 +485,8 @@ class _German(_Grammar):
             words.append(adj + endings[case][g])
         return words + [noun]
 
-    def verb_object(self, rng: random.Random) -> tuple[tuple[str, str], list[str]]:
-        r = rng.random()
-        if r < 0.4:
-            return rng.choice(self.thing_verbs), self.noun_phrase(rng, False, 1)
-        if r < 0.55:
-            return rng.choice(self.person_verbs), self.noun_phrase(rng, True, 1)
-        if r < 0.7:
-            return rng.choice(self.any_verbs), self.noun_phrase(rng, rng.random() < 0.5, 1)
-        return rng.choice(self.intransitive), []
+    def object_phrase(self, rng: random.Random, person: bool) -> list[str]:
+        return self.noun_phrase(rng, person, 1)  # accusative
 
     def clause(self, rng: random.Random) -> list[str]:
         subject = self.noun_phrase(rng, True, 0)
@@ -471,20 +499,8 @@ class _German(_Grammar):
             words += rng.choice(self.places).split()
         return words
 
-    def question(self, rng: random.Random) -> list[str]:
-        subject = self.noun_phrase(rng, True, 0)
-        verb, obj = self.verb_object(rng)
-        words = [verb[0]] + subject + obj
-        if rng.random() < 0.4:
-            words += rng.choice(self.places).split()
-        return words
-
-    def request(self, rng: random.Random) -> list[str]:
-        verb, obj = self.verb_object(rng)
-        words = ["bitte", verb[1]] + obj
-        if rng.random() < 0.6:
-            words += rng.choice(self.places).split()
-        return words
+    def question_words(self, subject: list[str], verb: list[str], obj: list[str]) -> list[str]:
+        return verb + subject + obj
 
 
 class _French(_Grammar):
@@ -521,6 +537,7 @@ class _French(_Grammar):
               "dans la cuisine", "derrière la maison", "à l'école", "sous le vieux pont", "en ville")
     names = ("Marie", "Pierre", "Julie", "Paul", "Sophie", "Louis", "Claire", "Thomas")  # no vowel start
     conjunctions = ("et", "mais", "donc")
+    please = ("s'il", "vous", "plaît,")
 
     def noun_phrase(self, rng: random.Random, person: bool) -> list[str]:
         if person and rng.random() < 0.25:
@@ -530,40 +547,12 @@ class _French(_Grammar):
         adj = rng.choice(self.people_adjectives if person else self.adjectives) if rng.random() < 0.5 else None
         return [rng.choice(self.determiners)[g], noun] + ([adj[g]] if adj else [])
 
-    def verb_object(self, rng: random.Random) -> tuple[tuple[str, str], list[str]]:
-        r = rng.random()
-        if r < 0.4:
-            return rng.choice(self.thing_verbs), self.noun_phrase(rng, False)
-        if r < 0.55:
-            return rng.choice(self.person_verbs), self.noun_phrase(rng, True)
-        if r < 0.7:
-            return rng.choice(self.any_verbs), self.noun_phrase(rng, rng.random() < 0.5)
-        return rng.choice(self.intransitive), []
 
-    def clause(self, rng: random.Random) -> list[str]:
-        subject = self.noun_phrase(rng, True)
-        verb, obj = self.verb_object(rng)
-        words = subject + ["a", verb[0]] + obj
-        if rng.random() < 0.4:
-            words += rng.choice(self.places).split()
-        if rng.random() < 0.3:
-            words += rng.choice(self.adverbs).split()
-        return words
+    def finite(self, verb: tuple[str, str]) -> list[str]:
+        return ["a", verb[0]]  # passé composé with avoir
 
-    def question(self, rng: random.Random) -> list[str]:
-        subject = self.noun_phrase(rng, True)  # never vowel-initial, so "que" needs no elision
-        verb, obj = self.verb_object(rng)
-        words = ["est-ce", "que"] + subject + ["a", verb[0]] + obj
-        if rng.random() < 0.4:
-            words += rng.choice(self.places).split()
-        return words
-
-    def request(self, rng: random.Random) -> list[str]:
-        verb, obj = self.verb_object(rng)
-        words = ["s'il", "vous", "plaît,", verb[1]] + obj
-        if rng.random() < 0.6:
-            words += rng.choice(self.places).split()
-        return words
+    def question_words(self, subject: list[str], verb: list[str], obj: list[str]) -> list[str]:
+        return ["est-ce", "que"] + subject + verb + obj  # a subject is never vowel-initial: no elision
 
 
 class _Spanish(_Grammar):
@@ -599,6 +588,7 @@ class _Spanish(_Grammar):
               "en la cocina", "detrás de la casa", "en la escuela", "bajo el viejo puente", "en la ciudad")
     names = ("Ana", "Pablo", "Lucía", "Carlos", "Sofía", "Miguel", "Elena", "Diego")  # none starts with i
     conjunctions = ("y", "pero", "así que")
+    please = ("por", "favor,")
 
     def noun_phrase(self, rng: random.Random, person: bool, obj: bool = False) -> list[str]:
         """A name or `det noun [adj]`; a person as object takes the personal "a"."""
@@ -613,40 +603,11 @@ class _Spanish(_Grammar):
             words = ["al"] + words[1:] if words[0] == "el" else ["a"] + words
         return words
 
-    def verb_object(self, rng: random.Random) -> tuple[tuple[str, str], list[str]]:
-        r = rng.random()
-        if r < 0.4:
-            return rng.choice(self.thing_verbs), self.noun_phrase(rng, False, True)
-        if r < 0.55:
-            return rng.choice(self.person_verbs), self.noun_phrase(rng, True, True)
-        if r < 0.7:
-            return rng.choice(self.any_verbs), self.noun_phrase(rng, rng.random() < 0.5, True)
-        return rng.choice(self.intransitive), []
+    def object_phrase(self, rng: random.Random, person: bool) -> list[str]:
+        return self.noun_phrase(rng, person, True)
 
-    def clause(self, rng: random.Random) -> list[str]:
-        subject = self.noun_phrase(rng, True)
-        verb, obj = self.verb_object(rng)
-        words = subject + [verb[0]] + obj
-        if rng.random() < 0.4:
-            words += rng.choice(self.places).split()
-        if rng.random() < 0.3:
-            words += rng.choice(self.adverbs).split()
-        return words
-
-    def question(self, rng: random.Random) -> list[str]:
-        subject = self.noun_phrase(rng, True)
-        verb, obj = self.verb_object(rng)
-        words = ["¿" + verb[0]] + subject + obj
-        if rng.random() < 0.4:
-            words += rng.choice(self.places).split()
-        return words
-
-    def request(self, rng: random.Random) -> list[str]:
-        verb, obj = self.verb_object(rng)
-        words = ["por", "favor,", verb[1]] + obj
-        if rng.random() < 0.6:
-            words += rng.choice(self.places).split()
-        return words
+    def question_words(self, subject: list[str], verb: list[str], obj: list[str]) -> list[str]:
+        return ["¿" + verb[0]] + subject + obj
 
 
 _GRAMMARS: dict[str, _Grammar] = {"de": _German(), "fr": _French(), "es": _Spanish()}

@@ -21,7 +21,7 @@ from vall_e.text.languages import normalize_language
 from vall_e.text.phonemes import phonemize_many
 from vall_e.text.symmap import format_phonemes
 from vall_e.utils.errors import UserError, run_main
-from vall_e.utils.io import atomic_write_text, remove_stale_temps
+from vall_e.utils.io import atomic_write_text, read_text, remove_stale_temps
 
 PHN_SUFFIX = ".phn.txt"
 
@@ -58,17 +58,6 @@ def find_jobs(folder: Path, suffix: str) -> tuple[list[tuple[Path, Path]], int]:
     return jobs, done
 
 
-def read_transcript(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
-
-
 def phonemize_files(jobs: Sequence[tuple[Path, Path]], language: str, batch_size: int = 64,
                     progress: bool = True) -> int:
     """Phonemize and write each job in order; raise UserError at the first bad file. Returns count."""
@@ -80,7 +69,7 @@ def phonemize_files(jobs: Sequence[tuple[Path, Path]], language: str, batch_size
             failure: UserError | None = None
             for src, _ in batch:  # read up to the first bad file; the ones before it still get written
                 try:
-                    texts.append(read_transcript(src))
+                    texts.append(read_text(src, "transcript"))
                 except UserError as e:
                     failure = e
                     break

@@ -34,7 +34,7 @@ from vall_e.generation.settings import GenerationSettings
 from vall_e.generation.tts import TTS
 from vall_e.utils.audio import audio_duration, load_audio, save_audio
 from vall_e.utils.errors import UserError
-from vall_e.utils.io import atomic_write_text
+from vall_e.utils.io import atomic_write_text, read_text
 
 REPORT_VERSION = 1
 # Longest audio file scored (prompt, reference or synthesized clip): the signal metrics analyse whole
@@ -106,16 +106,7 @@ def _item_from(row: Mapping[str, Any], index: int, where: str, base: Path) -> Ev
 def read_list(path: str | Path, *, need_prompt: bool = True, check_audio: bool = True) -> list[EvalItem]:
     """Parse a JSONL or TSV item list; every problem is a one-line `UserError` naming file and line."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path}: list file not found") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
+    text = read_text(path, "list file")
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
         raise UserError(f"{path}: the list is empty")

@@ -45,6 +45,7 @@ from vall_e.generation.sampling import SamplingParams
 from vall_e.generation.settings import GenerationSettings
 from vall_e.generation.tts import TTS
 from vall_e.serving.batching import Batcher, QueueFull, WorkerStopped
+from vall_e.serving.options import add_engine_options
 from vall_e.utils.audio import audio_duration, audio_to_bytes, load_audio
 from vall_e.utils.errors import UserError
 from vall_e.utils.io import atomic_path
@@ -571,12 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8, help="requests synthesized together in one batch")
     p.add_argument("--batch-wait-ms", type=float, default=50.0,
                    help="how long the first request of a batch waits for others to join it")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"],
-                   help="int8: every Linear dynamically quantized (CPU only)")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the AR decode step with torch.compile "
-                        "(CPU: needs a C++ compiler; first call takes 1-4 min)")
+    add_engine_options(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 

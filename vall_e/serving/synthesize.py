@@ -21,8 +21,10 @@ from vall_e.config import parse_config
 from vall_e.generation.sampling import SamplingParams
 from vall_e.generation.settings import GenerationSettings
 from vall_e.generation.tts import TTS
+from vall_e.serving.options import add_engine_options
 from vall_e.utils.audio import concat_with_pauses, save_audio
 from vall_e.utils.errors import UserError
+from vall_e.utils.io import read_text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,12 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ras-window", type=int, default=10, help="repetition-aware sampling window (VALL-E 2: 10)")
     p.add_argument("--ras-ratio", type=float, default=0.1, help="repetition-aware sampling threshold")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible output")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"],
-                   help="int8: every Linear dynamically quantized (CPU only)")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the AR decode step with torch.compile "
-                        "(CPU: needs a C++ compiler; first call takes 1-4 min)")
+    add_engine_options(p)
     p.add_argument("--amp", action="store_true", help="accepted for compatibility (use --dtype)")
     p.add_argument("--join", action="store_true", help="multi-line text: write one joined file")
     p.add_argument("--no-split", action="store_true", help="do not split long text into sentences")
@@ -101,12 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError("no model given: pass --model model.safetensors or --yaml/yaml= of a training run")
         model_path = default
     if args.batch_file:
-        try:
-            texts = [line.strip() for line in Path(args.batch_file).read_text(encoding="utf-8").splitlines()]
-        except UnicodeDecodeError:
-            raise UserError(f"{args.batch_file}: not UTF-8 text") from None
-        except OSError as e:
-            raise UserError(f"{args.batch_file}: cannot read ({e.strerror})") from None
+        texts = [line.strip() for line in read_text(args.batch_file, "batch file").splitlines()]
     else:
         texts = [line.strip() for line in args.text.splitlines()]
     texts = [t for t in texts if t]

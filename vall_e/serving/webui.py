@@ -23,6 +23,7 @@ from vall_e.config import parse_config
 from vall_e.generation.sampling import SamplingParams
 from vall_e.generation.settings import GenerationSettings
 from vall_e.generation.tts import TTS
+from vall_e.serving.options import ENGINE_DTYPES, add_engine_options
 from vall_e.text.languages import supported_languages
 from vall_e.utils.audio import save_audio
 from vall_e.utils.errors import UserError
@@ -30,7 +31,6 @@ from vall_e.utils.errors import UserError
 DEFAULT_LISTEN = "127.0.0.1:7860"
 DEFAULT_TEXT = "The birch canoe slid on the smooth planks."  # Harvard sentence list 1, as the reference
 DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("float32", "bfloat16", "float16", "int8")
 OUTPUT_MAX_AGE_S = 3600.0  # finished wavs older than this are deleted from the output folder
 GRADIO_MISSING = "the web UI needs: pip install 'vall-e[webui]'"
 
@@ -184,8 +184,8 @@ class Engine:
         dtype = (dtype or "float32").strip()
         if not model:
             raise UserError("no model: enter the path of a model.safetensors (or a training run's YAML)")
-        if dtype not in DTYPES:
-            raise UserError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        if dtype not in ENGINE_DTYPES:
+            raise UserError(f"dtype {dtype!r}: choose one of {', '.join(ENGINE_DTYPES)}")
         key = (model, device, dtype)
         with self._lock:
             if key != self._key:
@@ -305,7 +305,7 @@ def build_ui(engine: Engine, out_dir: Path | None = None) -> UI:
                     with gr.Row():
                         device = gr.Dropdown(choices=list(DEVICES), value=engine.device, label="Device",
                                              allow_custom_value=True, elem_id="model-device")
-                        dtype = gr.Dropdown(choices=list(DTYPES), value=engine.dtype, label="Dtype",
+                        dtype = gr.Dropdown(choices=list(ENGINE_DTYPES), value=engine.dtype, label="Dtype",
                                             elem_id="model-dtype")
             with gr.Column(scale=2):
                 button = gr.Button("Generate", variant="primary", elem_id="generate-btn")
@@ -359,12 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", default=None, help="exported model.safetensors")
     p.add_argument("--listen", default=DEFAULT_LISTEN, help=f"host:port to serve on (default {DEFAULT_LISTEN})")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                   help="int8: every Linear dynamically quantized (CPU only)")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the AR decode step with torch.compile "
-                        "(CPU: needs a C++ compiler; first call takes 1-4 min)")
+    add_engine_options(p)
     return p
 
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from vall_e.utils.errors import UserError
-from vall_e.utils.io import atomic_write_text
+from vall_e.utils.io import atomic_write_text, read_text
 
 PAD, BOS, EOS, BOUNDARY = "<pad>", "<s>", "</s>", " "
 SPECIALS = (PAD, BOS, EOS, BOUNDARY)
@@ -148,15 +147,7 @@ class Symmap:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Symmap":
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UserError(f"{path}: symbol map file not found") from None
-        except UnicodeDecodeError:
-            raise UserError(f"{path}: not UTF-8 text") from None
-        except OSError as e:
-            raise UserError(f"{path}: cannot read ({e.strerror})") from None
-        return cls.from_json(text, source=str(path))
+        return cls.from_json(read_text(path, "symbol map file"), source=str(path))
 
 
 _SPLIT = re.compile(r"(\s+)")
@@ -193,17 +184,7 @@ def format_phonemes(tokens: Sequence[str]) -> str:
 
 def read_phonemes(path: str | os.PathLike) -> list[str]:
     """Tokens of a `.phn.txt` file; UserError naming the file if it is unreadable, not UTF-8 or empty."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path}: phoneme file not found") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
-    tokens = parse_phonemes(text)
+    tokens = parse_phonemes(read_text(path, "phoneme file"))
     if not tokens:
         raise UserError(f"{path}: no phonemes in file")
     return tokens

@@ -1,4 +1,5 @@
-"""Crash-safe file writing: write to a temporary file beside the target, then rename.
+"""Crash-safe file writing (write to a temporary file beside the target, then rename), and reading
+the user's text files with one-line errors.
 
 A reader therefore sees either the old file or the complete new one, never a half-written one,
 even if the process is killed mid-write.
@@ -13,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from vall_e.utils.errors import UserError
 
 
 def _umask() -> int:
@@ -44,6 +47,22 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """A UTF-8 text file's content (a leading byte-order mark dropped). A missing, unreadable or
+    non-UTF-8 file is a one-line UserError naming it: `{path}: {what} not found`, `cannot read (...)`,
+    `not UTF-8 text (bad byte at offset N)`."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

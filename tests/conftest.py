@@ -40,6 +40,20 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason=f"{marker} test: run with -m {marker}"))
 
 
+# The texts whose phonemes the shared tiny model's symbol map covers.
+TINY_MODEL_TEXTS = ["Hello there, how are you?", "The quick brown fox jumps over the lazy dog.", "Good morning.",
+                    "Another sentence. And one more!"]
+
+
+@pytest.fixture(scope="session")
+def model_file(tmp_path_factory: pytest.TempPathFactory, tiny_encodec_dir: Path) -> Path:
+    """A tiny untrained ar+nar model over TINY_MODEL_TEXTS, exported with the tiny EnCodec's spec.
+    Shared by the engine, server, web UI and eval tests, which only read it."""
+    model, cfg, symmap = build_tiny_model(TINY_MODEL_TEXTS)
+    return export_tiny_model(tmp_path_factory.mktemp("model") / "model.safetensors", model, cfg, symmap,
+                             tiny_encodec_dir)
+
+
 def export_tiny_model(path: Path, model, cfg, symmap, tiny_encodec_dir: Path) -> Path:
     """Write `model` (an untrained tiny VALLE) as an exported model file with the tiny EnCodec's spec,
     the way `vall_e.export` does, so tests load it through `TTS.from_pretrained`."""

@@ -157,26 +157,16 @@ def _long_text() -> str:
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory: pytest.TempPathFactory, tiny_encodec_dir: Path) -> Path:
-    """A tiny untrained ar+nar model (as in tests/test_inference.py) whose symbol map covers TEXTS."""
-    from vall_e.codecs import build_codec
-    from vall_e.models.model_file import write_export
-    from vall_e.models.valle import VALLE, VALLEConfig
-    from vall_e.text.languages import LanguageMap
+    """A tiny untrained ar+nar model (smaller than conftest's) whose symbol map covers TEXTS only."""
+    from tests.conftest import build_tiny_model, export_tiny_model
     from vall_e.text.phonemes import phonemize
-    from vall_e.text.symmap import Symmap
 
-    torch.manual_seed(0)
-    symmap = Symmap.build([phonemize(t) for t in TEXTS])
+    model, cfg, symmap = build_tiny_model(TEXTS, d_model=16, n_layers=1)
     bare = lambda t: t.replace("ː", "").replace("ˈ", "").replace("ˌ", "")  # noqa: E731
     known = {bare(s) for s in symmap.symbols}
     assert any(bare(t) not in known for t in phonemize(UNKNOWN_TEXT)), "UNKNOWN_TEXT must have an unknown phone"
-    cfg = VALLEConfig(kind="ar+nar", d_model=16, n_heads=2, n_layers=1, n_text_tokens=len(symmap) + 8,
-                      n_codes=1024, n_levels=8, dropout=0.0)
-    codec = build_codec({"name": "encodec", "model": str(tiny_encodec_dir)})
-    path = tmp_path_factory.mktemp("model") / "model.safetensors"
-    write_export(path, {"ar+nar": VALLE(cfg).state_dict()}, {"ar+nar": cfg.to_dict()}, symmap=symmap,
-                 langmap=LanguageMap(), codec=codec.spec())
-    return path
+    return export_tiny_model(tmp_path_factory.mktemp("model") / "model.safetensors", model, cfg, symmap,
+                             tiny_encodec_dir)
 
 
 def _pcm16_wav_header(frames: int, sr: int) -> bytes:

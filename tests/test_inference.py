@@ -18,16 +18,6 @@ TEXTS = ["Hello there, how are you?", "The quick brown fox jumps over the lazy d
 
 
 @pytest.fixture(scope="module")
-def model_file(tmp_path_factory, tiny_encodec_dir) -> Path:
-    """A tiny untrained ar+nar model exported with the tiny EnCodec's spec."""
-    from tests.conftest import build_tiny_model, export_tiny_model
-
-    model, cfg, symmap = build_tiny_model(TEXTS + ["Another sentence. And one more!"])
-    return export_tiny_model(tmp_path_factory.mktemp("model") / "model.safetensors", model, cfg, symmap,
-                             tiny_encodec_dir)
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     from tests.conftest import write_reference
 

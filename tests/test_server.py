@@ -32,27 +32,6 @@ TEXTS = ["Hello there, how are you?", "The quick brown fox jumps over the lazy d
 STEPS = 40  # AR frames per request: keeps every request short
 
 
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory, tiny_encodec_dir) -> Path:
-    """A tiny untrained ar+nar model exported with the tiny EnCodec's spec (as in test_inference)."""
-    from vall_e.codecs import build_codec
-    from vall_e.models.model_file import write_export
-    from vall_e.models.valle import VALLE, VALLEConfig
-    from vall_e.text.languages import LanguageMap
-    from vall_e.text.phonemes import phonemize
-    from vall_e.text.symmap import Symmap
-
-    torch.manual_seed(0)
-    symmap = Symmap.build([phonemize(t) for t in TEXTS])
-    cfg = VALLEConfig(kind="ar+nar", d_model=32, n_heads=2, n_layers=2, n_text_tokens=len(symmap) + 8,
-                      n_codes=1024, n_levels=8, dropout=0.0)
-    codec = build_codec({"name": "encodec", "model": str(tiny_encodec_dir)})
-    path = tmp_path_factory.mktemp("model") / "model.safetensors"
-    write_export(path, {"ar+nar": VALLE(cfg).state_dict()}, {"ar+nar": cfg.to_dict()}, symmap=symmap,
-                 langmap=LanguageMap(), codec=codec.spec())
-    return path
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -33,7 +33,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from tests.test_server import TEXTS, _free_port, model_file, voice_bytes  # noqa: E402,F401  (fixtures)
+from tests.test_server import TEXTS, _free_port, voice_bytes  # noqa: E402,F401  (fixtures)
 from vall_e.utils.io import atomic_write_text  # noqa: E402
 
 pytestmark = pytest.mark.soak

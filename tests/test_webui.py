@@ -269,27 +269,6 @@ def _browser_missing() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory, tiny_encodec_dir) -> Path:
-    """A tiny untrained ar+nar model exported with the tiny EnCodec's spec (as tests/test_inference.py)."""
-    from vall_e.codecs import build_codec
-    from vall_e.models.model_file import write_export
-    from vall_e.models.valle import VALLE, VALLEConfig
-    from vall_e.text.languages import LanguageMap
-    from vall_e.text.phonemes import phonemize
-    from vall_e.text.symmap import Symmap
-
-    torch.manual_seed(0)
-    symmap = Symmap.build([phonemize(t) for t in ["Hello there, how are you?", "Good morning."]])
-    cfg = VALLEConfig(kind="ar+nar", d_model=32, n_heads=2, n_layers=2, n_text_tokens=len(symmap) + 8,
-                      n_codes=1024, n_levels=8, dropout=0.0)
-    codec = build_codec({"name": "encodec", "model": str(tiny_encodec_dir)})
-    path = tmp_path_factory.mktemp("model") / "model.safetensors"
-    write_export(path, {"ar+nar": VALLE(cfg).state_dict()}, {"ar+nar": cfg.to_dict()}, symmap=symmap,
-                 langmap=LanguageMap(), codec=codec.spec())
-    return path
-
-
 @pytest.fixture
 def server(request, model_file, tmp_path):
     """`python -m vall_e.webui` on a free loopback port; killed by a finalizer."""

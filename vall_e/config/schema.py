@@ -64,6 +64,9 @@ class ModelConfig:
     text_heads: int = _f(0, "heads per layer through which audio tokens read only the text (transformer, bitnet)")
     guided_attention: float = _f(0.0, "weight of a guided-attention loss pulling the text heads to the diagonal")
     guided_attention_sigma: float = _f(0.2, "width of the guided-attention diagonal, as a fraction of the text")
+    text_head_rate: float = _f(0.0, "text heads' aligned positions: audio frames per text token (e.g. the corpus "
+                                    "mean); 0 = the shared positions")
+    ar_group: int = _f(1, "VALL-E 2 grouped code modeling: level-0 codes the AR reads and predicts per step")
     frozen_params: list[str] = _f([], "parameter-name prefixes excluded from training")
     name: str = _f("", "run/checkpoint name; empty = derived from kind, size and backbone")
 

@@ -279,6 +279,9 @@ class TTS:
                     min_steps: list[int] | None = None) -> list[Tensor]:
         """Batched AR decoding with a KV cache. Returns level-0 codes Long[T_i] per sample (no STOP)."""
         if params.beam_width and params.beam_width > 1:
+            if self.ar_model.config.ar_group > 1:
+                raise UserError("beam search needs a model that predicts one frame per step; this model "
+                                f"predicts {self.ar_model.config.ar_group} (model.ar_group); use sampling or greedy")
             with torch.inference_mode():
                 return self._beam_ar(text_ids, langs, prompts, params, max_steps)
         steps = self.ar_steps(text_ids, langs, prompts, params, max_steps, max_repeat_frames, min_steps)
@@ -291,59 +294,73 @@ class TTS:
     def ar_steps(self, text_ids: list[Tensor], langs: Tensor, prompts: list[Tensor], params: SamplingParams,
                  max_steps: list[int], max_repeat_frames: int = 150, min_steps: list[int] | None = None
                  ) -> Iterator[tuple[int, Tensor, Tensor]]:
-        """The AR loop as a generator: yields (step, tokens[B], done[B]) after every step and returns
-        the level-0 codes per sample. Streaming consumes it step by step."""
+        """The AR loop as a generator: yields (frame, tokens[B], done[B]) after every frame and returns
+        the level-0 codes per sample. Streaming consumes it frame by frame.
+
+        A model with `ar_group` G > 1 (VALL-E 2's grouped code modeling) gives the logits of G frames
+        per forward step; they are sampled one frame after another, so the repetition penalty, the
+        STOP floor, the caps and the repeat guard see every frame as with G = 1, and the G sampled
+        codes (STOP after a row ends) are fed back as the next step's input."""
+        G = self.ar_model.config.ar_group
         with torch.inference_mode():
             model = self.ar_model
             B = len(text_ids)
             dev = self.device
             limit = max(max_steps)
+            n_steps = -(-(limit + 1) // G)  # forward steps that cover limit + 1 frames
             logits, state = model.ar_prefill([t.to(dev) for t in text_ids], langs.to(dev),
-                                             [p.to(dev) for p in prompts], max_length=limit + 1)
+                                             [p.to(dev) for p in prompts], max_length=n_steps + 1)
             prefix_len = state.length
             sampler = TokenSampler(params, stop_id=self.stop_id, batch_size=B, device=dev)
-            history = torch.full((B, limit + 1), -1, dtype=torch.long, device=dev)
+            history = torch.full((B, n_steps * G), -1, dtype=torch.long, device=dev)
             lengths = torch.zeros(B, dtype=torch.long, device=dev)
             done = torch.zeros(B, dtype=torch.bool, device=dev)
             caps = torch.tensor(max_steps, device=dev)
             run = torch.zeros(B, dtype=torch.long, device=dev)  # length of the current run of one code
             stop = torch.full((B,), self.stop_id, dtype=torch.long, device=dev)
             floor = torch.tensor(min_steps or [0] * B, device=dev).clamp(max=caps)
-            floor_steps = int(floor.max())  # STOP is banned for some rows before this step
+            floor_steps = int(floor.max())  # STOP is banned for some rows before this frame
             # The sampler reads the history for the repetition penalty (all of it) and for
             # repetition-aware sampling (the last ras_window tokens of each row, which are the last
             # columns of a live row; a finished row's draw is discarded). Without the penalty only
             # that window is passed, so a step's cost does not grow with the length.
             window = None if params.repetition_penalty != 1.0 else max(0, params.ras_window)
-        for step in range(limit + 1):
+            context_steps = -(-params.max_ar_context // G) if params.max_ar_context and params.max_ar_context > 0 else 0
+        frame = 0
+        for step in range(n_steps):
+            group = []
+            for g in range(G):
+                with torch.inference_mode():
+                    frame_logits = (logits if G == 1 else logits[:, g]).float()
+                    if frame < floor_steps:  # too early to stop: ban STOP for those rows
+                        frame_logits[:, self.stop_id] = torch.where(lengths < floor, -torch.inf,
+                                                                    frame_logits[:, self.stop_id])
+                    past = history[:, :frame] if window is None else history[:, max(0, frame - window):frame]
+                    tokens = sampler.sample(frame_logits, past, lengths)
+                    tokens = torch.where(done | (lengths >= caps), stop, tokens)
+                    done |= tokens == self.stop_id
+                    if frame > 0:
+                        run = torch.where((tokens == history[:, frame - 1]) & ~done, run + 1, torch.zeros_like(run))
+                        looping = run >= max_repeat_frames
+                        if frame >= max_repeat_frames and bool(looping.any()):
+                            for i in looping.nonzero().flatten().tolist():
+                                logger.warning("sample %d: one code repeated for %d frames; stopping it", i,
+                                               max_repeat_frames)
+                            done |= looping
+                            tokens = torch.where(looping, stop, tokens)
+                    history[:, frame] = torch.where(done, torch.full_like(tokens, -1), tokens)
+                    lengths += (~done).long()
+                group.append(tokens)
+                yield frame, tokens, done
+                frame += 1
+                if bool(done.all()) or frame > limit:
+                    return [history[i, : int(lengths[i])].clone() for i in range(B)]
             with torch.inference_mode():
-                logits = logits.float()
-                if step < floor_steps:  # too early to stop: ban STOP for those rows
-                    logits[:, self.stop_id] = torch.where(lengths < floor, -torch.inf, logits[:, self.stop_id])
-                past = history[:, :step] if window is None else history[:, max(0, step - window):step]
-                tokens = sampler.sample(logits, past, lengths)
-                tokens = torch.where(done | (lengths >= caps), stop, tokens)
-                done |= tokens == self.stop_id
-                if step > 0:
-                    run = torch.where((tokens == history[:, step - 1]) & ~done, run + 1, torch.zeros_like(run))
-                    looping = run >= max_repeat_frames
-                    if step >= max_repeat_frames and bool(looping.any()):
-                        for i in looping.nonzero().flatten().tolist():
-                            logger.warning("sample %d: one code repeated for %d frames; stopping it", i,
-                                           max_repeat_frames)
-                        done |= looping
-                        tokens = torch.where(looping, stop, tokens)
-                history[:, step] = torch.where(done, torch.full_like(tokens, -1), tokens)
-                lengths += (~done).long()
-            yield step, tokens, done
-            if bool(done.all()) or step == limit:
-                break
-            with torch.inference_mode():
-                if params.max_ar_context and params.max_ar_context > 0:
-                    drop = prefix_len + step - params.max_ar_context
-                    if drop >= prefix_len:  # rolling context: forget the oldest generated frame
+                if context_steps:
+                    drop = prefix_len + step + 1 - context_steps
+                    if drop >= prefix_len:  # rolling context: forget the oldest generated step
                         state.valid[:, drop] = False
-                logits, state = model.ar_step(tokens, state)
+                logits, state = model.ar_step(group[0] if G == 1 else torch.stack(group, 1), state)
         return [history[i, : int(lengths[i])].clone() for i in range(B)]
 
     def _beam_ar(self, text_ids: list[Tensor], langs: Tensor, prompts: list[Tensor], params: SamplingParams,
@@ -371,6 +388,8 @@ class TTS:
             state.valid = state.valid.index_select(0, index)
             if state.text is not None:
                 state.text = state.text.index_select(0, index)
+            if state.text_pos is not None:
+                state.text_pos = state.text_pos.index_select(0, index)
             logits, state = model.ar_step(tokens, state)
         return [seq.to(dev).long() for seq in beams.best()]
 

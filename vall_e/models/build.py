@@ -40,7 +40,8 @@ def valle_configs(model_cfg: Any, n_text_tokens: int | None = None, n_langs: int
                   n_levels=m.n_levels, n_codes=m.n_codes, n_text_tokens=m.n_text_tokens, n_langs=m.n_langs,
                   dropout=m.dropout, p_ar=(m.p_ar if m.p_ar and m.p_ar > 0 else None),
                   text_loss_weight=m.text_loss_weight, max_positions=m.max_positions, text_heads=m.text_heads,
-                  guided_attention=m.guided_attention, guided_attention_sigma=m.guided_attention_sigma)
+                  guided_attention=m.guided_attention, guided_attention_sigma=m.guided_attention_sigma,
+                  text_head_rate=m.text_head_rate, ar_group=m.ar_group)
     return {name: VALLEConfig(kind=name, **common) for name in model_names(m.kind)}
 
 

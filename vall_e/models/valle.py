@@ -17,6 +17,17 @@ Heads: one per level. The AR head has n_codes + 1 outputs (STOP); each NAR head 
 so the NAR can never emit STOP (the reference's shared head let it: docs/reference-differences.md #8).
 Per-level heads also spare one projection from serving 8 codebooks whose ids mean unrelated things;
 they cost (n_levels - 1) x d x n_codes parameters (7M at the full size, ~4%).
+
+Two options change the AR (both off by default, so a plain VALL-E is unchanged):
+* `ar_group` G > 1 is VALL-E 2's grouped code modeling (arXiv 2406.05370): each AR position reads
+  the sum of G level-0 code embeddings (one table per slot) and predicts the next G codes through
+  one head of G x (n_codes + 1) outputs; the codes are followed by STOP up to a whole group. The AR
+  sequence is G times shorter.
+* `text_head_rate` r > 0 gives the text heads (`text_heads`) their own rotary positions: text token
+  n sits at n * r and response frame j at j (the first frame of a group for G > 1), so a frame that
+  is where the average speaker would be in the text is at relative distance 0 from its phoneme.
+  The diagonal of text against audio, which the guided-attention loss asks for, then needs no
+  content-based search to find; the heads only correct for the speaker's and phoneme's own pace.
 """
 from __future__ import annotations
 
@@ -66,6 +77,10 @@ class VALLEConfig:
     guided_attention: float = 0.0  # weight of the guided-attention loss on the text heads (0 = off)
     guided_attention_sigma: float = 0.2  # width of the diagonal band, as a fraction of the text
     backbone_extra: dict = field(default_factory=dict)
+    # text heads' aligned positions (see the module docstring): audio frames per text token, typically
+    # the corpus's mean (0 = the text heads use the shared positions)
+    text_head_rate: float = 0.0
+    ar_group: int = 1  # VALL-E 2 grouped code modeling: the AR reads and predicts G level-0 codes per step
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -95,6 +110,11 @@ class VALLEConfig:
                             "model.text_heads >= 1")
         if not self.guided_attention_sigma > 0:
             raise UserError(f"model.guided_attention_sigma {self.guided_attention_sigma}: must be > 0")
+        if not self.text_head_rate >= 0 or (self.text_head_rate > 0 and not self.text_heads):
+            raise UserError(f"model.text_head_rate {self.text_head_rate}: must be >= 0, and needs "
+                            "model.text_heads >= 1")
+        if not isinstance(self.ar_group, int) or isinstance(self.ar_group, bool) or not 1 <= self.ar_group <= 8:
+            raise UserError(f"model.ar_group {self.ar_group!r}: must be an integer in 1..8")
 
     @property
     def has_ar(self) -> bool:
@@ -149,6 +169,8 @@ class ARState:
     length: int  # filled slots
     causal: Tensor  # Bool[B], all True
     text: Tensor | None = None  # Bool[B, capacity]: which slots hold text (models with text heads)
+    text_pos: Tensor | None = None  # Float[B, capacity]: text heads' positions (text_head_rate > 0)
+    prefix: int = 0  # slots of the (left-padded) prefix
 
 
 class _Targets:
@@ -158,14 +180,17 @@ class _Targets:
         self.samples: list[Tensor] = []
         self.positions: list[Tensor] = []
         self.targets: list[Tensor] = []
+        self.subs: list[Tensor] = []
 
-    def add(self, sample: int, positions: Tensor, targets: Tensor) -> None:
+    def add(self, sample: int, positions: Tensor, targets: Tensor, sub: Tensor | None = None) -> None:
         self.samples.append(torch.full((len(positions),), sample))
         self.positions.append(positions)
         self.targets.append(targets)
+        self.subs.append(torch.zeros(len(positions), dtype=torch.long) if sub is None else sub)
 
     def done(self) -> "_Targets":
-        self.sample, self.pos, self.target = (torch.cat(t) for t in (self.samples, self.positions, self.targets))
+        self.sample, self.pos, self.target, self.sub = (
+            torch.cat(t) for t in (self.samples, self.positions, self.targets, self.subs))
         return self
 
     def per_sample_mean(self, values: Tensor, batch_size: int) -> Tensor:
@@ -185,8 +210,10 @@ class VALLE(nn.Module):
         self.prompt_emb = LevelEmbedding(c.n_levels, c.n_codes, d)
         self.sep = nn.Parameter(torch.zeros(d))
         if c.has_ar:
-            self.ar_emb = nn.Embedding(c.n_codes + 1, d)  # row n_codes = STOP
-            self.ar_head = nn.Linear(d, c.n_codes + 1)
+            G = c.ar_group
+            self.ar_emb = nn.Embedding(G * (c.n_codes + 1), d)  # row n_codes = STOP (per group slot)
+            self.ar_head = nn.Linear(d, G * (c.n_codes + 1))
+            self.register_buffer("ar_offsets", torch.arange(G) * (c.n_codes + 1), persistent=False)
         if c.has_nar:
             self.nar_emb = LevelEmbedding(c.n_levels - 1, c.n_codes, d)  # input levels 0..n_levels-2
             self.level_emb = nn.Embedding(c.n_levels - 1, d)  # row k-1 = target level k
@@ -245,6 +272,8 @@ class VALLE(nn.Module):
         """Response input for target `level`: codes [T, >= max(level, 1)] -> [T, d]."""
         codes = codes.to(self.device).long()
         if level == 0:
+            if self.config.ar_group > 1:
+                return self._ar_embed(self._ar_groups(codes[:, 0])[:-1])
             return self.ar_emb(codes[:, 0])
         return self.nar_emb(codes[:, :level]) + self.level_emb.weight[level - 1]
 
@@ -269,12 +298,25 @@ class VALLE(nn.Module):
         n = torch.tensor([len(t) for t in text], device=valid.device)[:, None]
         return valid & (index < n)
 
-    def _mask(self, causal: Tensor, valid: Tensor, text: list[Tensor]) -> Mask:
-        return Mask(causal, valid, self._text_flags(valid, text))
+    def _mask(self, causal: Tensor, valid: Tensor, text: list[Tensor], resp_start: list[int] | None = None) -> Mask:
+        """The attention pattern of a batch. `resp_start`: each sample's count of tokens before its
+        response (the prefix length), which places the response frames for `text_head_rate`."""
+        flags = self._text_flags(valid, text)
+        text_pos = None
+        c = self.config
+        if flags is not None and c.text_head_rate > 0:
+            index = (valid.long().cumsum(-1) - 1).float()
+            rs = torch.tensor(resp_start if resp_start is not None else [1 << 30] * len(text),
+                              device=valid.device, dtype=torch.float32)[:, None]
+            step = torch.where(causal, float(c.ar_group), 1.0).to(valid.device)[:, None]
+            text_pos = torch.where(flags, index * c.text_head_rate,
+                                   torch.where(index >= rs, (index - rs) * step, torch.zeros_like(index)))
+        return Mask(causal, valid, flags, text_pos)
 
     def _guided_attention_loss(self, attention: list[Tensor], targets: "_Targets", text: list[Tensor]) -> Tensor:
-        """Mean over layers, samples and response rows of sum_n A[n] W[n] / N, with A a text head's
-        attention over the N phonemes and W = 1 - exp(-(n/N - j/R)^2 / (2 sigma^2)) for row j of R."""
+        """Mean over layers, samples and response rows of sum_n A[n] W[n], with A a text head's
+        attention over the N phonemes and W = 1 - exp(-(n/N - j/R)^2 / (2 sigma^2)) for row j of R:
+        the attention mass off the diagonal band, in [0, 1] whatever the text length."""
         dev = attention[0].device
         sample, rows = targets.sample.to(dev), targets.pos.to(dev)
         n_text = torch.tensor([len(t) for t in text], device=dev, dtype=torch.float32)
@@ -287,7 +329,7 @@ class VALLE(nn.Module):
         N = n_text[sample][:, None]
         sigma = self.config.guided_attention_sigma
         w = 1.0 - torch.exp(-(((n + 0.5) / N - progress[:, None]) ** 2) / (2 * sigma ** 2))
-        w = torch.where(n < N, w / N, torch.zeros_like(w))  # [R, n_keys]
+        w = torch.where(n < N, w, torch.zeros_like(w))  # [R, n_keys]
         per_row = torch.stack([(a[sample, :, rows] * w[:, None]).sum(-1).mean(-1) for a in attention]).mean(0)
         per_sample = torch.zeros(len(text), device=dev).index_add_(0, sample, per_row) / counts.clamp_min(1)
         return per_sample[counts > 0].mean()
@@ -296,6 +338,18 @@ class VALLE(nn.Module):
         if lang is None:
             return torch.zeros(batch_size, dtype=torch.long)
         return torch.as_tensor(lang).reshape(batch_size)
+
+    def _ar_groups(self, codes0: Tensor) -> Tensor:
+        """Level-0 codes Long[T] -> groups Long[ceil((T + 1) / G), G]: the codes, then STOP up to a
+        whole group (at least one STOP)."""
+        G, stop = self.config.ar_group, self.config.stop_id
+        n = codes0.shape[0] + 1
+        padded = F.pad(codes0, (0, (-n) % G + 1), value=stop)
+        return padded.view(-1, G)
+
+    def _ar_embed(self, groups: Tensor) -> Tensor:
+        """Long[..., G] groups -> [..., d] (sum of each slot's embedding)."""
+        return self.ar_emb(groups.long() + self.ar_offsets).sum(-2)
 
     def _head(self, h: Tensor, level: int) -> Tensor:
         return self.ar_head(h) if level == 0 else self.nar_heads[level - 1](h)
@@ -335,9 +389,9 @@ class VALLE(nn.Module):
             if (k == 0 and not c.has_ar) or (k > 0 and not c.has_nar) or not 0 <= k < c.n_levels:
                 raise ValueError(f"target level {k} is not valid for a {c.kind} model with {c.n_levels} levels")
 
-        seqs, resp_t, text_t = self._training_layout(batch, levels)
+        seqs, starts, resp_t, text_t = self._training_layout(batch, levels)
         x, valid = self._pad(seqs)
-        out = self.backbone(x, self._mask((levels == 0).to(dev), valid, batch["text"]))
+        out = self.backbone(x, self._mask((levels == 0).to(dev), valid, batch["text"], starts))
         h = out.hidden
 
         # response targets, each level through its own head
@@ -350,6 +404,9 @@ class VALLE(nn.Module):
         for k in tok_level.unique().tolist():
             idx = (tok_level == k).nonzero().squeeze(1).to(dev)
             logits = self._head(h_tok[idx], k).float()
+            if k == 0 and c.ar_group > 1:
+                sub = resp_t.sub[idx].to(dev)
+                logits = logits.view(len(idx), c.ar_group, -1)[torch.arange(len(idx), device=dev), sub]
             t = resp_t.target[idx]
             ce[idx] = F.cross_entropy(logits, t, reduction="none")
             top = logits.topk(min(10, logits.shape[-1]), dim=-1).indices
@@ -390,29 +447,38 @@ class VALLE(nn.Module):
         return (per_sample if reduction == "none" else loss), stats
 
     def _training_layout(self, batch: dict[str, Any], levels: Tensor
-                         ) -> tuple[list[Tensor], "_Targets", "_Targets | None"]:
-        """Input sequences [S_i, d] and the (sample, position, target) lists for responses and text.
+                         ) -> tuple[list[Tensor], list[int], "_Targets", "_Targets | None"]:
+        """Input sequences [S_i, d], their prefix lengths, and the (sample, position, target) lists for
+        responses and text.
 
         AR (level 0): inputs are the level-0 codes; the last SEP predicts code 0, each code the next,
-        the last code STOP. NAR (level k): inputs are levels < k, targets level k at the same positions.
+        the last code STOP. With `ar_group` G > 1 each position holds a group of G codes and predicts
+        the next group (a position's G targets are listed in slot order, `sub` says which slot).
+        NAR (level k): inputs are levels < k, targets level k at the same positions.
         """
         c, dev = self.config, self.device
         text, prompt, resps = batch["text"], batch["prompt"], batch["resps"]
         lang = self._langs(batch.get("lang"), len(text))
-        seqs, resp_t, text_t = [], _Targets(), _Targets()
+        seqs, starts, resp_t, text_t = [], [], _Targets(), _Targets()
         for i, k in enumerate(levels.tolist()):
             prefix = self._prefix(text[i], lang[i], prompt[i])
             P, codes = prefix.shape[0], resps[i].to(dev).long()
+            starts.append(P)
             T = codes.shape[0]
             seqs.append(torch.cat([prefix, self._response(codes, k)]))
-            if k == 0:
+            if k == 0 and c.ar_group > 1:
+                groups = self._ar_groups(codes[:, 0])
+                n = groups.shape[0]
+                resp_t.add(i, torch.arange(P - 1, P - 1 + n).repeat_interleave(c.ar_group), groups.flatten(),
+                           sub=torch.arange(c.ar_group).repeat(n))
+            elif k == 0:
                 resp_t.add(i, torch.arange(P - 1, P + T), F.pad(codes[:, 0], (0, 1), value=c.stop_id))
                 if hasattr(self, "text_head"):
                     ids = text[i].to(dev).long()
                     text_t.add(i, torch.arange(len(ids) - 1), ids[1:])
             else:
                 resp_t.add(i, torch.arange(P, P + T), codes[:, k])
-        return seqs, resp_t.done(), (text_t.done() if text_t.samples else None)
+        return seqs, starts, resp_t.done(), (text_t.done() if text_t.samples else None)
 
     # ------------------------------------------------------------------ inference
 
@@ -425,8 +491,9 @@ class VALLE(nn.Module):
                    max_length: int) -> tuple[Tensor, ARState]:
         """Start batched AR decoding: run the prefixes (left-padded so they all end at the same slot).
 
-        max_length: the most response frames that will be fed back through `ar_step` (cache capacity
-        beyond the longest prefix). Returns logits [B, n_codes + 1] for the first response frame.
+        max_length: the most response steps that will be fed back through `ar_step` (cache capacity
+        beyond the longest prefix). Returns logits [B, n_codes + 1] for the first response frame
+        ([B, G, n_codes + 1] for the first group with `ar_group` G > 1).
         """
         self._require("ar")
         B = len(text)
@@ -437,35 +504,55 @@ class VALLE(nn.Module):
         valid_buf = torch.zeros(B, capacity, dtype=torch.bool, device=self.device)
         valid_buf[:, :P] = valid
         causal = torch.ones(B, dtype=torch.bool, device=self.device)
-        mask = self._mask(causal, valid, text)
-        text_buf = None
+        lens = valid.sum(-1).tolist()
+        mask = self._mask(causal, valid, text, [int(n) for n in lens])
+        text_buf = pos_buf = None
         if mask.text is not None:
             text_buf = torch.zeros(B, capacity, dtype=torch.bool, device=self.device)
             text_buf[:, :P] = mask.text
+        if mask.text_pos is not None:
+            pos_buf = torch.zeros(B, capacity, device=self.device)
+            pos_buf[:, :P] = mask.text_pos
         cache = self.backbone.new_cache(B, capacity, self.device, x.dtype)
         out = self.backbone(x, mask, cache=cache, use_cache=True)
-        return self.ar_head(out.hidden[:, -1]), ARState(out.cache, valid_buf, P, causal, text_buf)
+        logits = self.ar_head(out.hidden[:, -1])
+        if self.config.ar_group > 1:
+            logits = logits.view(B, self.config.ar_group, -1)
+        return logits, ARState(out.cache, valid_buf, P, causal, text_buf, pos_buf, P)
 
     def ar_step(self, tokens: Tensor, state: ARState) -> tuple[Tensor, ARState]:
-        """Feed one response frame per sample (Long[B] level-0 codes, or STOP); logits for the next."""
+        """Feed one response frame per sample (Long[B] level-0 codes, or STOP) and get the logits for
+        the next, [B, n_codes + 1]; with `ar_group` G > 1, one group per sample (Long[B, G]) and the
+        next group's logits [B, G, n_codes + 1]."""
         self._require("ar")
         if state.length >= state.valid.shape[1]:
             raise RuntimeError(f"AR decoding ran past its capacity of {state.valid.shape[1]} positions")
-        x = self.ar_emb(tokens.to(self.device).long())[:, None]
+        if self.config.ar_group > 1:
+            x = self._ar_embed(tokens.to(self.device).long())[:, None]
+        else:
+            x = self.ar_emb(tokens.to(self.device).long())[:, None]
         state.valid[:, state.length] = True
         K = state.length + 1
-        out = self.backbone(x, Mask(state.causal, state.valid[:, :K], None if state.text is None else state.text[:, :K]),
-                            cache=state.cache, use_cache=True)
+        text_pos = None
+        if state.text_pos is not None:
+            state.text_pos[:, state.length] = float((state.length - state.prefix) * self.config.ar_group)
+            text_pos = state.text_pos[:, :K]
+        out = self.backbone(x, Mask(state.causal, state.valid[:, :K], None if state.text is None else state.text[:, :K],
+                                    text_pos), cache=state.cache, use_cache=True)
         state.cache = out.cache
         state.length += 1
-        return decode_linear(self.ar_head, out.hidden[:, -1]), state
+        logits = decode_linear(self.ar_head, out.hidden[:, -1])
+        if self.config.ar_group > 1:
+            logits = logits.view(logits.shape[0], self.config.ar_group, -1)
+        return logits, state
 
     def ar_full(self, text: list[Tensor], lang: Tensor | None, prompt: list[Tensor],
                 resps: list[Tensor]) -> list[Tensor]:
         """AR logits by full recomputation (no cache; the reference's way).
 
         resps: level-0 codes Long[T_i] (or [T_i, L], column 0 used). Returns [T_i + 1, n_codes + 1]
-        per sample: row t predicts response frame t (the last row predicts the frame after T_i).
+        per sample: row t predicts response frame t (the last row predicts the frame after T_i). With
+        `ar_group` G > 1: [ceil((T_i + 1) / G), G, n_codes + 1], row t predicting group t.
         """
         self._require("ar")
         B = len(text)
@@ -477,8 +564,11 @@ class VALLE(nn.Module):
             starts.append(prefix.shape[0] - 1)
             seqs.append(torch.cat([prefix, self._response(codes, 0)]))
         x, valid = self._pad(seqs)
-        h = self.backbone(x, self._mask(torch.ones(B, dtype=torch.bool, device=self.device), valid, text)).hidden
-        return [self.ar_head(h[i, s:len(seq)]) for i, (s, seq) in enumerate(zip(starts, seqs))]
+        h = self.backbone(x, self._mask(torch.ones(B, dtype=torch.bool, device=self.device), valid, text,
+                                        [s + 1 for s in starts])).hidden
+        G = self.config.ar_group
+        out = [self.ar_head(h[i, s:len(seq)]) for i, (s, seq) in enumerate(zip(starts, seqs))]
+        return out if G == 1 else [o.view(o.shape[0], G, -1) for o in out]
 
     def nar_pass(self, text: list[Tensor], lang: Tensor | None, prompt: list[Tensor], resps: list[Tensor],
                  level: int) -> list[Tensor]:
@@ -499,6 +589,7 @@ class VALLE(nn.Module):
             starts.append(prefix.shape[0])
             seqs.append(torch.cat([prefix, self._response(resps[i], level)]))
         x, valid = self._pad(seqs)
-        h = self.backbone(x, self._mask(torch.zeros(B, dtype=torch.bool, device=self.device), valid, text)).hidden
+        h = self.backbone(x, self._mask(torch.zeros(B, dtype=torch.bool, device=self.device), valid, text,
+                                        starts)).hidden
         head = self.nar_heads[level - 1]
         return [head(h[i, s:len(seq)]) for i, (s, seq) in enumerate(zip(starts, seqs))]

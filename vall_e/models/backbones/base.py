@@ -33,6 +33,7 @@ class Mask:
     causal: Tensor
     valid: Tensor
     text: Tensor | None = None
+    text_pos: Tensor | None = None  # Float[B, K]: rotary positions of the text heads (None = the shared ones)
 
     def positions(self, seq_len: int) -> Tensor:
         """Long[B, seq_len]: positions of the last `seq_len` keys (the current queries)."""

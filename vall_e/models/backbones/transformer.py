@@ -50,6 +50,11 @@ class RotaryEmbedding(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)[:, None]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
+    def signed(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Float positions [B, S] -> cos, signed sin [B, S, Dh] (the layout `lookup` returns)."""
+        angles = positions.float()[..., None] * self.inv_freq.float()
+        return torch.cat([angles.cos(), angles.cos()], -1).to(dtype), torch.cat([-angles.sin(), angles.sin()], -1).to(dtype)
+
     def lookup(self, positions: Tensor, n_positions: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """positions Long[B, S], all < n_positions -> cos, signed sin [B, S, Dh] from the cached table.
 
@@ -248,7 +253,7 @@ class TransformerBackbone(Backbone):
         if self.text_heads and mask.text is None:
             raise ValueError("this backbone has text heads: pass mask.text (which tokens are text)")
         if S == 1 and cache is not None and not (self.training or torch.is_grad_enabled()):
-            return self._decode_one(x, mask.valid, cache, mask.text)
+            return self._decode_one(x, mask.valid, cache, mask.text, mask.text_pos)
 
         if S == 1:  # one new token: its position is the number of valid keys before it
             positions = (mask.valid.sum(-1, keepdim=True) - 1).clamp_min(0)
@@ -256,6 +261,11 @@ class TransformerBackbone(Backbone):
             positions = mask.positions(S)
         cos, sin = self.rotary.lookup(positions, K, x.dtype)
         cos, sin = cos[:, None, None], sin[:, None, None]  # [B, 1, 1, S, Dh]: every head, q and k
+        if self.text_heads and mask.text_pos is not None:  # the text heads rotate by their own positions
+            ct, st = self.rotary.signed(mask.text_pos[:, -S:], x.dtype)
+            t, H, Dh = self.text_heads, self.n_heads, self.head_dim
+            cos = torch.cat([ct[:, None, None].expand(B, t, 1, S, Dh), cos.expand(B, H - t, 1, S, Dh)], 1)
+            sin = torch.cat([st[:, None, None].expand(B, t, 1, S, Dh), sin.expand(B, H - t, 1, S, Dh)], 1)
 
         attn_mask, is_causal = None, False
         if cache is not None and S == 1:
@@ -305,7 +315,8 @@ class TransformerBackbone(Backbone):
             swap = self._swap[(positions.device, dtype)] = torch.cat([eye[h:], eye[:h]])
         return torch.diag_embed(cos[:, 0]) + swap * sin
 
-    def _decode_one(self, x: Tensor, valid: Tensor, cache: KVCache, text: Tensor | None = None) -> BackboneOutput:
+    def _decode_one(self, x: Tensor, valid: Tensor, cache: KVCache, text: Tensor | None = None,
+                    text_pos: Tensor | None = None) -> BackboneOutput:
         """One new token per sample against the cache, in eval without autograd: what `forward` computes.
 
         Why a separate path: a decode step does little arithmetic per op (one row per sample), so
@@ -334,12 +345,16 @@ class TransformerBackbone(Backbone):
             bias = torch.cat([self._bias(text_keys[:, None, None, :], x.dtype).expand(B, t, 1, K),
                               bias.expand(B, self.n_heads - t, 1, K)], dim=1)  # [B, H, 1, K]
         layers = self._decode_layers if self._compiled is None else self._compiled
-        hidden = layers(x, rot, bias, cache.k_layers, cache.v_layers, start)
+        rot_t = None
+        if self.text_heads and text_pos is not None:
+            ct, st = self.rotary.signed(text_pos[:, -1:], x.dtype)  # [B, 1, Dh]
+            rot_t = torch.diag_embed(ct[:, 0]) + self._swap[(x.device, x.dtype)] * st
+        hidden = layers(x, rot, bias, cache.k_layers, cache.v_layers, start, rot_t)
         cache.advance(1)
         return BackboneOutput(hidden=hidden, cache=cache, aux_loss=None)
 
     def _decode_layers(self, x: Tensor, rot: Tensor, bias: Tensor, k_layers: list[Tensor], v_layers: list[Tensor],
-                       start: int) -> Tensor:
+                       start: int, rot_t: Tensor | None = None) -> Tensor:
         """The blocks and the final norm for one token: x [B, 1, D], rot [B, Dh, Dh], bias [B, 1 or H, 1, start + 1],
         each layer's cache [B, H, capacity, Dh] (slot `start` is written here)."""
         B, _, D = x.shape
@@ -349,6 +364,9 @@ class TransformerBackbone(Backbone):
             attn = layer.attn
             qkv = decode_linear(attn.qkv, _norm(layer.attn_norm, x)).view(B, 3 * H, Dh)
             qk = torch.bmm(qkv[:, : 2 * H], rot)  # rotated q and k of every head: [B, 2H, Dh]
+            if rot_t is not None:  # text heads' queries rotate by their own positions
+                t = self.text_heads
+                qk = torch.cat([torch.bmm(qkv[:, :t], rot_t), qk[:, t:]], 1)
             k_cache, v_cache = k_layers[i], v_layers[i]
             k_cache.narrow(2, start, 1).copy_(qk[:, H:, None])
             v_cache.narrow(2, start, 1).copy_(qkv[:, 2 * H:, None])

@@ -7,6 +7,7 @@ shared/reference/offline-codec-prototype.md: WORLD analysis at 22.05 kHz, SPTK-s
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 import time
@@ -317,8 +318,195 @@ def test_switch_penalty_smooths_level0_and_keeps_quality(fitted, tmp_path):
         changes[name], err[name] = n_change / n_frames, float(torch.stack(sq).mean())
     print(f"\n level-0 code changes per frame: plain {changes['plain']:.2f}, smoothed {changes['smooth']:.2f};"
           f" 8-level squared error {err['plain']:.3f} vs {err['smooth']:.3f}")
-    assert changes["smooth"] < 0.75 * changes["plain"]
+    # Measured here: 0.50 -> 0.38 changes per frame (0.52 -> 0.35 before the envelope dims shared one
+    # scale: normalised one by one, level 0 followed fine spectral ripple and changed more often, which
+    # left the penalty more to remove; with 8 x 1024 codes on 4 voices x 40 utterances plain codes changed
+    # in 0.56 of frames instead of 0.65, and 0.45 vs 0.43 of frames with the penalty).
+    assert changes["smooth"] < 0.85 * changes["plain"]
     assert err["smooth"] < 1.5 * err["plain"]
     a, b = held[0], held[1]
     batch = smooth.encode_batch([a, b])
     assert torch.equal(batch[0], smooth.encode(a)) and torch.equal(batch[1], smooth.encode(b))
+
+
+# ---------------------------------------------------------------------------------------------
+# robustness to how the audio arrives
+
+
+# Sentences none of the corpus's sentences use (the fixture's corpus comes from the demo's grammar).
+_ARRIVAL_SENTENCES = ("Sunlight sparkled on the surface of the frozen lake.",
+                      "How many languages can your cousin speak fluently?")
+
+
+def _arrival_forms(text: str, voice, folder: Path) -> dict[str, tuple[np.ndarray, int]]:
+    """The same espeak-ng speech as each way it can reach the codec: name -> (24 kHz input, source rate).
+
+    The float array is what `synthesize` returns; every file is written at its rate (16-bit or float
+    samples) and read back through `load_audio`, which resamples it to 24 kHz as the engine does."""
+    import soundfile as sf
+
+    from vall_e.data.synthetic import synthesize
+    from vall_e.utils.audio import load_audio
+
+    forms = {"float array, 24 kHz": (synthesize(text, voice, SR), SR)}
+    for rate in (16_000, 22_050, 24_000, 44_100, 48_000):
+        wav = synthesize(text, voice, rate)
+        for subtype, kind in (("PCM_16", "16-bit"), ("FLOAT", "float")):
+            path = folder / f"{voice.name}_{rate}_{subtype}.wav"
+            sf.write(str(path), wav, rate, subtype=subtype)
+            forms[f"{kind} file, {rate / 1000:g} kHz"] = (load_audio(path, SR).numpy(), rate)
+    return forms
+
+
+def _round_trip(codec: WorldCodec, x: np.ndarray, rate: int) -> tuple[float, torch.Tensor]:
+    """(MCD-DTW of the codec's output against its input, the codes).
+
+    Both are compared in the band the input carries: a file below 24 kHz (16 kHz: nothing above 8 kHz)
+    is judged at its own rate, output and input both resampled there before the metric (which analyses
+    at 22.05 kHz). Judged at 24 kHz, a 16 kHz clip's empty band (log envelope near -150 dB) against the
+    full-band audio the decoder gives would dominate the score, the same effect that made the metric
+    analyse at 22.05 kHz rather than 24 (shared/reference/offline-codec-prototype.md)."""
+    import soxr
+
+    codes = codec.encode(torch.from_numpy(x))
+    y = codec.decode(codes).numpy()
+    if rate < SR:
+        score = mcd_dtw(_analyse(soxr.resample(x, SR, rate, quality="HQ"), rate),
+                        _analyse(soxr.resample(y, SR, rate, quality="HQ"), rate))
+    else:
+        score = mcd_dtw(_analyse(x), _analyse(y))
+    return score, codes
+
+
+def test_round_trip_is_the_same_however_the_audio_arrives(fitted, tmp_path):
+    """Round trip <= 5.5 dB MCD-DTW for the same speech as a float array, as 16-bit or float files, at
+    16, 22.05, 24, 44.1 and 48 kHz (issue 20, build point 0), with codebooks fitted on 16-bit 24 kHz
+    files; and the level-0 codes (what the AR model reads) mostly those of the 16-bit 24 kHz file.
+
+    Measured 2026-12-07 with 8 x 1024 codebooks fitted on 4 voices x 40 utterances (16-bit 24 kHz files)
+    and these two sentences in 4 voices, mean MCD-DTW before -> after the noise floor, the shared envelope
+    scale and the band fill: 16-bit 24 kHz file 4.41 -> 4.07; float array, float 24 kHz file and both
+    22.05 kHz files 10.17 -> 4.13; 16-bit 44.1 / 48 kHz 6.27 / 6.53 -> 4.05 / 4.09; float 44.1 / 48 kHz
+    10.24 / 10.10 -> 4.13 / 4.12; 16 kHz 16-bit / float 10.43 / 10.52 -> 4.83 / 5.04 (WORLD copy-synthesis
+    alone gives about 4.7 / 4.9 there). Level-0 codes equal to the 16-bit 24 kHz file's: 0.70-0.85 ->
+    0.98-1.00 at 22.05 kHz and above, 0.32-0.36 -> 0.80-0.82 at 16 kHz. This fixture's codebooks are
+    smaller (8 x 256, 20 clips); the numbers printed here were within about 0.2 dB of those."""
+    from vall_e.data.synthetic import speakers
+
+    codec: WorldCodec = fitted["codec"]
+    scores: dict[str, list[float]] = {}
+    agree: dict[str, list[float]] = {}
+    done: dict[tuple[bytes, int], tuple[float, torch.Tensor]] = {}  # several forms are the very same samples
+    for voice, text in zip(speakers(2), _ARRIVAL_SENTENCES):
+        forms = _arrival_forms(text, voice, tmp_path)
+        results = {}
+        for name, (x, rate) in forms.items():
+            key = (hashlib.sha256(x.tobytes()).digest(), min(rate, SR))
+            if key not in done:
+                done[key] = _round_trip(codec, x, rate)
+            results[name] = done[key]
+        ref = results["16-bit file, 24 kHz"][1][:, 0]
+        for name, (score, codes) in results.items():
+            n = min(len(ref), len(codes))
+            scores.setdefault(name, []).append(score)
+            agree.setdefault(name, []).append(float((codes[:n, 0] == ref[:n]).float().mean()))
+    means = {name: float(np.mean(v)) for name, v in scores.items()}
+    same = {name: float(np.mean(v)) for name, v in agree.items()}
+    print("\n round trip MCD-DTW, dB (level-0 codes equal to the 16-bit 24 kHz file's):\n  " +
+          "\n  ".join(f"{k:24s} {v:.2f} ({same[k]:.2f})" for k, v in means.items()))
+    assert len(means) == 11
+    bad = {k: round(v, 2) for k, v in means.items() if not v <= 5.5}
+    assert not bad, f"round trip above 5.5 dB for {bad}"
+    ref_db = means["16-bit file, 24 kHz"]
+    assert all(v < ref_db + 1.0 for v in means.values()), means
+    # the AR model reads level 0: the same speech must give it (nearly) the same codes
+    full_band = {k: v for k, v in same.items() if not k.endswith("16 kHz")}
+    assert min(full_band.values()) > 0.9, same
+    assert min(same["16-bit file, 16 kHz"], same["float file, 16 kHz"]) > 0.6, same
+
+
+def test_band_limited_clips_are_filled_from_the_corpus(fitted):
+    """A clip with nothing above 8 kHz is detected as band-limited and its missing band filled, so its
+    codes are chosen by the band it carries and are codes the corpus itself uses; a full-band clip is
+    coded from its analysis alone."""
+    import soxr
+
+    from vall_e.codecs.world import analyse_clip
+
+    codec: WorldCodec = fitted["codec"]
+    x = next(iter(fitted["held"].values()))[0]
+    lowpassed = soxr.resample(soxr.resample(x, SR, 16_000, quality="HQ"), 16_000, SR, quality="HQ")[:len(x)]
+    _, _, band_full = analyse_clip(x, codec.cfg)
+    plain, _, band_low = analyse_clip(lowpassed, codec.cfg)
+    assert 10_000 < band_full <= SR / 2 and 7_000 < band_low < 8_500, (band_full, band_low)
+    assert torch.allclose(codec.features(torch.from_numpy(x)),
+                          torch.from_numpy(analyse_clip(x, codec.cfg)[0]).float())  # nothing filled
+    filled = codec.features(torch.from_numpy(lowpassed)).numpy()
+    env = slice(2, 2 + codec.cfg.n_mcep)
+    assert np.allclose(filled[:, :2], plain[:, :2]) and not np.allclose(filled[:, env], plain[:, env])
+    # the codes of the filled clip are codes the corpus uses
+    corpus_codes = torch.cat(codec.encode_batch([torch.from_numpy(u) for u in fitted["train"]]))
+    used = set(corpus_codes[:, 0].tolist())
+    codes = codec.encode(torch.from_numpy(lowpassed))
+    assert np.mean([c in used for c in codes[:, 0].tolist()]) > 0.95
+    # a clip with nothing above the floor at all still encodes
+    assert codec.encode(torch.zeros(4800)).shape == (15, N_LEVELS)
+
+
+def test_feature_config_defaults_and_legacy_files(fitted):
+    """New fits record the noise floor, the envelope weighting and the band fill; files without those
+    fields keep the analysis they were fitted with (no floor, per-dimension normalisation, no fill)."""
+    import json
+
+    from vall_e.codecs.world import LEGACY_FEATURES, WorldFeatureConfig
+
+    codec: WorldCodec = fitted["codec"]
+    feats = codec.rvq.info["features"]
+    assert feats["noise_floor_db"] == WorldFeatureConfig().noise_floor_db is not None
+    assert feats["envelope_weighting"] == "log_spectral" and feats["fill_missing_band"] is True
+    # the envelope dims c1.. share one scale: weight / std is the same for all of them
+    env = codec.cfg.envelope_dims()
+    ratio = codec.rvq.weight[env] / codec.rvq.std[env]
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-4)
+    assert float(codec.rvq.weight[0]) == 4.0 and float(codec.rvq.weight[1]) == 2.0
+    old = {k: v for k, v in feats.items() if k not in LEGACY_FEATURES}
+    cfg = WorldFeatureConfig.from_dict(old)
+    assert (cfg.noise_floor_db, cfg.envelope_weighting, cfg.fill_missing_band) == (None, "per_dim", False)
+    assert torch.equal(cfg.weights(), torch.tensor([4.0, 2.0] + [1.0] * (cfg.dim() - 2)))
+    with pytest.raises(ValueError, match="envelope_weighting"):
+        WorldFeatureConfig(envelope_weighting="loud")
+    with pytest.raises(ValueError, match="noise floor"):
+        WorldFeatureConfig(noise_floor_db=None)
+    with pytest.raises(ValueError, match="std"):
+        WorldFeatureConfig().weights()
+    tensors, meta = codec.rvq.to_tensors()
+    info = json.loads(meta["info"])
+    info["features"]["envelope_weighting"] = "loud"
+    meta["info"] = json.dumps(info)
+    with pytest.raises(UserError, match="bad world feature settings"):
+        WorldCodec(ResidualVQ.from_tensors(tensors, meta))
+
+
+def test_codebook_file_from_before_the_noise_floor_codes_as_it_did():
+    """tests/data/world_codebooks_legacy.safetensors was fitted by the codec before the noise floor
+    (commit b7b112f; 2 levels x 16 codes on speech-like audio); the JSON beside it holds the codes that
+    code gave a fixed clip. The file loads, its analysis has no floor and no fill, and its codes are
+    unchanged."""
+    import json
+    from dataclasses import replace
+
+    from vall_e.codecs.tiny_encodec import speechlike_audio
+
+    data = Path(__file__).parent / "data"
+    codec = WorldCodec(data / "world_codebooks_legacy.safetensors")
+    assert "noise_floor_db" not in codec.rvq.info["features"]
+    assert (codec.cfg.noise_floor_db, codec.cfg.envelope_weighting, codec.cfg.fill_missing_band) == \
+        (None, "per_dim", False)
+    expected = torch.tensor(json.loads((data / "world_codebooks_legacy_codes.json").read_text())["codes"])
+    clip = speechlike_audio(2.0, seed=10)
+    assert torch.equal(codec.encode(clip), expected)
+    # its analysis is the one without a floor (shown on a clip 60 dB down, where the floor would matter)
+    quiet = clip * 1e-3
+    plain = world_features(quiet, codec.cfg)
+    assert np.allclose(codec.features(quiet).numpy(), plain, atol=1e-5)
+    assert not np.allclose(world_features(quiet, replace(codec.cfg, noise_floor_db=-90.0)), plain, atol=0.1)

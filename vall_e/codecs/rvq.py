@@ -7,7 +7,7 @@ with bounded memory. The fitted quantiser is a few MB of safetensors with its st
 
 Level 0 can be assigned with a switching penalty (`switch_penalty`): a Viterbi pass over each clip
 picks the code sequence minimising distortion + penalty x (number of code changes). Plain nearest-code
-assignment changes level 0 in about two frames of three on speech, mostly for small feature wiggles
+assignment changes level 0 in more than half the frames of speech, mostly for small feature wiggles
 inside one sound; with the penalty level-0 codes hold through steady sounds and change at sound
 boundaries, which is what an AR language model over level 0 has to predict. The later levels
 quantise what level 0 leaves, so reconstruction barely changes.

@@ -5,9 +5,45 @@ corpus (`python -m vall_e.codecs.world fit DIR`). Frames are 1000/75 ms apart, s
 same T = ceil(samples / 320) as EnCodec at 24 kHz, with 8 levels x 1024 codes by default.
 
 Per frame (45 dims at 24 kHz): log-F0 (interpolated through unvoiced frames), a voicing flag, 40
-coded spectral-envelope dims (WORLD's mel-cepstrum-like `code_spectral_envelope`) and 3 band
-aperiodicities. After per-dimension normalisation log-F0 is weighted x4 and voicing x2, which gives
-pitch enough of the bits (the offline-codec study's variant B; docs/architecture.md, decisions).
+coded spectral-envelope dims (WORLD's `code_spectral_envelope`: a DCT of the log envelope sampled on
+a mel axis from 0 Hz to Nyquist) and 3 band aperiodicities.
+
+The same speech should get the same codes however it arrives: as a float array, as a 16-bit or float
+file, at any sample rate (every input is resampled to 24 kHz first), even though the codebooks were
+fitted on one kind of file. Three things see to it:
+
+- **A fixed noise floor on the envelope** (`noise_floor_db`). A log envelope has no bottom: where a
+  signal carries nothing (above the band a file was recorded in, or in float audio that was never
+  quantised) CheapTrick reports whatever tiny power is left, and 16-bit audio has its quantisation
+  noise there instead. The difference sits in the top mel points and, through the DCT, moves every
+  envelope coefficient, so a clip that is not like the corpus's files gets codes for the wrong sound.
+  The analysis adds the envelope of faint white noise at a fixed level (above 16-bit quantisation
+  noise, far below speech) to every frame, which is what dither would do, without randomness and at
+  no cost. Decoded audio keeps that floor, far below anything audible at a normal listening level.
+- **Envelope dims weighted by what they do to the sound** (`envelope_weighting="log_spectral"`).
+  The coded envelope is a DCT of the log envelope that is orthonormal up to a few per cent, so every
+  coefficient moves the log spectrum by about the same amount per unit, and the squared distance
+  between coefficient vectors is the mean squared log-spectral distance on the mel axis. The
+  coefficients above c0 therefore share one scale in the quantiser (the RMS of their spreads) instead
+  of each being normalised to unit variance, which made the small fine-ripple coefficients as costly as
+  the spectral tilt. c0 (the level, whose range is set by speech against silence), log-F0, voicing and
+  aperiodicity stay normalised per dimension; after that log-F0 is weighted x4 and voicing x2, which
+  gives pitch enough of the bits (the offline-codec study's variant B; docs/architecture.md, decisions).
+- **The band a clip does not carry is filled in before quantising** (`fill_missing_band`). A clip
+  recorded at 16 kHz has nothing above 8 kHz; after the floor that band is flat, a spectrum a full-band
+  corpus never shows, and the nearest codes for it fit the band the clip does carry badly. So the
+  analysis finds the highest frequency the clip's envelope rises above the floor, and when that is
+  well below Nyquist the envelope above it (and the aperiodicity bands centred there) is replaced:
+  first by the corpus's mean envelope, shifted to each frame's level just below the edge, then by
+  what the codebooks make of that guess. The codes are then chosen by the band the clip carries and
+  come from the codes the corpus itself uses (the ones a model trained on it knows), and decoding gives
+  full-band audio. Fitting analyses the clips as they are: a full-band corpus has nothing to fill, and
+  a corpus that is band-limited throughout is fitted on its own spectra, whose empty band the fill
+  then reproduces from the corpus mean.
+
+Codebook files record these settings in their metadata; files written before them lack the fields
+and keep the analysis they were fitted with (no floor, per-dimension normalisation, no band fill).
+The measurements behind these choices are in benchmarks/README.md and tests/test_world_codec.py.
 """
 from __future__ import annotations
 
@@ -36,6 +72,18 @@ from vall_e.utils.errors import UserError, run_main
 
 SAMPLE_RATE = 24_000
 FRAME_RATE = 75.0
+ENVELOPE_WEIGHTINGS = ("log_spectral", "per_dim")
+# what a codebook file's feature settings mean when it lacks a field (written before the field existed)
+LEGACY_FEATURES: dict[str, Any] = {"noise_floor_db": None, "envelope_weighting": "per_dim",
+                                   "fill_missing_band": False}
+# A clip counts as band-limited when its envelope stops above the floor below this fraction of Nyquist
+# (a 22.05 kHz file, whose resampler rolls off just under 11 kHz, does not; a 16 kHz file does).
+FULL_BAND = 0.85
+# The fill starts this far below the detected edge, so a resampler's roll-off is filled too instead
+# of being matched as if it were the speech's own spectrum, and fades in over FILL_RAMP of the edge.
+FILL_EDGE = 0.9
+FILL_RAMP = 0.03
+APERIODICITY_BAND_HZ = 3000.0  # WORLD's code_aperiodicity: one band every 3 kHz, centred on k x 3 kHz
 
 
 _PYWORLD_LOCK = threading.Lock()
@@ -104,6 +152,27 @@ class WorldFeatureConfig:
     n_mcep: int = 40
     f0_weight: float = 4.0
     vuv_weight: float = 2.0
+    # envelope floor, dB of power re digital full scale (white noise at an RMS of X dBFS has an envelope
+    # near X dB); None = no floor (codebook files from before the floor existed)
+    noise_floor_db: float | None = -90.0
+    # "log_spectral": envelope dims c1.. share one scale; "per_dim": each normalised on its own (older files)
+    envelope_weighting: str = "log_spectral"
+    # band-limited clips get the band they lack filled in before quantising (module docstring)
+    fill_missing_band: bool = True
+
+    def __post_init__(self) -> None:
+        if self.envelope_weighting not in ENVELOPE_WEIGHTINGS:
+            raise ValueError(f"envelope_weighting must be one of {ENVELOPE_WEIGHTINGS}, "
+                             f"got {self.envelope_weighting!r}")
+        if self.noise_floor_db is not None and not math.isfinite(self.noise_floor_db):
+            raise ValueError(f"noise_floor_db must be finite or None, got {self.noise_floor_db!r}")
+        if self.fill_missing_band and self.noise_floor_db is None:
+            raise ValueError("fill_missing_band needs a noise floor (noise_floor_db) to tell an empty band")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "WorldFeatureConfig":
+        """The config stored in a codebook file; fields the file predates take their old behaviour."""
+        return cls(**{**LEGACY_FEATURES, **d})
 
     @property
     def frame_period(self) -> float:
@@ -119,9 +188,21 @@ class WorldFeatureConfig:
     def dim(self) -> int:
         return 2 + self.n_mcep + self.n_bap()
 
-    def weights(self) -> Tensor:
+    def envelope_dims(self) -> slice:
+        """Columns of the envelope coefficients above c0 (c1..c[n_mcep-1])."""
+        return slice(3, 2 + self.n_mcep)
+
+    def weights(self, std: Tensor | None = None) -> Tensor:
+        """Per-dimension weights applied after normalisation by `std` (the fit frames' spreads, which
+        "log_spectral" weighting needs: it gives the envelope dims c1.. one shared scale)."""
         w = torch.ones(self.dim())
         w[0], w[1] = self.f0_weight, self.vuv_weight
+        env = self.envelope_dims()
+        if self.envelope_weighting == "log_spectral" and env.stop > env.start:
+            if std is None:
+                raise ValueError("log_spectral envelope weighting needs the feature spreads (std)")
+            s = std.float().reshape(-1)[env]
+            w[env] = s / s.pow(2).mean().sqrt().clamp_min(1e-12)
         return w
 
 
@@ -147,12 +228,19 @@ def world_features(wav: Tensor | np.ndarray, cfg: WorldFeatureConfig) -> np.ndar
 
     log-F0 is NaN in every frame when the clip has no voiced frame at all; callers fill it.
     """
+    return analyse_clip(wav, cfg)[0]
+
+
+def analyse_clip(wav: Tensor | np.ndarray, cfg: WorldFeatureConfig) -> tuple[np.ndarray, np.ndarray, float]:
+    """`world_features` plus the envelope it was coded from ([T, fft_size // 2 + 1], floored) and the
+    highest frequency the clip carries: where the envelope of its louder frames (90th percentile over
+    frames) last rises 3 dB above the floor; Nyquist without a floor."""
     pw = import_pyworld()
     x = _as_mono_f64(wav)
     t_out = n_frames(len(x), cfg)
-    dim = cfg.dim()
+    nyquist = cfg.sample_rate / 2
     if t_out == 0:
-        return np.zeros((0, dim))
+        return np.zeros((0, cfg.dim())), np.zeros((0, cfg.fft_size // 2 + 1)), nyquist
     # WORLD gives floor(n / hop) + 1 frames; pad so short clips still get t_out frames
     min_len = int(math.ceil((t_out - 1) * cfg.hop)) + 1
     if len(x) < max(min_len, cfg.fft_size):
@@ -168,6 +256,13 @@ def world_features(wav: Tensor | np.ndarray, cfg: WorldFeatureConfig) -> np.ndar
     f0, t = f0[:t_out].copy(), t[:t_out].copy()
     sp = pw.cheaptrick(x, f0, t, fs, fft_size=cfg.fft_size)
     ap = pw.d4c(x, f0, t, fs, fft_size=cfg.fft_size)
+    band = nyquist
+    if cfg.noise_floor_db is not None:
+        floor = 10.0 ** (cfg.noise_floor_db / 10.0)
+        if cfg.fill_missing_band:
+            carried = np.flatnonzero(np.percentile(sp, 90, axis=0) > 2.0 * floor)
+            band = float(carried[-1]) * fs / cfg.fft_size if len(carried) else 0.0
+        sp += floor  # the envelope of faint white noise (module docstring)
     mcep = pw.code_spectral_envelope(sp, fs, cfg.n_mcep)
     bap = pw.code_aperiodicity(ap, fs)
     voiced = f0 > 0
@@ -176,7 +271,7 @@ def world_features(wav: Tensor | np.ndarray, cfg: WorldFeatureConfig) -> np.ndar
         idx = np.flatnonzero(voiced)
         logf0 = np.interp(np.arange(t_out), idx, np.log(f0[idx]))
     feats = np.concatenate([logf0[:, None], voiced[:, None].astype(np.float64), mcep, bap], axis=1)
-    return feats
+    return feats, sp, band
 
 
 def world_synthesize(feats: np.ndarray, cfg: WorldFeatureConfig) -> np.ndarray:
@@ -232,8 +327,8 @@ class WorldCodec(Codec):
         if info.get("codec") != "world":
             raise UserError(f"{source}: codebooks were not fitted for the 'world' codec")
         try:
-            self.cfg = WorldFeatureConfig(**info["features"])
-        except (KeyError, TypeError) as e:
+            self.cfg = WorldFeatureConfig.from_dict(info["features"])
+        except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{source}: bad world feature settings in codebook metadata ({e})") from None
         if self.cfg.dim() != self.rvq.dim:
             raise UserError(f"{source}: codebook dim {self.rvq.dim} != feature dim {self.cfg.dim()}")
@@ -244,9 +339,47 @@ class WorldCodec(Codec):
         self.n_codes = self.rvq.n_codes
 
     def features(self, wav: Tensor | np.ndarray) -> Tensor:
-        """Unquantised feature frames [T, D] (log-F0 filled with the corpus mean if never voiced)."""
-        f = _fill_logf0(world_features(wav, self.cfg), float(self.rvq.mean[0]))
+        """Unquantised feature frames [T, D] (log-F0 filled with the corpus mean if never voiced; for a
+        band-limited clip, the band it lacks filled in as the module docstring says)."""
+        f, sp, band = analyse_clip(wav, self.cfg)
+        f = _fill_logf0(f, float(self.rvq.mean[0]))
+        if self.cfg.fill_missing_band and len(f) and band < FULL_BAND * self.cfg.sample_rate / 2:
+            f = self._fill_band(f, sp, band)
         return torch.from_numpy(f).float()
+
+    def _fill_band(self, feats: np.ndarray, sp: np.ndarray, band: float) -> np.ndarray:
+        """Replace what `feats` say above `band` Hz: first the corpus's mean envelope at each frame's
+        level just below the edge (and the mean aperiodicity), then the codebooks' reconstruction of
+        that guess, so the codes are chosen by the band the clip carries."""
+        pw = import_pyworld()
+        cfg = self.cfg
+        fs, nb = cfg.sample_rate, cfg.n_mcep
+        env, bap = slice(2, 2 + nb), slice(2 + nb, cfg.dim())
+        freqs = np.arange(sp.shape[1]) * fs / cfg.fft_size
+        edge = FILL_EDGE * band
+        above = np.clip((freqs - edge) / (FILL_RAMP * max(band, 1.0)), 0.0, 1.0)  # 0 carried, 1 filled
+        bap_out = APERIODICITY_BAND_HZ * np.arange(1, cfg.n_bap() + 1) > edge
+        log_sp = np.log(sp)
+
+        def with_band(guess_log_sp: np.ndarray, guess_bap: np.ndarray) -> np.ndarray:
+            f = feats.copy()
+            mixed = np.exp((1.0 - above) * log_sp + above * guess_log_sp)
+            f[:, env] = pw.code_spectral_envelope(np.ascontiguousarray(mixed), fs, nb)
+            cols = np.arange(bap.start, bap.stop)[bap_out]
+            f[:, cols] = guess_bap
+            return f
+
+        mean = self.rvq.mean.double().numpy()
+        mean_env = pw.decode_spectral_envelope(np.ascontiguousarray(mean[None, env]), fs, cfg.fft_size)
+        mean_log = np.log(mean_env)[0]
+        ref = (freqs >= 0.8 * edge) & (freqs < edge)
+        if not ref.any():  # (almost) nothing carried: take the level from the whole envelope
+            ref = np.ones_like(freqs, dtype=bool)
+        guess = mean_log[None, :] + (log_sp[:, ref].mean(1, keepdims=True) - mean_log[ref].mean())
+        f = with_band(guess, np.broadcast_to(mean[bap][bap_out], (len(feats), int(bap_out.sum()))))
+        rec = self.rvq.decode(self.rvq.encode(torch.from_numpy(f).float())).double().numpy()
+        guess = np.log(pw.decode_spectral_envelope(np.ascontiguousarray(rec[:, env]), fs, cfg.fft_size))
+        return with_band(guess, rec[:, bap][:, bap_out])
 
     def encode(self, wav: Tensor) -> Tensor:
         return self.rvq.encode(self.features(wav))
@@ -318,7 +451,8 @@ def fit_world_codec(wavs: Iterable[str | os.PathLike | Tensor | np.ndarray], out
         xt = xt[torch.randperm(xt.shape[0], generator=gen)[:max_frames]]
     info = {"codec": "world", "features": asdict(cfg), "fit_frames": int(xt.shape[0]),
             "fit_files": len(items), "iters": iters, "seed": seed}
-    rvq = fit_rvq(xt, n_levels=n_levels, n_codes=n_codes, weight=cfg.weights(), iters=iters, seed=seed,
+    std = xt.std(0, unbiased=False).clamp_min(1e-5) if xt.shape[0] > 1 else torch.ones(xt.shape[1])
+    rvq = fit_rvq(xt, n_levels=n_levels, n_codes=n_codes, weight=cfg.weights(std), iters=iters, seed=seed,
                   info=info, progress=progress, switch_penalty=switch_penalty)
     rvq.save(out_path)
     return WorldCodec(out_path)

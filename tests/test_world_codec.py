@@ -487,8 +487,8 @@ def test_feature_config_defaults_and_legacy_files(fitted):
         WorldCodec(ResidualVQ.from_tensors(tensors, meta))
 
 
-def test_codebook_file_from_before_the_noise_floor_codes_as_it_did():
-    """tests/data/world_codebooks_legacy.safetensors was fitted by the codec before the noise floor
+def test_codebook_file_from_before_the_noise_floor_codes_as_it_did(tmp_path):
+    """tests/data/world_codebooks_legacy.json holds, as text, the codebook file fitted by the codec before the noise floor
     (commit b7b112f; 2 levels x 16 codes on speech-like audio); the JSON beside it holds the codes that
     code gave a fixed clip. The file loads, its analysis has no floor and no fill, and its codes are
     unchanged."""
@@ -497,8 +497,13 @@ def test_codebook_file_from_before_the_noise_floor_codes_as_it_did():
 
     from vall_e.codecs.tiny_encodec import speechlike_audio
 
+    from safetensors.numpy import save_file
+
     data = Path(__file__).parent / "data"
-    codec = WorldCodec(data / "world_codebooks_legacy.safetensors")
+    legacy = json.loads((data / "world_codebooks_legacy.json").read_text())
+    arrays = {k: np.asarray(t["data"], dtype=t["dtype"]).reshape(t["shape"]) for k, t in legacy["tensors"].items()}
+    save_file(arrays, str(tmp_path / "legacy.safetensors"), metadata=legacy["metadata"])
+    codec = WorldCodec(tmp_path / "legacy.safetensors")
     assert "noise_floor_db" not in codec.rvq.info["features"]
     assert (codec.cfg.noise_floor_db, codec.cfg.envelope_weighting, codec.cfg.fill_missing_band) == \
         (None, "per_dim", False)

@@ -22,8 +22,9 @@ import soundfile as sf
 pytestmark = pytest.mark.slow
 
 STEPS = 1200
-# measured at STEPS (seed 0, 1 thread): see README "What the demo does"
-STEPS_MEASURED = {"mcd_mean": None, "under_8_5": None, "closer": None, "duration_within_15": None}
+# measured at STEPS when this test was written (seed 0, 1 thread; README "What the demo does"): mean MCD-DTW
+# 7.18 dB, 88% under 8.5 dB, 100% closer to its own sentence, 91% within 15% of espeak's duration, right
+# voice 91%; control 12.10 dB, untrained 12.28 dB
 
 
 def test_demo_speaks_words_it_never_heard(tmp_path: Path) -> None:
@@ -53,10 +54,10 @@ def test_demo_speaks_words_it_never_heard(tmp_path: Path) -> None:
     unseen = report["unseen_words"]
     trained, control, untrained = unseen["trained"], unseen["trained_other_text"], unseen["untrained"]
     # it reads: near the right sentence, and the controls are not
-    assert trained["mcd_mean"] <= 7.5, trained
-    assert trained["under_8_5"] >= 0.7, trained
+    assert trained["mcd_mean"] <= 7.7, trained
+    assert trained["under_8_5"] >= 0.75, trained
     assert trained["closer_than_every_other"] >= 0.9, trained
-    assert trained["duration_within_15"] >= 0.6, trained
+    assert trained["duration_within_15"] >= 0.8, trained
     assert control["mcd_mean"] > trained["mcd_mean"] + 3.0, (control, trained)
     assert untrained["mcd_mean"] > trained["mcd_mean"] + 3.0, (untrained, trained)
     # the codec is not what limits: its round trip is far below the model's error
@@ -67,4 +68,4 @@ def test_demo_speaks_words_it_never_heard(tmp_path: Path) -> None:
     assert curve[-1]["val.alignment_error"] < 1.0, curve
     speaker = report["speaker_identification"]
     if speaker["available"]:
-        assert speaker["nearest_is_own_voice"] >= 0.9, speaker
+        assert speaker["nearest_is_own_voice"] >= 0.8, speaker

@@ -1,13 +1,12 @@
-"""`vall-e demo` end to end (slow): corpus -> g2p -> WORLD fit + qnt -> train -> export -> synthesize
-held-out sentences -> MCD table, with the default corpus and model and a fixed 900 training steps
-(about 8 minutes on 2 cores; the full demo trains for 11 minutes, ~1300 steps on a quiet machine).
+"""`vall-e demo` end to end (slow): corpus -> g2p -> WORLD fit + qnt -> train -> export -> synthesize the
+unseen-word test -> scores, with the default corpus and model at a fixed step count and one thread (the
+run is deterministic on a machine).
 
-Besides the plumbing, it checks that the model learned to say its text: its outputs are closer (MCD-DTW)
-to espeak's rendering of the held-out sentence than the untrained model's, than espeak's rendering of a
-different sentence by the same voice, and than the trained model saying the *other* sentence (the
-control: a model that only learned the voice's average sound scores the same with either text).
-Measured when this test was written (seed 0): trained 10.91 dB, control 11.89, untrained 12.22, other
-sentence 11.55; at 600 steps the gaps were not yet reliable."""
+The test set is the Harvard sentences, none of whose words occur in the training corpus: every demo voice
+says 8 of them, prompted by a clip of that voice saying another. The assertions are the README's
+unseen-word numbers at this step count, with a margin (measured when the test was written, seed 0, see
+STEPS_MEASURED), and the controls that show the model reads: the same model given another sentence's
+text is far from the right sentence, and so is the untrained model."""
 from __future__ import annotations
 
 import json
@@ -22,34 +21,51 @@ import soundfile as sf
 
 pytestmark = pytest.mark.slow
 
+STEPS = 1200
+# measured at STEPS when this test was written (seed 0, 1 thread; README "What the demo does"): mean MCD-DTW
+# 7.18 dB, 88% under 8.5 dB, 100% closer to its own sentence, 91% within 15% of espeak's duration, right
+# voice 91%; control 12.10 dB, untrained 12.28 dB
 
-def test_demo_learns_to_follow_its_text(tmp_path: Path) -> None:
+
+def test_demo_speaks_words_it_never_heard(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "vall_e.demo", "--out", str(out), "--train-steps", "900", "--threads", "2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3000,
-                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    cmd = [sys.executable, "-m", "vall_e.demo", "--out", str(out), "--train-steps", str(STEPS), "--threads", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert "minutes in all" in proc.stdout  # says up front how long it will take
+    assert f"{STEPS} training steps" in proc.stdout  # says up front what it will do
     print("\n" + (out / "metrics.md").read_text())
     report = json.loads((out / "metrics.json").read_text())
-    assert report["training"]["steps"] == 900
-    items = report["mcd_dtw_db"]["items"]
-    assert len(items) == 4 * 2  # 4 voices x 2 held-out sentences (a third clip per voice is the prompt)
-    cols = ("trained", "trained_other_text", "untrained", "other_sentence")
+    assert report["training"]["steps"] == STEPS
+
+    # the plumbing: 4 voices x 8 sentences, every column written and scored
+    items = report["items"]
+    assert len(items) == 4 * 8
     for row in items:
-        for col in cols:
+        for col in ("trained", "trained_other_text", "untrained", "other_sentence"):
             assert math.isfinite(row[col]) and row[col] > 0, row
-    wavs = sorted(p.name for p in (out / "wavs").glob("*.wav"))
-    assert len(wavs) == 4 * len(items)  # trained, trained with the other text, untrained, espeak
-    for name in wavs:
-        info = sf.info(out / "wavs" / name)
+    for wav in (out / "wavs").glob("*.wav"):
+        info = sf.info(wav)
         assert info.samplerate == 24_000 and info.frames > 0
-    assert (out / "loss.png").stat().st_size > 0 and (out / "metrics.md").exists()
+    for name in ("loss.png", "alignment.png", "metrics.md"):
+        assert (out / name).stat().st_size > 0
     assert list((out / "ckpt").rglob("model.safetensors"))
 
-    mean = report["mcd_dtw_db"]["mean"]
-    assert mean["trained"] < mean["untrained"] - 0.6, mean
-    assert mean["trained"] < mean["other_sentence"] - 0.3, mean
-    assert mean["trained"] < mean["trained_other_text"] - 0.4, mean  # it follows its text
-    closer = sum(row["trained"] < row["trained_other_text"] for row in items)
-    assert closer >= 5, (closer, items)
+    unseen = report["unseen_words"]
+    trained, control, untrained = unseen["trained"], unseen["trained_other_text"], unseen["untrained"]
+    # it reads: near the right sentence, and the controls are not
+    assert trained["mcd_mean"] <= 7.7, trained
+    assert trained["under_8_5"] >= 0.75, trained
+    assert trained["closer_than_every_other"] >= 0.9, trained
+    assert trained["duration_within_15"] >= 0.8, trained
+    assert control["mcd_mean"] > trained["mcd_mean"] + 3.0, (control, trained)
+    assert untrained["mcd_mean"] > trained["mcd_mean"] + 3.0, (untrained, trained)
+    # the codec is not what limits: its round trip is far below the model's error
+    assert report["oracle_swaps"]["codec_round_trip"]["mcd_mean"] < 5.5
+    # the loss on unseen words fell over training, and the text heads found the diagonal
+    curve = report["validation_on_unseen_words"]
+    assert curve[-1]["val.ar.nll"] < curve[0]["val.ar.nll"] - 2.0, curve
+    assert curve[-1]["val.alignment_error"] < 1.0, curve
+    speaker = report["speaker_identification"]
+    if speaker["available"]:
+        assert speaker["nearest_is_own_voice"] >= 0.8, speaker

@@ -218,6 +218,23 @@ def test_pyworld_imports_without_pkg_resources(monkeypatch):
     assert sys.modules["pkg_resources"] is None  # the stand-in did not leak
 
 
+def test_legacy_module_imports_with_a_stand_in_that_does_not_leak(monkeypatch, tmp_path):
+    """Any module that reads its version through pkg_resources (webrtcvad, which resemblyzer needs,
+    does what this one does) imports whether or not setuptools still ships pkg_resources."""
+    from vall_e.utils.legacy_imports import import_with_pkg_resources
+
+    (tmp_path / "old_style_mod.py").write_text(
+        "import pkg_resources\n__version__ = pkg_resources.get_distribution('pytest').version\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "pkg_resources", None)
+    mod = import_with_pkg_resources("old_style_mod")
+    assert mod.__version__ == pytest.__version__
+    assert sys.modules["pkg_resources"] is None
+    monkeypatch.delitem(sys.modules, "old_style_mod")
+    with pytest.raises(ModuleNotFoundError):
+        import_with_pkg_resources("no_such_module_here")
+
+
 def test_pyworld_import_is_thread_safe(monkeypatch):
     """Analysis runs in threads; racing first imports once handed a thread a half-initialised module."""
     from concurrent.futures import ThreadPoolExecutor

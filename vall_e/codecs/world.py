@@ -48,11 +48,9 @@ The measurements behind these choices are in benchmarks/README.md and tests/test
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import math
 import os
 import random
-import sys
 import threading
 import types
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +67,7 @@ from vall_e.codecs.base import Codec, register_codec
 from vall_e.codecs.rvq import ResidualVQ, fit_rvq
 from vall_e.utils.audio import load_audio, save_audio
 from vall_e.utils.errors import UserError, run_main
+from vall_e.utils.legacy_imports import import_with_pkg_resources
 
 SAMPLE_RATE = 24_000
 FRAME_RATE = 75.0
@@ -92,7 +91,7 @@ _pyworld: types.ModuleType | None = None
 
 def import_pyworld() -> types.ModuleType:
     """Import pyworld once (thread-safe: analysis runs in threads), working around its
-    `import pkg_resources` (gone from setuptools >= 82)."""
+    `import pkg_resources` (see `vall_e.utils.legacy_imports`)."""
     global _pyworld
     if _pyworld is None:
         with _PYWORLD_LOCK:
@@ -102,40 +101,12 @@ def import_pyworld() -> types.ModuleType:
 
 
 def _import_pyworld() -> types.ModuleType:
-    """pyworld <= 0.3.5 only uses pkg_resources to read its own version. If that import fails we
-    provide a throwaway stand-in built on importlib.metadata for the duration of the import and
-    remove it again, so nothing else ever sees a fake `pkg_resources`.
-    """
     try:
-        import pyworld
-        return pyworld
+        return import_with_pkg_resources("pyworld")
     except ModuleNotFoundError as e:
         if e.name == "pyworld":
             raise UserError("the offline 'world' codec needs pyworld: pip install pyworld") from None
-        if e.name != "pkg_resources":
-            raise
-
-    def get_distribution(name: str) -> Any:
-        try:
-            version = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            version = "unknown"
-        return types.SimpleNamespace(project_name=name, version=version)
-
-    shim = types.ModuleType("pkg_resources")
-    shim.get_distribution = get_distribution  # type: ignore[attr-defined]
-    missing = object()
-    before = sys.modules.get("pkg_resources", missing)
-    sys.modules["pkg_resources"] = shim
-    try:
-        sys.modules.pop("pyworld", None)
-        import pyworld
-    finally:
-        if before is missing:
-            sys.modules.pop("pkg_resources", None)
-        else:
-            sys.modules["pkg_resources"] = before  # type: ignore[assignment]
-    return pyworld
+        raise
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ copy of the library (see `vall_e.text.espeak`) is initialised in synchronous mod
 collects its int16 samples at espeak's native 22050 Hz, which soxr resamples to the requested rate.
 Speakers differ by espeak voice variant (`en-us+m1`, `de+f2`, ...), accent, speaking rate, pitch
 and pitch range. Sentences come from small seeded generators, one per language (common words, simple
-grammatical sentences of 4 to 12 words), so the same seed always gives the same corpus.
+grammatical sentences of 4 to 12 words), or, in English, from `vall_e.data.lexicon` (made-up words
+and common words: sentences that teach phonemes rather than a word list); either way the same seed
+always gives the same corpus. A list of given texts can also be spoken by every voice.
 
 Layout: `{out}/{group}/{speaker}/{id}.wav` (16-bit PCM) and `{id}.txt` (the sentence), the standard
 `{group}/{speaker}/` folders the data tools read. With several languages each language's speakers go
@@ -15,6 +17,7 @@ in a group named after the language (`{out}/en/us_m1/`, `{out}/de/de_m1/`), so t
 `python -m vall_e.emb.g2p` and `vall_e.emb.qnt` turn them into training files.
 
     python -m vall_e.data.synthetic OUT [--speakers 4] [--utterances 20] [--seed 0] [--language en,de,fr,es]
+    python -m vall_e.data.synthetic OUT --sentences lexicon --utterances 600
 """
 from __future__ import annotations
 
@@ -25,13 +28,14 @@ import sys
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import soundfile as sf
 import soxr
 from tqdm import tqdm
 
+from vall_e.data.lexicon import lexicon_sentence
 from vall_e.text.espeak import data_path, load_private_library, unload_library
 from vall_e.utils.errors import UserError, run_main
 from vall_e.utils.io import atomic_path, atomic_write_text
@@ -649,9 +653,13 @@ def speaker_plan(n_speakers: int, language: str | Sequence[str] = "en") -> dict[
     return {lang: speakers(c, lang) for lang, c in zip(langs, counts)}
 
 
+SENTENCE_SOURCES = ("grammar", "lexicon")
+
+
 def generate_corpus(out_dir: str | Path, n_speakers: int = 4, n_utterances: int = 20, seed: int = 0,
                     sample_rate: int = 24000, language: str | Sequence[str] = "en", group: str = "synth",
-                    progress: bool = True) -> list[Path]:
+                    progress: bool = True, sentences: str = "grammar", exclude: Iterable[str] = (),
+                    texts: Sequence[str] | None = None) -> list[Path]:
     """Write `{out_dir}/{group}/{speaker}/{id}.wav` + `{id}.txt`; return all the wav paths.
 
     `language` is one code (en, de, fr, es) or several (`"en,de,fr,es"` or a list); the speakers are
@@ -659,8 +667,21 @@ def generate_corpus(out_dir: str | Path, n_speakers: int = 4, n_utterances: int 
     instead of `group`. Utterances whose wav and txt both exist are skipped (an interrupted run
     resumes). Each utterance's sentence depends only on (language, seed, speaker index within its
     language, utterance index), so an English group is the same alone or beside other languages.
+    `sentences`: "grammar" (the per-language generators) or "lexicon" (English only, see
+    `vall_e.data.lexicon`; words in `exclude` never occur). `texts`: every voice says these instead
+    (n_utterances is then their number).
     """
     plan = speaker_plan(n_speakers, language)
+    if sentences not in SENTENCE_SOURCES:
+        raise UserError(f"sentences {sentences!r}: choose one of {', '.join(SENTENCE_SOURCES)}")
+    if sentences == "lexicon" and set(plan) != {"en"}:
+        raise UserError("lexicon sentences are English only (language en)")
+    if texts is not None:
+        texts = [" ".join(t.split()) for t in texts]
+        if not texts or not all(texts):
+            raise UserError("texts: give at least one non-empty text")
+        n_utterances = len(texts)
+    banned = {w.lower() for w in exclude}
     if n_utterances < 1:
         raise UserError(f"number of utterances must be at least 1, got {n_utterances}")
     if not group or "/" in group or "\\" in group or group.startswith("."):
@@ -680,7 +701,12 @@ def generate_corpus(out_dir: str | Path, n_speakers: int = 4, n_utterances: int 
                     bar.update(1)
                     if wav_path.exists() and txt_path.exists():
                         continue
-                    text = make_sentence(random.Random(f"{_rng_seed(lang, seed)}:{k}:{i}"), lang)
+                    if texts is not None:
+                        text = texts[i]
+                    elif sentences == "lexicon":
+                        text = lexicon_sentence(random.Random(f"lexicon:{seed}:{k}:{i}"), banned)
+                    else:
+                        text = make_sentence(random.Random(f"{_rng_seed(lang, seed)}:{k}:{i}"), lang)
                     wav = synthesize(text, voice, sample_rate)
                     pad = np.zeros(int(round(PAD_SECONDS * sample_rate)), np.float32)
                     wav = np.concatenate([pad, wav, pad])
@@ -702,10 +728,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"language, or comma-separated languages whose speakers each get a group named "
                              f"after the language ({','.join(LANGUAGES)}; default en)")
     parser.add_argument("--group", default="synth", help="group folder name of a one-language corpus (default synth)")
+    parser.add_argument("--sentences", default="grammar", choices=SENTENCE_SOURCES,
+                        help="grammar: small per-language grammars; lexicon: made-up and common English words, "
+                             "which teach a model to read words it never heard (English only; default grammar)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     paths = generate_corpus(args.out, args.speakers, args.utterances, args.seed, args.sample_rate,
-                            language=args.language, group=args.group, progress=not args.quiet)
+                            language=args.language, group=args.group, progress=not args.quiet,
+                            sentences=args.sentences)
     langs = corpus_languages(args.language)
     if len(langs) == 1:
         print(f"{len(paths)} utterances in {Path(args.out) / args.group}")

@@ -1,43 +1,73 @@
-"""`vall-e demo`: the whole system, end to end, on a machine with no network.
+"""`vall-e demo`: the whole system, end to end, on a machine with no network, judged on words it never heard.
 
-1. generate a multi-speaker speech corpus with espeak-ng (plus held-out sentences per voice);
-2. phonemize it (`vall_e.emb.g2p`);
-3. fit the offline WORLD codec on it and quantize (`vall_e.emb.qnt codec.name=world --fit`);
-4. train a small model for a bounded time (`vall_e.train`), export it (`vall_e.export`);
-5. synthesize held-out sentences of every voice, prompted with a held-out utterance of that voice;
-6. score them (MCD-DTW against espeak's rendering of the same sentence by the same voice) beside two
-   baselines: the untrained model, and espeak's rendering of a *different* sentence by that voice.
-
-Everything lands in one folder: wavs, `metrics.json`, `metrics.md`, the loss plot and the run itself.
+1. corpora (`vall_e.demo.corpus`): a training corpus of made-up and common words in 4 espeak-ng voices,
+   the Harvard test sentences in the same voices (none of their words is in the training corpus), and
+   a few held-out training-style sentences;
+2. phonemes (`vall_e.emb.g2p`), the offline WORLD codec fitted on training clips, codes (`vall_e.emb.qnt`);
+3. training (`vall_e.train`) for a fixed step count or for what is left of the time budget, with the
+   Harvard sentences as the validation set (the loss on unseen words is logged over time) and the text
+   heads' alignment on two of them recorded at every evaluation;
+4. synthesis of every voice saying test sentences, prompted by another test sentence of that voice,
+   beside controls (the same model saying another sentence's text, the untrained model, espeak saying
+   another sentence) and oracle swaps (true level-0 codes with the model's NAR, ...);
+5. scores (`vall_e.demo.scoring`) and reports (`vall_e.demo.report`) in one folder.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import itertools
 import logging
 import os
 import random
 import shutil
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+import yaml
+from torch import Tensor
+
+from vall_e.config import load_config
+from vall_e.data import VALLEDataset, make_dataloader
+from vall_e.demo import report
+from vall_e.demo.corpus import (DemoData, TestItem, fit_and_quantize, frames_per_token, heldout_items, make_corpora,
+                                phonemize, unseen_items)
+from vall_e.demo.scoring import Analyses, score_column, speaker_identification, summarize
+from vall_e.emb.codes import read_codes
+from vall_e.generation.sampling import SamplingParams
+from vall_e.generation.settings import GenerationSettings
+from vall_e.generation.tts import TTS
+from vall_e.models.build import build_models
+from vall_e.models.model_file import read_export
+from vall_e.models.valle import VALLE, VALLEConfig
+from vall_e.text.symmap import BOS_ID, EOS_ID, Symmap, read_phonemes
+from vall_e.training.trainer import Trainer
+from vall_e.utils.audio import save_audio
 from vall_e.utils.errors import UserError, run_main
 
 logger = logging.getLogger("vall_e.demo")
 
+# Prep stages' cost per training utterance on an idle 2-core machine (espeak, phonemes, WORLD analysis
+# and quantization), and synthesis plus scoring after training: with the time each stage actually took,
+# they size the training budget (benchmarks/README.md, "Demo timing").
+PREP_SECONDS_PER_UTTERANCE = 0.09
+AFTER_TRAINING_SECONDS = 150.0
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vall-e demo", description="Offline end-to-end demo: corpus -> train -> speak.")
+    p = argparse.ArgumentParser(prog="vall-e demo", description="Offline end-to-end demo: corpus -> train -> speak "
+                                "words it never heard.")
     p.add_argument("--out", default="demo-out", help="output folder (default: ./demo-out)")
     p.add_argument("--speakers", type=int, default=4, help="voices in the generated corpus")
-    p.add_argument("--utterances", type=int, default=150, help="training utterances per voice")
-    p.add_argument("--heldout", type=int, default=2, help="held-out sentences per voice to synthesize")
-    p.add_argument("--train-minutes", type=float, default=11.0, help="training time budget")
+    p.add_argument("--utterances", type=int, default=600, help="training utterances per voice")
+    p.add_argument("--heldout", type=int, default=2, help="held-out training-style sentences per voice")
+    p.add_argument("--minutes", type=float, default=20.0,
+                   help="time budget of the whole demo; training gets what the other stages leave")
     p.add_argument("--train-steps", type=int, default=0,
-                   help="train exactly this many steps instead of for --train-minutes (same result on any machine)")
+                   help="train exactly this many steps instead (same result on any machine)")
     p.add_argument("--codes", type=int, default=1024, help="codes per codec level")
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
@@ -45,124 +75,229 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--p-ar", type=float, default=0.75, help="share of training samples that train the AR")
+    p.add_argument("--ar-group", type=int, default=2, help="level-0 codes per AR step (VALL-E 2's grouping; 1 = plain)")
     p.add_argument("--text-heads", type=int, default=1,
                    help="heads per layer that read only the text, guided to the diagonal (0 = plain VALL-E)")
+    p.add_argument("--nar-levels", type=int, default=0, choices=range(8),
+                   help="NAR levels decoded at synthesis (default 0: level 0 only; at the demo's training budget "
+                        "the NAR's levels add error, see the oracle table; 7 = all)")
+    p.add_argument("--ar-temperature", type=float, default=0.6,
+                   help="AR sampling temperature at synthesis (0 = greedy; 0.6 was chosen on the development "
+                        "sentences: greedy decoding of the small model often runs on past the sentence's end)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     p.add_argument("--fresh", action="store_true", help="delete the output folder first")
     return p
 
 
-def _stage(name: str, t0: float) -> None:
-    print(f"[{time.monotonic() - t0:6.0f} s] {name}", flush=True)
+class Clock:
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def stage(self, name: str) -> None:
+        print(f"[{self.elapsed:6.0f} s] {name}", flush=True)
 
 
-def _heldout_pairs(root: Path, n_speakers: int, n_heldout: int, seed: int) -> list[dict[str, Any]]:
-    """Held-out clips per voice: utterance 0 is the prompt, the rest are sentences to synthesize."""
-    from vall_e.data.synthetic import generate_corpus
+# ---------------------------------------------------------------------------------------------------- config
 
-    paths = generate_corpus(root, n_speakers=n_speakers, n_utterances=n_heldout + 1, seed=seed + 10_007,
-                            group="heldout", progress=False)
-    by_speaker: dict[str, list[Path]] = {}
-    for p in sorted(paths):
-        if p.suffix == ".wav":
-            by_speaker.setdefault(p.parent.name, []).append(p)
-    items = []
-    for speaker, wavs in sorted(by_speaker.items()):
-        prompt, targets = wavs[0], wavs[1:]
-        for i, target in enumerate(targets):
-            other = targets[(i + 1) % len(targets)] if len(targets) > 1 else prompt
-            items.append({"speaker": speaker, "prompt": str(prompt), "reference": str(target),
-                          "text": target.with_suffix(".txt").read_text(encoding="utf-8").strip(),
-                          "other": str(other)})
-    return items
-
-
-def _write_config(out: Path, corpus: Path, codebooks: Path, args: argparse.Namespace, iterations: int) -> Path:
-    import yaml
-
-    speaker_dirs = sorted(str(d.relative_to(out)) for d in (corpus / "synth").iterdir() if d.is_dir())
+def write_config(args: argparse.Namespace, data: DemoData, rate: float, iterations: int, minutes: float) -> Path:
+    """The run's YAML: the Harvard sentences are the validation set, so `val.*` is the unseen-word loss."""
+    out = data.root
+    train_dirs = [str(d.relative_to(out)) for d in data.speaker_dirs(data.corpus / "synth")]
+    val_dirs = [str(d.relative_to(out)) for d in data.speaker_dirs(data.unseen / "unseen")]
     cfg = {
         "seed": args.seed,
-        "dataset": {"training": speaker_dirs, "validation_fraction": 0.03, "prompt_duration": 1.5,
-                    "max_prompts": 1, "duration_range": [0.5, 12.0], "sample_type": "path"},
+        "dataset": {"training": train_dirs, "validation": val_dirs, "prompt_duration": 1.5, "max_prompts": 1,
+                    "duration_range": [0.5, 12.0], "sample_type": "path"},
         "model": {"kind": "ar+nar", "size": "tiny", "d_model": args.d_model, "n_heads": args.heads,
                   "n_layers": args.layers, "n_codes": args.codes, "dropout": 0.0, "name": "demo",
                   # most samples train the AR: it is the part that has to learn to read the text
-                  "p_ar": args.p_ar, "text_heads": args.text_heads, "guided_attention": 1.0 if args.text_heads else 0.0},
+                  "p_ar": args.p_ar, "text_heads": args.text_heads,
+                  "guided_attention": 1.0 if args.text_heads else 0.0,
+                  "text_head_rate": round(rate, 4) if args.text_heads else 0.0, "ar_group": args.ar_group},
         "hyperparameters": {"batch_size": args.batch_size, "learning_rate": args.lr, "scheduler": "cosine",
                             "warmup_steps": min(100, iterations // 10), "min_lr_ratio": 0.05,
                             "gradient_clipping": 1.0},
-        "evaluation": {"frequency": max(50, iterations // 4), "size": 8, "synthesize": 0},
-        "trainer": {"iterations": iterations, "max_minutes": 0 if args.train_steps else args.train_minutes,
-                    "save_frequency": 0,
+        "evaluation": {"frequency": max(25, iterations // 8), "size": 32, "synthesize": 0},
+        "trainer": {"iterations": iterations, "max_minutes": minutes, "save_frequency": 0,
                     "keep_last_checkpoints": 1, "weight_dtype": "float32", "tensorboard": False},
-        "codec": {"name": "world", "codebooks": str(codebooks.relative_to(out))},
+        "codec": {"name": "world", "codebooks": str(data.codebooks.relative_to(out))},
     }
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     return path
 
 
-def _estimate_iterations(cfg_path: Path, minutes: float) -> tuple[int, float]:
-    """Time a few training steps of the configured model on real batches to size the LR schedule.
+def time_training_step(cfg_path: Path, steps: int = 6) -> dict[str, Any]:
+    """Time and profile a few training steps of the configured model on real batches.
 
-    The fastest step (after the first) sizes it: on a shared machine a median taken in a busy moment
-    left most of the budget unused; sized from the fastest, the schedule is a little long and the
-    time budget (`trainer.max_minutes`) ends the run on time."""
-    import torch
-
-    from vall_e.config import load_config
-    from vall_e.data import VALLEDataset, make_dataloader
-    from vall_e.models.build import build_models
-
+    The fastest step after the first sizes the schedule: on a shared machine a median taken in a busy
+    moment left most of the budget unused; sized from the fastest, the schedule runs a little long and
+    the time budget (`trainer.max_minutes`) ends it on time. One step is profiled by operator."""
     cfg = load_config(cfg_path)
     ds = VALLEDataset(cfg, "train")
-    loader = make_dataloader(ds, cfg, "train")
+    loader = itertools.cycle(make_dataloader(ds, cfg, "train"))  # a tiny corpus may hold fewer batches
     model = next(iter(build_models(cfg.model, len(ds.symmap), len(ds.languages)).values()))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    times = []
-    it = iter(loader)
-    for i in range(6):
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(loader)
-            batch = next(it)
+    times, frames = [], []
+    for i in range(steps):
+        batch = next(loader)
         t = time.perf_counter()
-        loss, _ = model(batch)
-        loss.backward()
-        opt.step()
+        if i == steps - 1:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                loss, _ = model(batch)
+                loss.backward()
+                opt.step()
+        else:
+            loss, _ = model(batch)
+            loss.backward()
+            opt.step()
         opt.zero_grad()
         times.append(time.perf_counter() - t)
-    per_step = min(times[1:]) * 1.1  # + the trainer's own work (data, clipping, metrics, evaluation)
-    return max(20, int(minutes * 60 / per_step)), per_step
+        frames.append(sum(int(r.shape[0]) for r in batch["resps"]))
+    per_step = min(times[1:-1]) * 1.1  # + the trainer's own work (data, clipping, metrics, evaluation)
+    return {"seconds_per_step": per_step, "frames_per_second": sum(frames[1:-1]) / sum(times[1:-1]),
+            "threads": torch.get_num_threads(), "profile": report.profile_shares(prof)}
 
 
-def _mcd_table(items: list[dict[str, Any]], columns: dict[str, list[str]]) -> dict[str, Any]:
-    import numpy as np
+class DemoTrainer(Trainer):
+    """The trainer, also recording the text heads' alignment on two unseen sentences at every
+    evaluation (the `alignment.png` report shows how the model learns to read)."""
 
-    from vall_e.utils.audio import load_audio
-    from vall_e.evaluation.metrics import analyse, mcd_dtw
+    def __init__(self, cfg: Any, items: list[TestItem]) -> None:
+        super().__init__(cfg, read_stdin=False)
+        self.items = items
+        self.probes: list[dict[str, Any]] | None = None
+        self.alignments: list[tuple[int, list[Tensor]]] = []
 
-    rows = []
-    for idx, item in enumerate(items):
-        ref = analyse(load_audio(item["reference"], 24_000).numpy(), 24_000)
-        row = {"speaker": item["speaker"], "text": item["text"]}
-        for name, wavs in columns.items():
-            wav = load_audio(wavs[idx], 24_000, allow_silent=True).numpy()
-            row[name] = float(mcd_dtw(analyse(wav, 24_000), ref)) if wav.size > 2400 else float("nan")
-        rows.append(row)
-    means = {name: float(np.nanmean([r[name] for r in rows])) for name in columns}
-    return {"items": rows, "mean": means}
+    def evaluate(self, synthesize: bool = True) -> dict[str, float]:
+        out = super().evaluate(synthesize)
+        model = next(iter(self.models.values()))
+        if self.probes is None:  # the symbol map exists once the run is set up
+            self.probes = alignment_probes(self.items, Symmap.from_json(self.parts.meta["symmap"]))
+        if self.probes and getattr(model.config, "text_heads", 0):
+            was = model.training
+            model.eval()
+            maps = [model.text_alignment(p["text"], 0, p["prompt"], p["codes0"]).cpu() for p in self.probes]
+            model.train(was)
+            self.alignments.append((self.step, maps))
+            out = {**out, "val.alignment_error": report.alignment_error(maps)}
+        return out
+
+
+def alignment_probes(items: list[TestItem], symmap: Any, n: int = 2) -> list[dict[str, Any]]:
+    """Text ids (as the dataset reads them), prompt and true level-0 codes of the first test
+    sentence of the first `n` voices."""
+    probes: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for item in items:
+        if item.speaker in seen or len(probes) >= n:
+            continue
+        seen.add(item.speaker)
+        ids = [BOS_ID, *symmap.encode(read_phonemes(item.reference.with_suffix(".phn.txt"))), EOS_ID]
+        probes.append({"text": torch.tensor(ids), "prompt": _codes(item.prompt)[:112],
+                       "codes0": _codes(item.reference)[:, 0], "label": f"{item.speaker}: {item.text}"})
+    return probes
+
+
+def _codes(wav: Path) -> Tensor:
+    return read_codes(wav.with_suffix(".qnt.pt"))[0]
+
+
+# ---------------------------------------------------------------------------------------------------- synthesis
+
+@dataclass
+class Column:
+    name: str
+    wavs: list[Path]
+
+
+def synthesize_column(tts: TTS, name: str, texts: list[str], prompts: list[Tensor], settings: GenerationSettings,
+                      wav_dir: Path, tags: list[str], nar_levels: int | None = None,
+                      level0: list[Tensor] | None = None) -> tuple[Column, list[Tensor]]:
+    """One batched call: codes for every text (AR + NAR, or the NAR over given level-0 codes), decoded
+    with `nar_levels` NAR levels, written as wav files."""
+    if level0 is None:
+        codes = tts.generate_codes(texts, prompts, settings)
+    else:
+        ids = [tts.encode_text(t) for t in texts]
+        langs = torch.zeros(len(ids), dtype=torch.long)
+        codes = tts.generate_nar(ids, langs, prompts, level0, settings.nar, settings.max_nar_levels)
+    keep = codes if nar_levels is None else [c[:, :1 + nar_levels] for c in codes]
+    paths = []
+    for tag, wav in zip(tags, tts.decode(keep)):
+        path = wav_dir / f"{tag}_{name}.wav"
+        save_audio(path, wav if wav.numel() else torch.zeros(2400), tts.sample_rate)
+        paths.append(path)
+    return Column(name, paths), codes
+
+
+def decode_codes(tts: TTS, name: str, codes: list[Tensor], wav_dir: Path, tags: list[str]) -> Column:
+    paths = []
+    for tag, wav in zip(tags, tts.decode(codes)):
+        path = wav_dir / f"{tag}_{name}.wav"
+        save_audio(path, wav, tts.sample_rate)
+        paths.append(path)
+    return Column(name, paths)
+
+
+def run_synthesis(tts: TTS, untrained: TTS, items: list[TestItem], held: list[TestItem], args: argparse.Namespace,
+                  wav_dir: Path) -> dict[str, list[Column]]:
+    """Every column of the report's tables."""
+    settings = GenerationSettings(ar=replace(SamplingParams.ar_defaults(), temperature=args.ar_temperature,
+                                             seed=args.seed),
+                                  nar=replace(SamplingParams.nar_defaults(), temperature=0.0, seed=args.seed),
+                                  input_prompt_length=1.5, split_sentences=False,
+                                  max_ar_steps=450, max_nar_levels=7)  # 450 steps: 6-12 s; the sentences take 2-3 s
+    prompts = [tts.encode_reference(str(it.prompt), 1.5) for it in items]
+    tags = [f"{i:02d}_{it.speaker}" for i, it in enumerate(items)]
+    texts = [it.text for it in items]
+    levels = args.nar_levels
+    trained, codes = synthesize_column(tts, "trained", texts, prompts, settings, wav_dir, tags, levels)
+    control, _ = synthesize_column(tts, "trained_other_text", [it.other_text for it in items], prompts, settings,
+                                   wav_dir, tags, levels)
+    fresh, _ = synthesize_column(untrained, "untrained", texts, prompts, settings, wav_dir, tags, levels)
+    true = [_codes(it.reference) for it in items]
+    oracle_nar, _ = synthesize_column(tts, "true_level0_model_nar", texts, prompts, settings, wav_dir, tags,
+                                      level0=[t[:, 0] for t in true])
+    columns = {"unseen": [trained, control, fresh, Column("other_sentence", [it.other_reference for it in items])],
+               "oracle": [decode_codes(tts, "codec_round_trip", true, wav_dir, tags),
+                          decode_codes(tts, "true_level0_only", [t[:, :1] for t in true], wav_dir, tags),
+                          oracle_nar, decode_codes(tts, "model_ar_model_nar", codes, wav_dir, tags),
+                          decode_codes(tts, "model_ar_level0_only", [c[:, :1] for c in codes], wav_dir, tags)]}
+    held_prompts = [tts.encode_reference(str(it.prompt), 1.5) for it in held]
+    held_tags = [f"heldout_{i:02d}_{it.speaker}" for i, it in enumerate(held)]
+    held_col, _ = synthesize_column(tts, "trained", [it.text for it in held], held_prompts, settings, wav_dir,
+                                    held_tags, levels)
+    columns["heldout"] = [held_col, Column("other_sentence", [it.other_reference for it in held])]
+    for i, it in enumerate(items):
+        shutil.copy(it.reference, wav_dir / f"{tags[i]}_espeak.wav")
+    return columns
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+def plan_training(args: argparse.Namespace, clock: Clock, timing: dict[str, Any], n_utterances: int) -> tuple[int, float]:
+    """(iterations, minutes): a fixed step count, or the steps that fit in what the budget leaves after
+    the time already spent and the time synthesis and scoring will take at this machine's pace."""
+    if args.train_steps:
+        return args.train_steps, 0.0
+    slowdown = max(1.0, clock.elapsed / (30.0 + PREP_SECONDS_PER_UTTERANCE * n_utterances))
+    left = 60 * args.minutes - clock.elapsed - slowdown * AFTER_TRAINING_SECONDS
+    if left < 60:
+        raise UserError(f"--minutes {args.minutes:g}: preparing the data took {clock.elapsed / 60:.1f} min, which "
+                        "leaves no time to train; raise --minutes or lower --utterances")
+    return max(20, int(left / timing["seconds_per_step"])), left / 60
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.train_steps < 0:
         raise UserError(f"--train-steps must be >= 0, got {args.train_steps}")
-    import torch
-
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -170,133 +305,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    train_min = args.train_steps * 0.5 / 60 if args.train_steps else args.train_minutes  # ~0.5 s/step on 2 cores
-    total_est = 2.5 + args.speakers * args.utterances / 240 + train_min + 1.5
-    budget = f"{args.train_steps} training steps" if args.train_steps else f"{args.train_minutes:g} min of training"
-    print(f"vall-e demo: corpus of {args.speakers} voices x {args.utterances} utterances, "
-          f"{budget}; about {total_est:.0f} minutes in all on 2 CPU cores.\n"
-          f"Everything is written to {out}", flush=True)
-    t0 = time.monotonic()
+    budget = f"{args.train_steps} training steps" if args.train_steps else f"a budget of {args.minutes:g} minutes"
+    print(f"vall-e demo: {args.speakers} voices x {args.utterances} training utterances, {budget} on "
+          f"{torch.get_num_threads()} CPU threads; tested on {args.speakers * 8} sentences whose words it never "
+          f"heard.\nEverything is written to {out}", flush=True)
+    clock = Clock()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    # 1. corpus + held-out sentences
-    from vall_e.data.synthetic import generate_corpus
+    clock.stage("generating the espeak-ng corpora")
+    data = make_corpora(out, args.speakers, args.utterances, args.heldout, args.seed)
+    clock.stage("phonemizing")
+    phonemize(data)
+    clock.stage(f"fitting the WORLD codec (8 levels x {args.codes} codes) and quantizing")
+    fit_and_quantize(data, args.codes, args.seed)
+    rate = frames_per_token(data)
 
-    _stage("generating the espeak-ng corpus", t0)
-    corpus = out / "corpus"
-    generate_corpus(corpus, n_speakers=args.speakers, n_utterances=args.utterances, seed=args.seed, group="synth")
-    heldout = _heldout_pairs(out / "heldout", args.speakers, args.heldout, args.seed)
-
-    # 2. phonemes
-    from vall_e.emb.g2p import main as g2p_main
-
-    _stage("phonemizing", t0)
-    g2p_main([str(corpus), "--quiet"])
-
-    # 3. offline codec: fit, then quantize
-    from vall_e.codecs.world import fit_world_codec
-    from vall_e.emb.qnt import main as qnt_main
-
-    codebooks = out / "codebooks.safetensors"
-    train_wavs = sorted(corpus.rglob("*.wav"))
-    if not codebooks.exists():
-        # ~120 clips hold the 20k frames the fit samples anyway: analysing all of them only costs time
-        fit_wavs = random.Random(args.seed).sample(train_wavs, min(len(train_wavs), 120))
-        _stage(f"fitting the WORLD codec (8 levels x {args.codes} codes) on {len(fit_wavs)} clips", t0)
-        fit_world_codec(fit_wavs, codebooks, n_levels=8, n_codes=args.codes, seed=args.seed, max_frames=20_000,
-                        workers=os.cpu_count() or 1)
-    _stage("quantizing", t0)
-    qnt_main([str(corpus), "codec.name=world", f"codec.codebooks={codebooks}"])
-
-    # 4. train + export
-    from vall_e.config import load_config
-    from vall_e.training.trainer import Trainer
-
-    # The symbol map starts with the held-out sentences' phonemes: a small corpus may never use one of
-    # them (say 'ᵻ'), and synthesis would refuse a phoneme the model has no embedding for.
-    from vall_e.text.phonemes import phonemize_many
-    from vall_e.text.symmap import Symmap
-
-    symmap_path = out / "symmap.json"
-    if not symmap_path.exists():
-        Symmap.build(phonemize_many([item["text"] for item in heldout])).save(symmap_path)
-    if args.train_steps:
-        iterations = args.train_steps
-        cfg_path = _write_config(out, corpus, codebooks, args, iterations=iterations)
-        _stage(f"training {iterations} steps", t0)
-    else:
-        cfg_path = _write_config(out, corpus, codebooks, args, iterations=1000)
-        iterations, per_step = _estimate_iterations(cfg_path, args.train_minutes)
-        cfg_path = _write_config(out, corpus, codebooks, args, iterations=iterations)
-        _stage(f"training about {iterations} steps ({per_step:.2f} s/step, budget {args.train_minutes:g} min)", t0)
+    cfg_path = write_config(args, data, rate, iterations=1000, minutes=0)
+    timing = time_training_step(cfg_path)
+    iterations, minutes = plan_training(args, clock, timing, args.speakers * args.utterances)
+    cfg_path = write_config(args, data, rate, iterations, minutes)
+    clock.stage(f"training {iterations} steps ({timing['seconds_per_step']:.2f} s/step"
+                + (f", budget {minutes:.1f} min)" if minutes else ")"))
     cfg = load_config(cfg_path)
-    trainer = Trainer(cfg, read_stdin=False)
+    items, held = unseen_items(data, args.speakers), heldout_items(data)
+    trainer = DemoTrainer(cfg, items if args.text_heads else [])
     trainer.run()
     model_path = trainer.export() or cfg.ckpt_dir / cfg.model.full_name / "model.safetensors"
-    from vall_e.training.plot import main as plot_main
 
-    plot_main([f"yaml={cfg_path}", "--ys", "loss", "ar.acc", "nar.acc", "--out", str(out / "loss.png")])
-
-    # 5. synthesize held-out sentences, and the same with an untrained copy of the model
-    from vall_e.utils.audio import save_audio
-    from vall_e.models.model_file import read_export
-    from vall_e.generation.settings import GenerationSettings
-    from vall_e.generation.tts import TTS
-    from vall_e.models.valle import VALLE, VALLEConfig
-    from vall_e.generation.sampling import SamplingParams
-
-    _stage("synthesizing held-out sentences", t0)
+    clock.stage("synthesizing the test sentences")
     tts = TTS.from_pretrained(model_path, device="cpu")
-    settings = GenerationSettings(ar=replace(SamplingParams.ar_defaults(), temperature=0.8, seed=args.seed),
-                                  nar=replace(SamplingParams.nar_defaults(), temperature=0.0, seed=args.seed),
-                                  input_prompt_length=1.5, split_sentences=False,
-                                  max_ar_steps=450)  # 6 s: the held-out sentences take 2-4 s
-    wav_dir = out / "wavs"
-    trained, wrong_text, untrained = [], [], []
     _, meta = read_export(model_path)
-    fresh_models = {n: VALLE(VALLEConfig.from_dict(c)) for n, c in meta["models"].items()}
-    untrained_tts = TTS(fresh_models, meta, tts.codec)
-    # the control: the trained model saying the *other* sentence, scored against this one. A model that
-    # follows its text lands closer with the right text than with the wrong one; a model that only
-    # learned the voice's average sound scores the same on both.
-    other_texts = [Path(it["other"]).with_suffix(".txt").read_text(encoding="utf-8").strip() for it in heldout]
-    texts = [it["text"] for it in heldout]
-    prompts = [it["prompt"] for it in heldout]
-    runs = ((tts, texts, trained, "trained"), (tts, other_texts, wrong_text, "trained_other_text"),
-            (untrained_tts, texts, untrained, "untrained"))
-    for engine, batch_texts, bucket, tag in runs:  # one batched call per column
-        wavs = engine.synthesize(batch_texts, prompts, settings)
-        for i, (item, wav) in enumerate(zip(heldout, wavs)):
-            path = wav_dir / f"{i:02d}_{item['speaker']}_{tag}.wav"
-            save_audio(path, wav if wav.numel() else torch.zeros(2400), tts.sample_rate)
-            bucket.append(str(path))
-    for i, item in enumerate(heldout):
-        shutil.copy(item["reference"], wav_dir / f"{i:02d}_{item['speaker']}_espeak.wav")
+    untrained = TTS({n: VALLE(VALLEConfig.from_dict(c)) for n, c in meta["models"].items()}, meta, tts.codec)
+    wav_dir = out / "wavs"
+    columns = run_synthesis(tts, untrained, items, held, args, wav_dir)
 
-    # 6. score
-    _stage("scoring", t0)
-    table = _mcd_table(heldout, {"trained": trained, "trained_other_text": wrong_text, "untrained": untrained,
-                                 "other_sentence": [it["other"] for it in heldout]})
-    stats = json.loads(json.dumps(meta.get("stats", {})))
-    report = {"mcd_dtw_db": table, "training": {"steps": stats.get("step"),
-                                                "minutes": None if args.train_steps else args.train_minutes,
-                                                "model": meta["models"]}, "elapsed_s": time.monotonic() - t0}
-    from vall_e.utils.io import atomic_write_text
-
-    atomic_write_text(out / "metrics.json", json.dumps(report, indent=2))
-    cols = ("trained", "trained_other_text", "untrained", "other_sentence")
-    lines = ["| voice | text | trained | trained, other text (control) | untrained | espeak, other sentence |",
-             "|---|---|---|---|---|---|"]
-    for r in table["items"]:
-        lines.append(f"| {r['speaker']} | {r['text'][:40]} | " + " | ".join(f"{r[c]:.2f}" for c in cols) + " |")
-    m = table["mean"]
-    lines.append("| **mean** | | " + " | ".join(f"**{m[c]:.2f}**" for c in cols) + " |")
-    atomic_write_text(out / "metrics.md", "MCD-DTW (dB) to espeak's rendering of the same sentence by the same "
-                      "voice; lower is closer. The control column is the trained model saying the other sentence: "
-                      "only a gap between it and 'trained' shows the model follows its text.\n\n" + "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    _stage(f"done: wavs in {wav_dir}, metrics in {out / 'metrics.md'}, loss plot {out / 'loss.png'}", t0)
+    clock.stage("scoring")
+    analyses = Analyses()
+    tables = {name: {c.name: score_column(items if name != "heldout" else held, c.wavs, analyses) for c in cols}
+              for name, cols in columns.items()}
+    voice_clips = {v: sorted((data.unseen / "unseen" / v).glob("*.wav")) for v in sorted({it.speaker for it in items})}
+    speaker_id = speaker_identification(items, columns["unseen"][0].wavs, voice_clips)
+    metrics = report.collect(trainer, cfg, meta, tables, items, held, speaker_id, timing, rate, clock.elapsed,
+                             args)
+    report.write(out, metrics, tables, items, held)
+    report.plot_training(cfg, out / "loss.png")
+    report.plot_alignments(trainer.alignments, trainer.probes or [], out / "alignment.png")
+    print(report.headline(metrics))
+    clock.stage(f"done: wavs in {wav_dir}, metrics in {out / 'metrics.md'}, plots {out / 'loss.png'}, "
+                f"{out / 'alignment.png'}")
     return 0
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import soxr
 
 from vall_e.codecs.world import import_pyworld
+from vall_e.utils.legacy_imports import import_with_pkg_resources
 
 METRIC_SR = 22_050  # analysis rate of every signal metric (see the module docstring)
 FRAME_MS = 5.0  # WORLD frame period for the metrics
@@ -362,6 +363,7 @@ class ResemblyzerEncoder:
     """Resemblyzer's GE2E VoiceEncoder; its weights (`pretrained.pt`) ship inside the wheel."""
 
     def __init__(self, device: str = "cpu") -> None:
+        import_with_pkg_resources("webrtcvad")  # resemblyzer's VAD reads its version through pkg_resources
         with warnings.catch_warnings():  # resemblyzer 0.1.4 imports a deprecated scipy.ndimage path
             warnings.simplefilter("ignore", DeprecationWarning)
             from resemblyzer import VoiceEncoder, preprocess_wav

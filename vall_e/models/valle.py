@@ -546,6 +546,25 @@ class VALLE(nn.Module):
             logits = logits.view(logits.shape[0], self.config.ar_group, -1)
         return logits, state
 
+    @torch.no_grad()
+    def text_alignment(self, text: Tensor, lang: Tensor | int, prompt: Tensor, codes0: Tensor) -> Tensor:
+        """The text heads' attention (averaged over the heads) of every AR position over the text, with
+        the level-0 codes `codes0` Long[T] teacher-forced: [n_layers, AR positions, N]. A model that
+        reads has it on the diagonal. Needs text heads (transformer or bitnet)."""
+        self._require("ar")
+        if not self.config.text_heads:
+            raise ValueError("text_alignment needs a model with text heads (model.text_heads >= 1)")
+        prefix = self._prefix(text, torch.as_tensor(lang), prompt)
+        seq = torch.cat([prefix, self._response(codes0.reshape(-1, 1), 0)])
+        x, valid = self._pad([seq])
+        mask = self._mask(torch.ones(1, dtype=torch.bool, device=self.device), valid, [text], [prefix.shape[0]])
+        self.backbone.report_text_attention = True
+        try:
+            out = self.backbone(x, mask)
+        finally:
+            self.backbone.report_text_attention = False
+        return torch.stack([a[0, :, prefix.shape[0] - 1:, :len(text)].mean(0) for a in out.text_attention])
+
     def ar_full(self, text: list[Tensor], lang: Tensor | None, prompt: list[Tensor],
                 resps: list[Tensor]) -> list[Tensor]:
         """AR logits by full recomputation (no cache; the reference's way).

@@ -198,7 +198,9 @@ class TransformerBackbone(Backbone):
     """`n_layers` pre-norm blocks and a final LayerNorm; no embeddings, no head.
 
     text_heads: how many heads of every layer are text heads (see `Attention`; needs `mask.text`).
-    Set `collect_text_attention` to get their attention over the text in `BackboneOutput`."""
+    Set `collect_text_attention` to get their attention over the text in `BackboneOutput` while
+    training (for the guided-attention loss), or `report_text_attention` to get it in any mode
+    (diagnostics: `VALLE.text_alignment`)."""
 
     def __init__(self, shape: BackboneShape, rope_base: float = 10000.0, ffn: str = "swiglu",
                  text_heads: int = 0) -> None:
@@ -212,6 +214,7 @@ class TransformerBackbone(Backbone):
             raise ValueError(f"text_heads {text_heads}: must be in 0..{n_heads - 1} (n_heads - 1)")
         self.d_model, self.n_heads, self.n_layers, self.text_heads = d_model, n_heads, n_layers, text_heads
         self.collect_text_attention = False
+        self.report_text_attention = False
         self.head_dim = d_model // n_heads
         self.max_positions = shape.max_positions
         self.rotary = RotaryEmbedding(self.head_dim, rope_base)
@@ -283,7 +286,7 @@ class TransformerBackbone(Backbone):
         # else: all bidirectional and no padding -> no mask at all
         text_mask = self._bias(mask.text_head_bias(S), x.dtype) if self.text_heads else None
         sink, sink_keys = None, 0
-        if self.text_heads and self.collect_text_attention and self.training:
+        if self.text_heads and (self.collect_text_attention and self.training or self.report_text_attention):
             sink, sink_keys = [], int(mask.text.sum(-1).max())
         checkpointing = self.gradient_checkpointing and self.training and cache is None
         if checkpointing and sink is not None:

@@ -152,7 +152,7 @@ def build_model(preset: str, ctx: Ctx, *, dropout: float = 0.0, ban_stop: bool =
     untrained model would otherwise stop at random; this controls the length without touching
     the engine.
     """
-    from vall_e.models.presets import resolve_dims
+    from vall_e.config.model import resolve_dims
     from vall_e.models.valle import VALLE, VALLEConfig
 
     d, h, n = resolve_dims(preset)

@@ -113,7 +113,7 @@ def run_one(name: str, preset: str, steps: int, threads: int) -> dict[str, Any]:
 
     torch.set_num_threads(threads)
     from vall_e.config import load_config
-    from vall_e.models.presets import resolve_dims
+    from vall_e.config.model import resolve_dims
     from vall_e.models.valle import VALLE, VALLEConfig
 
     what, over, kind, engine = CONFIGS[name]

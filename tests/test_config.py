@@ -116,3 +116,62 @@ def test_property_overrides_never_crash(key, value):
     except UserError:
         return
     assert isinstance(cfg, Config)
+
+
+# ---------------------------------------------------------------------------- the model section
+
+def test_dict_size_as_the_readme_writes_it(tmp_path):
+    cfg, _ = parse_config(["model.size={d_model: 256, n_heads: 4}"])
+    assert cfg.model.size == {"d_model": 256, "n_heads": 4}
+    net = cfg.model.networks()["ar+nar"]
+    assert (net.d_model, net.n_heads, net.n_layers) == (256, 4, 12)  # layers from `full`
+    assert cfg.model.full_name == "ar+nar-d256h4l12"
+    y = tmp_path / "c.yaml"
+    y.write_text("model:\n  size: {dim: 64, heads: 4, layers: 2}\n")  # the reference's names work too
+    from vall_e.models.build import build_models
+    model = build_models(load_config(y).model)["ar+nar"]
+    assert (model.config.d_model, model.config.n_heads, model.config.n_layers) == (64, 4, 2)
+    assert len(model.backbone.layers) == 2
+    with pytest.raises(UserError, match="model.size: unknown key"):
+        parse_config(["model.size={width: 256}"])
+    with pytest.raises(UserError, match="model.d_model 250 must split into 16 heads"):
+        parse_config(["model.size={d_model: 250}"])
+
+
+def test_one_model_definition_with_one_set_of_defaults():
+    """The YAML `model` section and a network's `VALLEConfig` share their fields and defaults, so the
+    default config builds exactly the default network."""
+    from dataclasses import fields
+
+    from vall_e.config.model import ModelConfig, ModelOptions, VALLEConfig
+    shared = {f.name for f in fields(ModelOptions)}
+    assert shared <= {f.name for f in fields(ModelConfig)} and shared <= {f.name for f in fields(VALLEConfig)}
+    assert {"text_head_rate", "ar_group", "n_langs", "p_ar"} <= shared
+    assert {f.name for f in fields(VALLEConfig)} - shared == {"kind", "d_model", "n_heads", "n_layers"}
+    assert ModelConfig().networks() == {"ar+nar": VALLEConfig()}
+    assert VALLEConfig().n_langs == Config().model.n_langs and VALLEConfig().p_ar == Config().model.p_ar == 0.0
+    # a model file written before the definitions were merged stored p_ar as null
+    assert VALLEConfig.from_dict({**VALLEConfig().to_dict(), "p_ar": None}).p_ar == 0.0
+
+
+def test_allowed_kinds_and_backbones_come_from_the_registries(monkeypatch):
+    from vall_e.config import model as model_config
+    from vall_e.models.backbones import build_backbone
+    with pytest.raises(UserError, match="model.backbone 'gpt5': choose one of transformer, llama, mixtral, retnet, bitnet"):
+        parse_config(["model.backbone=gpt5"])
+    with pytest.raises(UserError, match=r"model.kind 'ar': choose one of ar\+nar, ar,nar"):
+        parse_config(["model.kind=ar"])
+    with pytest.raises(UserError, match=r"model.kind 'both': choose one of ar\+nar, ar, nar"):
+        model_config.VALLEConfig(kind="both")
+    # a backbone registered in the one registry is accepted by the config and built by build_backbone
+    monkeypatch.setitem(model_config.BACKBONES, "gpt5", model_config.BACKBONES["transformer"])
+    cfg, _ = parse_config(["model.backbone=gpt5", "model.size=tiny"])
+    assert cfg.model.networks()["ar+nar"].backbone == "gpt5"
+    assert type(build_backbone("gpt5", d_model=64, n_heads=4, n_layers=1)).__name__ == "TransformerBackbone"
+    monkeypatch.delitem(model_config.BACKBONES, "retnet")
+    with pytest.raises(UserError, match="model.backbone 'retnet'"):
+        parse_config(["model.backbone=retnet"])
+    # and so is a pipeline of networks (kind -> the networks it trains)
+    monkeypatch.setitem(model_config.PIPELINES, "ar", ("ar",))
+    cfg, _ = parse_config(["model.kind=ar", "model.size=tiny"])
+    assert list(cfg.model.networks()) == ["ar"]

@@ -523,7 +523,7 @@ _MUTATIONS = ["none", "none", "none", "ref", "empty_t", "empty_l", "1d", "4d", "
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(phn=st.one_of(_phn_lines, _tokens, st.binary(max_size=20)), frames=st.integers(1, 90),
-       levels=st.integers(1, 10), mutation=st.sampled_from(_MUTATIONS), dtype=st.sampled_from(
+       levels=st.integers(2, 10), mutation=st.sampled_from(_MUTATIONS), dtype=st.sampled_from(
            [torch.int16, torch.int64, torch.uint8]), as_dict=st.booleans())
 def test_reader_loads_or_raises_user_error(phn, frames, levels, mutation, dtype, as_dict) -> None:
     """Arbitrary phoneme text and code tensors: the dataset loads them or raises a one-line UserError."""
@@ -544,7 +544,7 @@ def test_reader_loads_or_raises_user_error(phn, frames, levels, mutation, dtype,
         (d / "odd.phn.txt").write_bytes(phn if isinstance(phn, bytes) else phn.encode("utf-8"))
         y = root / "c.yaml"
         y.write_text("dataset:\n  training: [g/s]\n  validation_fraction: 0\n  validate: false\n"
-                     "model:\n  n_levels: 1\n")
+                     "model:\n  n_levels: 2\n")
         try:
             ds = VALLEDataset(load_config(y), "train")
             for i in range(len(ds)):

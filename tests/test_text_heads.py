@@ -6,7 +6,7 @@ import torch
 
 from vall_e.models.backbones.base import BackboneShape, Mask
 from vall_e.models.backbones.transformer import Attention, TransformerBackbone
-from vall_e.models.presets import resolve_dims
+from vall_e.config.model import resolve_dims
 from vall_e.models.valle import VALLE, VALLEConfig, _Targets
 from vall_e.utils.errors import UserError
 

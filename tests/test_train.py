@@ -403,7 +403,7 @@ def test_build_models_kinds_sizes_and_checks(tmp_path: Path) -> None:
                                 "model.kind": "ar,nar", "model.p_ar": 0.0})
     models = build_models(cfg.model, 10, 1)
     assert {n: m.config.kind for n, m in models.items()} == {"ar": "ar", "nar": "nar"}
-    assert models["ar"].config.d_model == 32 and models["ar"].config.p_ar is None
+    assert models["ar"].config.d_model == 32 and models["ar"].config.p_ar == 0.0  # 0 = 1/n_levels
     with pytest.raises(UserError, match="n_text_tokens=10 is too small"):
         build_models(cfg.model, 11, 1)
     cfg.model.frozen_params = ["nonexistent"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vall_e.models.presets import PRESETS, resolve_dims
+from vall_e.config.model import PRESETS, resolve_dims
 from vall_e.models.valle import VALLE, VALLEConfig
 from vall_e.utils.errors import UserError
 

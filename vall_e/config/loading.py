@@ -10,6 +10,9 @@ Usage from a command::
   field's type, so `trainer.iterations=10` is an int and `dataset.training=[a,b]` a list.
 * An unknown key is an error naming it and suggesting the closest known key.
 * `help=true` prints every field with its default and meaning.
+* A config file of the reference implementation (mrq/vall-e: `models._models`, `speaker_name_getter`,
+  ...) is migrated as it loads, with a warning (`vall_e.config.migrate`); one that needs a decision is
+  refused with an error that names `python -m vall_e.config migrate`.
 
 Unlike the reference, nothing in a config file is ever evaluated as Python: speaker and group names
 come from the path (`{group}/{speaker}/{file}`) through plain format strings.
@@ -21,6 +24,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import logging
 import math
 import sys
 import types
@@ -30,9 +34,12 @@ from typing import Any, Sequence
 
 import yaml
 
+from vall_e.config.migrate import MIGRATE_COMMAND, REFERENCE, Migration, migrate, reference_keys
 from vall_e.config.schema import Config
 from vall_e.utils.errors import UserError
 from vall_e.utils.io import read_text
+
+logger = logging.getLogger(__name__)
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -233,7 +240,7 @@ def load_config(yaml_path: str | Path | None = None, overrides: dict[str, str] |
     tree: dict[str, Any] = {}
     cfg_path = Path("data")
     if yaml_path:
-        tree = load_yaml(yaml_path)
+        tree = _from_reference(load_yaml(yaml_path), yaml_path)
         cfg_path = Path(yaml_path).parent
     file_tree = copy.deepcopy(tree) if yaml_path else None
     for k, raw in (overrides or {}).items():
@@ -248,6 +255,36 @@ def load_config(yaml_path: str | Path | None = None, overrides: dict[str, str] |
                 if str(alone) == str(e):
                     raise UserError(f"{yaml_path}: {e}") from None
         raise
+
+
+def _from_reference(tree: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """`tree` itself, or, for a config in the reference's layout, its migration (with a warning)."""
+    keys = reference_keys(tree)
+    if not keys:
+        return tree
+    m = migrate(tree, path)
+    if m.decide:
+        key, what = m.decide[0]
+        more = f" (and {len(m.decide) - 1} more)" if len(m.decide) > 1 else ""
+        raise UserError(f"{path}: a config in the reference's layout ({keys[0]}, ...) that cannot load the same way "
+                        f"here: {key}: {what}{more}; run `{MIGRATE_COMMAND} {path} > NEW.yaml`, which marks each "
+                        "such key, and edit NEW.yaml")
+    logger.warning("%s: a config in the reference's layout (%s), migrated as it loads: %s; convert it once with "
+                   "`%s %s > NEW.yaml`", path, REFERENCE, m.summary(), MIGRATE_COMMAND, path)
+    return m.tree
+
+
+def migrate_file(path: str | Path) -> Migration:
+    """The migration of a reference-layout config file, checked to load as our config."""
+    tree = load_yaml(path)
+    if not reference_keys(tree):
+        raise UserError(f"{path}: no key of the reference's layout ({REFERENCE}); it is a config of ours already")
+    m = migrate(tree, path)
+    try:
+        _finish(copy.deepcopy(m.tree), Path(path).parent)
+    except UserError as e:
+        raise UserError(f"{path}: migrated, the config does not load: {e}") from None
+    return m
 
 
 def _finish(tree: dict[str, Any], cfg_path: Path) -> Config:
@@ -265,8 +302,6 @@ def _finish(tree: dict[str, Any], cfg_path: Path) -> Config:
 
 def _validate(cfg: Config) -> None:
     choices = {
-        "model.kind": (cfg.model.kind, ("ar+nar", "ar,nar")),
-        "model.backbone": (cfg.model.backbone, ("transformer", "llama", "mixtral", "retnet", "bitnet")),
         "dataset.sample_type": (cfg.dataset.sample_type, ("path", "speaker", "group")),
         "trainer.backend": (cfg.trainer.backend, ("local", "deepspeed")),
         "trainer.weight_dtype": (cfg.trainer.weight_dtype, ("float32", "bfloat16", "float16")),
@@ -280,9 +315,8 @@ def _validate(cfg: Config) -> None:
     for key, rng in (("dataset.phones_range", cfg.dataset.phones_range), ("dataset.duration_range", cfg.dataset.duration_range)):
         if len(rng) != 2 or rng[0] > rng[1]:
             raise UserError(f"config key {key!r} must be [min, max], got {rng!r}")
-    if cfg.model.n_levels < 1 or cfg.model.n_codes < 2:
-        raise UserError("config keys 'model.n_levels' and 'model.n_codes' must be positive")
     _check_non_negative(cfg)
+    cfg.model.networks()  # every check of the model (vall_e.config.model), before any data is read
 
 
 # numbers that may be negative; every other number in the config is a count, size, rate or duration

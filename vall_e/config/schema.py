@@ -1,23 +1,20 @@
 """The configuration's schema: one dataclass per YAML section, each field with its default and help.
 
-`Config` is the whole tree. The run paths (`ckpt/`, `logs/`, `.cache/`, `data.h5`, `metrics.png`,
-`symmap.json`) hang off `cfg_path`, the YAML's folder, as in the reference implementation. How a
-YAML file and `key=value` overrides become a `Config` is `vall_e.config.loading`'s job.
+`Config` is the whole tree. The `model` section (`ModelConfig`) lives in `vall_e.config.model`, beside
+the network config (`VALLEConfig`) whose fields it shares. The run paths (`ckpt/`, `logs/`, `.cache/`,
+`data.h5`, `metrics.png`, `symmap.json`) hang off `cfg_path`, the YAML's folder, as in the reference
+implementation. How a YAML file and `key=value` overrides become a `Config` is `vall_e.config.loading`'s
+job.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-def _f(default: Any, help: str) -> Any:
-    """A dataclass field with a help text (mutable defaults are copied per instance)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+from vall_e.config.fields import setting as _f
+from vall_e.config.model import ModelConfig
 
 
 @dataclass
@@ -40,46 +37,6 @@ class DatasetConfig:
     max_prompts: int = _f(3, "most utterances joined into one prompt")
     prompt_duration: float = _f(3.0, "target prompt length in seconds (±1 s jitter); 0 = whole utterance")
     sample_type: str = _f("speaker", "how an index maps to an utterance: path | speaker | group")
-
-
-@dataclass
-class ModelConfig:
-    kind: str = _f("ar+nar", "ar+nar = one network for both; ar,nar = the reference's separate AR and NAR networks")
-    size: str = _f("full", "preset: tiny | quarter | half | full | double, or a float f (floor(1024 f) wide)")
-    d_model: int = _f(0, "model width; 0 = from the preset")
-    n_heads: int = _f(0, "attention heads; 0 = from the preset")
-    n_layers: int = _f(0, "layers; 0 = from the preset")
-    ffn_mult: int = _f(4, "feed-forward width as a multiple of d_model")
-    ffn: str = _f("swiglu", "transformer/bitnet feed-forward: swiglu (gated, LLaMA-style) | gelu")
-    backbone: str = _f("transformer", "transformer | llama | mixtral | retnet | bitnet")
-    experts: int = _f(1, "mixture-of-experts count (mixtral, retnet)")
-    n_levels: int = _f(8, "codec levels (RVQ codebooks)")
-    n_codes: int = _f(1024, "codes per level; the AR's STOP id equals this")
-    n_text_tokens: int = _f(256, "text vocabulary size (must exceed the symbol map's largest id)")
-    n_langs: int = _f(8, "language embedding entries")
-    dropout: float = _f(0.1, "dropout while training")
-    p_ar: float = _f(0.0, "share of samples trained as AR (level 0); 0 = uniform over levels")
-    text_loss_weight: float = _f(0.0, "weight of the next-phoneme loss on the text (the reference uses 1)")
-    max_positions: int = _f(8192, "longest sequence (text + prompt + response)")
-    text_heads: int = _f(0, "heads per layer through which audio tokens read only the text (transformer, bitnet)")
-    guided_attention: float = _f(0.0, "weight of a guided-attention loss pulling the text heads to the diagonal")
-    guided_attention_sigma: float = _f(0.2, "width of the guided-attention diagonal, as a fraction of the text")
-    text_head_rate: float = _f(0.0, "text heads' aligned positions: audio frames per text token (e.g. the corpus "
-                                    "mean); 0 = the shared positions")
-    ar_group: int = _f(1, "VALL-E 2 grouped code modeling: level-0 codes the AR reads and predicts per step")
-    frozen_params: list[str] = _f([], "parameter-name prefixes excluded from training")
-    name: str = _f("", "run/checkpoint name; empty = derived from kind, size and backbone")
-
-    @property
-    def full_name(self) -> str:
-        if self.name:
-            return self.name
-        parts = [self.kind.replace(",", "-")]
-        if self.size != "full":
-            parts.append(str(self.size))
-        if self.backbone != "transformer":
-            parts.append(f"{self.experts}x{self.backbone}" if self.experts > 1 else self.backbone)
-        return "-".join(parts)
 
 
 @dataclass

@@ -28,18 +28,21 @@ Two options change the AR (both off by default, so a plain VALL-E is unchanged):
   is where the average speaker would be in the text is at relative distance 0 from its phoneme.
   The diagonal of text against audio, which the guided-attention loss asks for, then needs no
   content-based search to find; the heads only correct for the speaker's and phoneme's own pace.
+
+`VALLEConfig`, what a network is built from, is defined with the YAML `model` section that shares its
+fields, in `vall_e.config.model`; it is importable from here too.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vall_e.utils.errors import UserError
+from vall_e.config.model import KINDS, TEXT_HEAD_BACKBONES, VALLEConfig
 
 from .backbones import build_backbone
 from .backbones.base import Mask
@@ -47,98 +50,7 @@ from .rows_linear import decode_linear
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("ar+nar", "ar", "nar")
-
-
-@dataclass
-class VALLEConfig:
-    """Everything needed to build a `VALLE`; JSON-able (stored in exported model metadata)."""
-
-    kind: str = "ar+nar"  # "ar+nar" | "ar" | "nar"
-    d_model: int = 1024
-    n_heads: int = 16
-    n_layers: int = 12
-    n_text_tokens: int = 256  # phoneme vocabulary size; id 0 is padding
-    ffn_mult: int = 4
-    ffn: str = "swiglu"  # transformer/bitnet FFN: "swiglu" (gated) | "gelu"; llama/mixtral are always gated
-    backbone: str = "transformer"
-    experts: int = 1
-    n_levels: int = 8  # codec levels (RVQ codebooks)
-    n_codes: int = 1024  # codes per level; STOP id = n_codes
-    n_langs: int = 1
-    dropout: float = 0.1
-    p_ar: float | None = None  # share of AR samples in training (ar+nar); None = 1 / n_levels
-    text_loss_weight: float = 0.0  # weight of a next-token loss on the text of AR samples; the reference uses 1
-    max_positions: int = 8192
-    # text heads: per layer, heads through which prompt and response tokens read only the text; a
-    # guided-attention loss (Tachibana et al. 2017) pulls them toward the diagonal, so the model
-    # learns where it is in the text in hundreds of steps instead of thousands (transformer, bitnet)
-    text_heads: int = 0
-    guided_attention: float = 0.0  # weight of the guided-attention loss on the text heads (0 = off)
-    guided_attention_sigma: float = 0.2  # width of the diagonal band, as a fraction of the text
-    backbone_extra: dict = field(default_factory=dict)
-    # text heads' aligned positions (see the module docstring): audio frames per text token, typically
-    # the corpus's mean (0 = the text heads use the shared positions)
-    text_head_rate: float = 0.0
-    ar_group: int = 1  # VALL-E 2 grouped code modeling: the AR reads and predicts G level-0 codes per step
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise UserError(f"model.kind {self.kind!r}: choose one of {', '.join(KINDS)}")
-        for key in ("d_model", "n_heads", "n_layers", "n_text_tokens", "ffn_mult", "experts", "n_codes",
-                    "n_langs", "max_positions", "n_levels"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UserError(f"model.{key} {value!r}: must be a positive integer")
-        if self.kind != "ar" and self.n_levels < 2:
-            raise UserError(f"model.n_levels {self.n_levels}: a {self.kind} model needs at least 2 levels")
-        if self.ffn not in ("swiglu", "gelu"):
-            raise UserError(f"model.ffn {self.ffn!r}: choose swiglu or gelu")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"model.dropout {self.dropout}: must be in [0, 1)")
-        if self.p_ar is not None and not 0.0 <= self.p_ar <= 1.0:
-            raise UserError(f"model.p_ar {self.p_ar}: must be in [0, 1] (or null for 1/n_levels)")
-        if self.text_loss_weight < 0:
-            raise UserError(f"model.text_loss_weight {self.text_loss_weight}: must be >= 0")
-        if not isinstance(self.text_heads, int) or not 0 <= self.text_heads < self.n_heads:
-            raise UserError(f"model.text_heads {self.text_heads!r}: must be in 0..{self.n_heads - 1}")
-        if self.text_heads and self.backbone not in ("transformer", "bitnet"):
-            raise UserError(f"model.text_heads: the {self.backbone} backbone has no text heads "
-                            "(transformer and bitnet have)")
-        if self.guided_attention < 0 or (self.guided_attention > 0 and not self.text_heads):
-            raise UserError(f"model.guided_attention {self.guided_attention}: must be >= 0, and needs "
-                            "model.text_heads >= 1")
-        if not self.guided_attention_sigma > 0:
-            raise UserError(f"model.guided_attention_sigma {self.guided_attention_sigma}: must be > 0")
-        if not self.text_head_rate >= 0 or (self.text_head_rate > 0 and not self.text_heads):
-            raise UserError(f"model.text_head_rate {self.text_head_rate}: must be >= 0, and needs "
-                            "model.text_heads >= 1")
-        if not isinstance(self.ar_group, int) or isinstance(self.ar_group, bool) or not 1 <= self.ar_group <= 8:
-            raise UserError(f"model.ar_group {self.ar_group!r}: must be an integer in 1..8")
-
-    @property
-    def has_ar(self) -> bool:
-        return self.kind in ("ar+nar", "ar")
-
-    @property
-    def has_nar(self) -> bool:
-        return self.kind in ("ar+nar", "nar")
-
-    @property
-    def stop_id(self) -> int:
-        return self.n_codes
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VALLEConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise UserError(f"model config: unknown key(s) {', '.join(sorted(unknown))}")
-        return cls(**d)
-
+__all__ = ["KINDS", "ARState", "LevelEmbedding", "VALLE", "VALLEConfig"]
 
 class LevelEmbedding(nn.Module):
     """Sum of per-level code embeddings: frame [L] -> sum_l table_l(code_l), one table per level.
@@ -221,7 +133,7 @@ class VALLE(nn.Module):
         if c.text_loss_weight > 0 and c.has_ar:  # the text loss is next-token, so only AR samples have one
             self.text_head = nn.Linear(d, c.n_text_tokens)
         extra = dict(c.backbone_extra)
-        if c.backbone in ("transformer", "bitnet"):
+        if c.backbone in TEXT_HEAD_BACKBONES:
             extra.setdefault("ffn", c.ffn)
             if c.text_heads:
                 extra.setdefault("text_heads", c.text_heads)
@@ -364,7 +276,7 @@ class VALLE(nn.Module):
         nar = torch.randint(1, c.n_levels, (batch_size,), generator=generator)
         if c.kind == "nar":
             return nar
-        p_ar = 1.0 / c.n_levels if c.p_ar is None else c.p_ar
+        p_ar = c.p_ar or 1.0 / c.n_levels  # 0 = uniform over the levels
         is_ar = torch.rand(batch_size, generator=generator) < p_ar
         return torch.where(is_ar, torch.zeros_like(nar), nar)
 

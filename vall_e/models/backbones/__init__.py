@@ -1,25 +1,20 @@
-"""Backbone registry: name -> class, imported lazily so optional dependencies load only when used.
+"""Backbones: `build_backbone(name, ...)` builds one by its registry name, importing its module only
+then, so optional dependencies load only when used.
 
-Every backbone class takes a `BackboneShape` (d_model, n_heads, n_layers, ffn_mult, dropout, experts,
-max_positions) and its own keyword options.
+The registry itself, `BACKBONES` (name -> "module:Class"), lives in `vall_e.config.model` beside the
+model's other settings, so the configuration checks `model.backbone` against it without importing
+torch; a new backbone is registered there. Every backbone class takes a `BackboneShape` (d_model,
+n_heads, n_layers, ffn_mult, dropout, experts, max_positions) and its own keyword options.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
 
+from vall_e.config.model import BACKBONES
 from vall_e.utils.errors import UserError
 
 from .base import Backbone, BackboneOutput, BackboneShape, Mask
-
-BACKBONES: dict[str, str] = {
-    "transformer": "vall_e.models.backbones.transformer:TransformerBackbone",
-    "llama": "vall_e.models.backbones.llama:LlamaBackbone",
-    "mixtral": "vall_e.models.backbones.mixtral:MixtralBackbone",
-    "retnet": "vall_e.models.backbones.retnet:RetNetBackbone",
-    "bitnet": "vall_e.models.backbones.bitnet:BitNetBackbone",
-}
-
 
 _SHAPE_FIELDS = {f.name for f in dataclasses.fields(BackboneShape)}
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from vall_e.config.model import FFN_KINDS
 from vall_e.utils.errors import UserError
 
 from ..rows_linear import decode_linear
@@ -136,9 +137,6 @@ def gelu_small(x: Tensor) -> Tensor:
     """
     half = x * 0.5
     return torch.addcmul(half, half, torch.erf(x * 0.7071067811865476))
-
-
-FFN_KINDS = ("swiglu", "gelu")
 
 
 class FeedForward(nn.Module):

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from vall_e.config.model import KINDS, TEXT_HEAD_BACKBONES, VALLEConfig
 
 from .backbones import build_backbone
-from .backbones.base import Mask
+from .backbones.base import BackboneOutput, Mask
 from .rows_linear import decode_linear
 
 logger = logging.getLogger(__name__)
@@ -293,21 +293,32 @@ class VALLE(nn.Module):
         """
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', not {reduction!r}")
-        c, dev = self.config, self.device
-        B = len(batch["text"])
-        levels = batch.get("levels")
-        levels = self.sample_levels(B) if levels is None else torch.as_tensor(levels).reshape(B).cpu()
+        levels = self._target_levels(batch.get("levels"), len(batch["text"]))
+        seqs, starts, resp_t, text_t = self._training_layout(batch, levels)
+        x, valid = self._pad(seqs)
+        out = self.backbone(x, self._mask((levels == 0).to(self.device), valid, batch["text"], starts))
+        tok_level = levels[resp_t.sample]
+        ce, top1, top10 = self._response_loss(out.hidden, resp_t, tok_level)
+        values: dict[str, Tensor] = {"nll": ce.mean()}
+        loss, per_sample = self._total_loss(values, ce, out, resp_t, text_t, batch["text"])
+        stats = self._stats(values, ce, top1, top10, tok_level)
+        return (per_sample if reduction == "none" else loss), stats
+
+    def _target_levels(self, levels: Any, batch_size: int) -> Tensor:
+        """Each sample's target level, Long[B] on the CPU: the batch's own, checked, or drawn."""
+        c = self.config
+        if levels is None:
+            return self.sample_levels(batch_size)
+        levels = torch.as_tensor(levels).reshape(batch_size).cpu()
         for k in levels.tolist():
             if (k == 0 and not c.has_ar) or (k > 0 and not c.has_nar) or not 0 <= k < c.n_levels:
                 raise ValueError(f"target level {k} is not valid for a {c.kind} model with {c.n_levels} levels")
+        return levels
 
-        seqs, starts, resp_t, text_t = self._training_layout(batch, levels)
-        x, valid = self._pad(seqs)
-        out = self.backbone(x, self._mask((levels == 0).to(dev), valid, batch["text"], starts))
-        h = out.hidden
-
-        # response targets, each level through its own head
-        tok_level = levels[resp_t.sample]
+    def _response_loss(self, h: Tensor, resp_t: "_Targets", tok_level: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per response target: cross-entropy, and whether it is the top-1 and among the top-10 logits.
+        Each level goes through its own head (with `ar_group` G > 1, a target reads its slot's logits)."""
+        c, dev = self.config, self.device
         h_tok = h[resp_t.sample.to(dev), resp_t.pos.to(dev)]
         n = len(resp_t.target)
         ce = torch.zeros(n, device=dev)
@@ -324,12 +335,16 @@ class VALLE(nn.Module):
             top = logits.topk(min(10, logits.shape[-1]), dim=-1).indices
             top1[idx] = top[:, 0] == t
             top10[idx] = (top == t[:, None]).any(-1)
-        nll = ce.mean()
-        loss, per_sample = nll, resp_t.per_sample_mean(ce, B)
-        values: dict[str, Tensor] = {"nll": nll}
+        return ce, top1, top10
 
+    def _total_loss(self, values: dict[str, Tensor], ce: Tensor, out: BackboneOutput, resp_t: "_Targets",
+                    text_t: "_Targets | None", text: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """(the batch's loss, each sample's loss Float[B]): the response CE plus the text loss, the
+        backbone's auxiliary loss and the guided-attention loss, each added to `values` as well."""
+        c, dev, B = self.config, self.device, len(text)
+        loss, per_sample = values["nll"], resp_t.per_sample_mean(ce, B)
         if text_t is not None:  # next-token loss on the text of AR samples
-            logits = self.text_head(h[text_t.sample.to(dev), text_t.pos.to(dev)]).float()
+            logits = self.text_head(out.hidden[text_t.sample.to(dev), text_t.pos.to(dev)]).float()
             tce = F.cross_entropy(logits, text_t.target, reduction="none")
             loss = loss + c.text_loss_weight * tce.mean()
             per_sample = per_sample + c.text_loss_weight * text_t.per_sample_mean(tce, B)
@@ -338,12 +353,18 @@ class VALLE(nn.Module):
             loss = loss + out.aux_loss
             values["aux"] = out.aux_loss
         if c.guided_attention > 0 and out.text_attention:
-            ga = self._guided_attention_loss(out.text_attention, resp_t, batch["text"])
+            ga = self._guided_attention_loss(out.text_attention, resp_t, text)
             loss = loss + c.guided_attention * ga
             values["ga"] = ga
         values["loss"] = loss
+        return loss, per_sample
 
-        is_ar = (tok_level == 0).to(dev)
+    @staticmethod
+    def _stats(values: dict[str, Tensor], ce: Tensor, top1: Tensor, top10: Tensor,
+               tok_level: Tensor) -> dict[str, float]:
+        """`values` and the AR's and NAR's token count, nll and accuracies as floats (one device sync);
+        a part without tokens in the batch reports only its count."""
+        is_ar = (tok_level == 0).to(ce.device)
         for name, sel in (("ar", is_ar), ("nar", ~is_ar)):
             denom = sel.sum().clamp_min(1)
             values[f"{name}.tokens"] = sel.sum()
@@ -356,7 +377,7 @@ class VALLE(nn.Module):
             if stats[f"{name}.tokens"] == 0:
                 for key in ("nll", "acc", "acc10"):
                     del stats[f"{name}.{key}"]
-        return (per_sample if reduction == "none" else loss), stats
+        return stats
 
     def _training_layout(self, batch: dict[str, Any], levels: Tensor
                          ) -> tuple[list[Tensor], list[int], "_Targets", "_Targets | None"]:

@@ -238,6 +238,18 @@ def synthesize_samples(models: dict[str, nn.Module], meta: dict[str, Any], batch
 # The trainer
 # --------------------------------------------------------------------------------------------
 
+@dataclass
+class _Start:
+    """Where a run starts from: a checkpoint (`step_dir`, its weights and state), an exported model
+    file's weights (trainer.load_state_dict), or nothing."""
+
+    meta: dict[str, Any] = field(default_factory=dict)  # the symbol and language maps to keep using
+    step_dir: Path | None = None
+    weights: dict[str, torch.Tensor] | None = None  # a checkpoint's, every network's in one dict
+    state: dict[str, Any] | None = None
+    export_weights: dict[str, dict[str, torch.Tensor]] | None = None  # per network
+
+
 class Trainer:
     def __init__(self, cfg: Any, builder: Builder | None = None, read_stdin: bool = True) -> None:
         self.cfg = cfg
@@ -255,106 +267,131 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
+        """Everything before the first step, in this order (the order of the random draws is part of a
+        bit-identical resume): the process group and logs; where the run starts from; the networks;
+        their engines; the checkpoint's counters and states; the data iterator; the random streams; the
+        metrics file."""
         cfg = self.cfg
-        self.rank, self.world, self.device = init_distributed(cfg)
+        self._start_process()
+        start = self._find_start()
+        self._build_networks(start)
+        self._load_weights(start)
+        self._log_sizes()
+        self.engines = {n: build_engine(n, m, cfg, self.device, cfg.trainer.iterations, self.rank, self.world)
+                        for n, m in self.models.items()}
+        self._restore(start)
+        self.data_iter = self._new_iter()
+        self._seed_streams(start)
+        self.metrics = MetricsWriter(self.log_dir / "metrics.jsonl", enabled=self.is_main,
+                                     tensorboard_dir=(self.log_dir / "tensorboard") if cfg.trainer.tensorboard else None)
+        self.metrics.truncate_after(self.step)
+
+    def _start_process(self) -> None:
+        """This process's rank, the world size and device; the console and `log.txt` logs."""
+        self.rank, self.world, self.device = init_distributed(self.cfg)
         self.is_main = self.rank == 0
         root = logging.getLogger("vall_e")
         self._log_saved = (root.level, root.propagate)
         self._handlers = setup_logging(self.log_dir, self.rank)
         root.propagate = False  # our console handler prints; don't print twice through the root logger
-        tr = cfg.trainer
-        self.ga = max(1, int(cfg.hyperparameters.gradient_accumulation_steps))
+        self.ga = max(1, int(self.cfg.hyperparameters.gradient_accumulation_steps))
 
-        state: dict[str, Any] | None = None
-        weights: dict[str, torch.Tensor] | None = None
-        export_weights: dict[str, dict[str, torch.Tensor]] | None = None
-        resume_meta: dict[str, Any] = {}
-        self.step_dir: Path | None = None
+    def _find_start(self) -> _Start:
+        """The exported model file to start from (trainer.load_state_dict), else the checkpoint to resume
+        (trainer.load_tag, else the latest), else nothing."""
+        tr = self.cfg.trainer
         if tr.load_state_dict:
             path = self.run_dir / "model.safetensors"
             if not path.exists():
                 raise UserError(f"trainer.load_state_dict=true but {path} does not exist; export one first")
             export_weights, emeta = read_export(path)
-            resume_meta = {"symmap": emeta.get("symmap"), "langmap": emeta.get("langmap")}
             latest = find_checkpoint(self.run_dir, tr.load_tag)
             if latest is not None:
                 logger.warning("trainer.load_state_dict=true: starting from %s, not from checkpoint %s "
                                "(set it to false to resume)", path, latest)
             logger.info("initialising weights from %s", path)
-        else:
-            self.step_dir = find_checkpoint(self.run_dir, tr.load_tag)
-            if self.step_dir is not None:
-                weights, state = load_checkpoint(self.step_dir)
-                resume_meta = dict(state.get("meta") or {})
-                logger.info("resuming from %s (step %s)", self.step_dir, state.get("step"))
-            else:
-                logger.info("no checkpoint in %s: starting from scratch", self.run_dir)
+            return _Start(meta={"symmap": emeta.get("symmap"), "langmap": emeta.get("langmap")},
+                          export_weights=export_weights)
+        step_dir = find_checkpoint(self.run_dir, tr.load_tag)
+        if step_dir is None:
+            logger.info("no checkpoint in %s: starting from scratch", self.run_dir)
+            return _Start()
+        weights, state = load_checkpoint(step_dir)
+        logger.info("resuming from %s (step %s)", step_dir, state.get("step"))
+        return _Start(meta=dict(state.get("meta") or {}), step_dir=step_dir, weights=weights, state=state)
 
-        # the same initial weights on every rank; then per-rank streams for dropout etc.
+    def _build_networks(self, start: _Start) -> None:
+        """The data and the networks (`self.builder`), from the same initial weights on every rank; the
+        metadata that checkpoints and exported files carry."""
+        cfg = self.cfg
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
-        parts = self.builder(cfg, self.rank, self.world, resume_meta)
-        self.parts = parts
+        self.parts = parts = self.builder(cfg, self.rank, self.world, start.meta)
         self.models = parts.models
         self.meta = {"models": {n: model_config_dict(m) for n, m in self.models.items()},
                      "symmap": parts.meta.get("symmap") or "{}", "langmap": parts.meta.get("langmap") or "{}",
                      "codec": dict(parts.meta.get("codec") or {})}
-        if export_weights is not None:
+
+    def _load_weights(self, start: _Start) -> None:
+        """The exported model file's or the checkpoint's weights into the networks."""
+        strict = self.cfg.trainer.strict_loading
+        if start.export_weights is not None:
+            source = str(self.run_dir / "model.safetensors")
             for n, m in self.models.items():
-                if n not in export_weights:
-                    raise UserError(f"{self.run_dir / 'model.safetensors'}: has no network {n!r}")
-                load_model_weights(m, export_weights[n], tr.strict_loading, str(self.run_dir / "model.safetensors"))
-        if weights is not None:
-            source = str(self.step_dir / "model.safetensors")
-            per_model = split_weights(weights, list(self.models))
+                if n not in start.export_weights:
+                    raise UserError(f"{source}: has no network {n!r}")
+                load_model_weights(m, start.export_weights[n], strict, source)
+        if start.weights is not None and start.step_dir is not None:
+            per_model = split_weights(start.weights, list(self.models))
             for n, m in self.models.items():
-                load_model_weights(m, per_model[n], tr.strict_loading, source)
+                load_model_weights(m, per_model[n], strict, str(start.step_dir / "model.safetensors"))
+
+    def _log_sizes(self) -> None:
         if self.is_main:
             for n, m in self.models.items():
                 total = sum(p.numel() for p in m.parameters())
                 trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
                 logger.info("%s: %.2fM parameters (%.2fM trainable)", n, total / 1e6, trainable / 1e6)
 
-        self.engines = {n: build_engine(n, m, cfg, self.device, tr.iterations, self.rank, self.world)
-                        for n, m in self.models.items()}
+    def _restore(self, start: _Start) -> None:
+        """A resumed run's counters (unless trainer.restart_step_count) and, with trainer.load_states,
+        its optimizer and schedule states and the sampler's position."""
+        state, tr = start.state, self.cfg.trainer
+        if state is None or start.step_dir is None:
+            return
+        if not tr.restart_step_count:
+            self.step = int(state["step"])
+            self.samples = int(state.get("samples", 0))
+            self.tokens = int(state.get("tokens", 0))
+            self.elapsed = float(state.get("elapsed", 0.0))
+            self.skipped_nan = int(state.get("skipped_nan", 0))
+            self.skipped_oom = int(state.get("skipped_oom", 0))
+            self.val_loss = state.get("val_loss")
+            self.last_saved_step = self.step
+        if tr.load_states:
+            for n, eng in self.engines.items():
+                if n in state.get("engines", {}):
+                    eng.load_state_dict(state["engines"][n], source=str(start.step_dir / "state.pt"))
+                if hasattr(eng, "load_extra"):
+                    eng.load_extra(start.step_dir, True)
+            sampler = getattr(self.parts.train_loader, "batch_sampler", None)
+            if state.get("sampler") and hasattr(sampler, "load_state_dict"):
+                sampler.load_state_dict(state["sampler"])
 
-        if state is not None:
-            if not tr.restart_step_count:
-                self.step = int(state["step"])
-                self.samples = int(state.get("samples", 0))
-                self.tokens = int(state.get("tokens", 0))
-                self.elapsed = float(state.get("elapsed", 0.0))
-                self.skipped_nan = int(state.get("skipped_nan", 0))
-                self.skipped_oom = int(state.get("skipped_oom", 0))
-                self.val_loss = state.get("val_loss")
-                self.last_saved_step = self.step
-            if tr.load_states:
-                for n, eng in self.engines.items():
-                    if n in state.get("engines", {}):
-                        eng.load_state_dict(state["engines"][n], source=str(self.step_dir / "state.pt"))
-                    if hasattr(eng, "load_extra"):
-                        eng.load_extra(self.step_dir, True)
-                sampler = getattr(parts.train_loader, "batch_sampler", None)
-                if state.get("sampler") and hasattr(sampler, "load_state_dict"):
-                    sampler.load_state_dict(state["sampler"])
-
-        self.data_iter = self._new_iter()
-        rng = (state or {}).get("rng") if tr.load_states else None
+    def _seed_streams(self, start: _Start) -> None:
+        """The random streams: the checkpoint's (with trainer.load_states, the same world size), else
+        fresh per-rank ones (dropout, level draws), distinct after a restart at another step."""
+        rng = (start.state or {}).get("rng") if self.cfg.trainer.load_states else None
         if rng and len(rng) == self.world:
             set_rng_state(rng[self.rank])
-        else:
-            if rng:
-                logger.warning("checkpoint has RNG states for %d ranks, this run has %d: reseeding",
-                               len(rng), self.world)
-            seed = cfg.seed + 1000 * self.rank + self.step
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            torch.manual_seed(seed)
-
-        self.metrics = MetricsWriter(self.log_dir / "metrics.jsonl", enabled=self.is_main,
-                                     tensorboard_dir=(self.log_dir / "tensorboard") if tr.tensorboard else None)
-        self.metrics.truncate_after(self.step)
+            return
+        if rng:
+            logger.warning("checkpoint has RNG states for %d ranks, this run has %d: reseeding", len(rng), self.world)
+        seed = self.cfg.seed + 1000 * self.rank + self.step
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
 
     # ------------------------------------------------------------------ data
     def _new_iter(self) -> Any:

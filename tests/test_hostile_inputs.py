@@ -229,7 +229,7 @@ def make_corpus(root: Path, n: int = 4, frames: int = 150) -> Path:
     y.write_text("device: cpu\n"
                  "dataset: {training: [grp/spk], validation_fraction: 0.25, min_utterances: 1, prompt_duration: 0.5}\n"
                  "model: {name: tiny, size: tiny, d_model: 16, n_heads: 2, n_layers: 1, n_levels: 2, n_codes: 1024,\n"
-                 "  n_text_tokens: 32, n_langs: 2, dropout: 0.0}\n"
+                 "  n_text_tokens: 128, n_langs: 2, dropout: 0.0}\n"
                  "hyperparameters: {batch_size: 2, scheduler: constant}\n"
                  "trainer: {iterations: 2, save_frequency: 1, tensorboard: false}\n"
                  "evaluation: {frequency: 0, synthesize: 0}\n")

@@ -20,6 +20,7 @@ from vall_e.text import (
     read_phonemes,
     tokenize,
 )
+from vall_e.text.phonemes import stress_of
 from vall_e.text.symmap import BOS_ID, BOUNDARY_ID, EOS_ID, PAD_ID
 from vall_e.utils.errors import UserError
 
@@ -34,13 +35,20 @@ def _is_phone(tok: str) -> bool:
 
 
 def test_phonemize_english():
+    # separate stress (the default): a stress mark is a token where espeak puts it, before the vowel
     assert phonemize("Hello world, how are you?") == [
+        "h", "ə", "l", "ˈ", "o", "ʊ", B, "w", "ˈ", "ɜː", "l", "d", ",", B, "h", "ˈ", "a", "ʊ", B, "ɑː", "ɹ", B,
+        "j", "uː", "?",
+    ]
+    # merged stress (the reference's rule, and every model made before the modes): onto the phone before
+    assert phonemize("Hello world, how are you?", stress="merged") == [
         "h", "ə", "lˈ", "o", "ʊ", B, "wˈ", "ɜː", "l", "d", ",", B, "hˈ", "a", "ʊ", B, "ɑː", "ɹ", B, "j", "uː", "?",
     ]
 
 
 def test_phonemize_german_and_french():
-    assert phonemize("Guten Tag", "de") == ["ɡˈ", "uː", "t", "ə", "n", B, "tˈ", "ɑː", "k"]
+    assert phonemize("Guten Tag", "de") == ["ɡ", "ˈ", "uː", "t", "ə", "n", B, "t", "ˈ", "ɑː", "k"]
+    assert phonemize("Guten Tag", "de", stress="merged") == ["ɡˈ", "uː", "t", "ə", "n", B, "tˈ", "ɑː", "k"]
     fr = phonemize("Un bon vin blanc.", "fr")
     assert "ɔ̃" in fr and "ɑ̃" in fr  # combining tilde stays on its vowel
     assert not any(t.startswith("\u0303") for t in fr)
@@ -63,18 +71,35 @@ def test_punctuation_is_its_own_token():
     assert all(len(t) == 1 for t in tokens if not _is_phone(t))
 
 
-def test_stress_and_length_marks_are_merged():
-    tokens = phonemize("The quick brown fox jumps over the lazy dog. Beautiful weather again.")
-    assert not any(t in ("ˈ", "ˌ", "ː") for t in tokens)
-    assert any("ˈ" in t for t in tokens) and any(t.endswith("ː") for t in tokens)
+def test_stress_marks_are_tokens_and_length_marks_stay_on_their_phone():
+    text = "The quick brown fox jumps over the lazy dog. Beautiful weather again."
+    tokens = phonemize(text)
+    assert "ˈ" in tokens and "ˌ" in tokens and "ː" not in tokens
+    assert not any(len(t) > 1 and ("ˈ" in t or "ˌ" in t) for t in tokens)  # never joined to a phone
+    assert any(t.endswith("ː") and len(t) > 1 for t in tokens)  # iː, ɑː: length is part of the phone
+    assert [t for t in tokens if t not in "ˈˌ"] == [t.replace("ˈ", "").replace("ˌ", "") for t in
+                                                   phonemize(text, stress="merged") if t not in "ˈˌ"]
+    merged = phonemize(text, stress="merged")
+    assert not any(t in ("ˈ", "ˌ", "ː") for t in merged)
+    assert any("ˈ" in t for t in merged) and any(t.endswith("ː") for t in merged)
+    assert stress_of(tokens) == "separate" and stress_of(merged) == "merged"
+    assert stress_of(["a", B, "b", ","]) is None  # no stress mark: fits either mode
+    with pytest.raises(UserError, match="unknown stress mode 'both'"):
+        phonemize("hello", stress="both")
 
 
 def test_tokenize_rules():
-    assert tokenize("ab  ˈcd") == ["a", "b", B, "ˈc", "d"]  # word-initial stress goes to the next phone
-    assert tokenize("aˈb ː") == ["aˈ", "b", B, "ː"]
-    assert tokenize("a, b") == ["a", ",", B, "b"]
-    assert tokenize(" a ") == ["a"]
-    assert tokenize("a|b") == ["a", B, "b"]
+    assert tokenize("ab  ˈcd", stress="merged") == ["a", "b", B, "ˈc", "d"]  # word-initial stress: the next phone
+    assert tokenize("aˈb ː", stress="merged") == ["aˈ", "b", B, "ː"]
+    assert tokenize("ab  ˈcd") == ["a", "b", B, "ˈ", "c", "d"]
+    assert tokenize("həlˈoʊ") == ["h", "ə", "l", "ˈ", "o", "ʊ"]
+    assert tokenize("aˈb ː") == ["a", "ˈ", "b", B, "ː"]
+    assert tokenize("ˈiːˌɔ̃ː") == ["ˈ", "iː", "ˌ", "ɔ̃ː"]  # length and combining marks stay on the phone
+    assert tokenize("ˈːa") == ["ˈ", "ːa"]  # a length mark with no phone before it waits for the next one
+    for stress in ("separate", "merged"):
+        assert tokenize("a, b", stress=stress) == ["a", ",", B, "b"]
+        assert tokenize(" a ", stress=stress) == ["a"]
+        assert tokenize("a|b", stress=stress) == ["a", B, "b"]
 
 
 def test_missing_espeak_library_is_a_clear_error(monkeypatch):
@@ -288,3 +313,27 @@ def test_phn_errors(tmp_path):
     for tok in ("|", "", "a b"):
         with pytest.raises(ValueError):
             format_phonemes(["x", tok])
+
+
+# --------------------------------------------------------------------------- stress modes in the symbol map
+
+
+def test_symmap_records_its_stress_mode_in_json(tmp_path):
+    separate = Symmap.build([phonemize("Hello there")])
+    assert separate.stress == "separate"  # the mode its tokens show
+    data = json.loads(separate.to_json())
+    assert data["@stress"] == "separate" and list(data)[0] == "@stress"
+    assert Symmap.from_json(separate.to_json()) == separate
+    separate.save(tmp_path / "symmap.json")
+    assert Symmap.load(tmp_path / "symmap.json").stress == "separate"
+
+    merged = Symmap.build([phonemize("Hello there", stress="merged")])
+    assert merged.stress == "merged" and "@stress" not in merged.to_json()  # written as before the modes
+    old = {"<pad>": 0, "<s>": 1, "</s>": 2, " ": 3, "h": 4, "lˈ": 5}  # a map made before the modes
+    assert Symmap.from_json(json.dumps(old)).stress == "merged"
+    assert json.loads(Symmap.from_json(json.dumps(old)).to_json()) == old
+    assert Symmap(["a"], stress="separate") != Symmap(["a"], stress="merged")
+    assert Symmap.build([["a"]]).stress == "separate"  # no stress mark: the default for new maps
+    assert Symmap.build([["a"]], base=merged).stress == "merged"
+    with pytest.raises(UserError, match=r"s\.json: unknown stress mode 'both'"):
+        Symmap.from_json(json.dumps({**old, "@stress": "both"}), source="s.json")

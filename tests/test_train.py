@@ -814,7 +814,7 @@ def make_corpus(root: Path, speakers: int = 4, per_speaker: int = 6, n_codes: in
         f"dataset: {{training: [{', '.join(dirs)}], validation_fraction: 0.25, duration_range: [0.1, 10.0],\n"
         "  prompt_duration: 0.2, random_utterance: 1.0}\n"
         f"model: {{size: tiny, d_model: 32, n_heads: 2, n_layers: 1, n_levels: 2, n_codes: {n_codes},\n"
-        "  n_text_tokens: 64, n_langs: 2, dropout: 0.0}\n"
+        "  n_text_tokens: 128, n_langs: 2, dropout: 0.0}\n"
         "hyperparameters: {batch_size: 4, learning_rate: 0.003, scheduler: constant}\n"
         "trainer: {iterations: 10, save_frequency: 0, keep_last_checkpoints: 2, tensorboard: false}\n"
         "evaluation: {frequency: 0, size: 8, batch_size: 4, synthesize: 0}\n")

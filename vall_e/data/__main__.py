@@ -3,7 +3,8 @@
 * summary (default): what data the config names, what is prepared, and what to run next;
 * metadata: write each speaker folder's `metadata.json` (frames, phonemes) and report the filters;
 * hdf5: build `{cfg_path}/{dataset.hdf5_name}` (atomically);
-* symmap: write `{cfg_path}/symmap.json` from all the data's phonemes (the folder mode's map);
+* symmap: write `{cfg_path}/symmap.json` from all the data's phonemes and the phoneme inventory of its
+  languages (the folder mode's map);
 * sample: build the loaders and print the shapes of two batches of each split.
 """
 from __future__ import annotations
@@ -87,7 +88,7 @@ def _symmap(cfg: Any) -> None:
         raise UserError("no utterances found in dataset.training / dataset.validation")
     symmap = load_symmap(cfg, [every[k] for k in sorted(every)])
     symmap.save(cfg.symmap_path)
-    print(f"wrote {cfg.symmap_path}: {len(symmap)} symbols from {len(every)} utterances")
+    print(f"wrote {cfg.symmap_path}: {len(symmap)} symbols (stress={symmap.stress}) from {len(every)} utterances")
 
 
 def _describe(batch: dict[str, Any]) -> str:

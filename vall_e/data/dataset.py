@@ -28,7 +28,7 @@ from vall_e.data.listing import DEFAULT_FRAME_RATE, QNT_SUFFIX, Utterance, list_
 from vall_e.data.prompts import max_prompt_length, prompt_length, sample_prompt, trim
 from vall_e.data.sampler import ItemKey, item_seed
 from vall_e.emb.codes import load_codes, read_codes
-from vall_e.text.symmap import Symmap, read_phonemes
+from vall_e.text.symmap import Symmap, check_stress_of, corpus_symmap, read_phonemes
 from vall_e.utils.errors import UserError
 
 SPLITS = ("train", "val")
@@ -64,11 +64,16 @@ def held_out(utterances: Sequence[Utterance], fraction: float, keep: int = 1) ->
 
 
 def load_symmap(cfg: Any, utterances: Sequence[Utterance], save: bool = True):
-    """The folder-mode symbol map: `{cfg_path}/symmap.json`, extended (and saved) to cover the data."""
+    """The folder-mode symbol map: `{cfg_path}/symmap.json`, extended (and saved) to cover the data.
+
+    Built by `corpus_symmap`: the saved map's ids kept, then (separate stress mode) the full phoneme
+    inventory of the utterances' languages, then any other token of the data. A `.phn.txt` file in
+    another stress mode than the map's (or than the other files') is a UserError naming it."""
     path = Path(cfg.symmap_path)
     base = Symmap.load(path) if path.is_file() else None
-    symmap = Symmap.build((read_phonemes(u.phn_path) for u in utterances), base=base)
-    if save and (base is None or len(symmap) != len(base)):
+    symmap = corpus_symmap(((str(u.phn_path), read_phonemes(u.phn_path)) for u in utterances),
+                           languages=sorted({u.language for u in utterances}), base=base, base_source=str(path))
+    if save and (base is None or symmap != base):
         try:
             symmap.save(path)
         except OSError as e:
@@ -161,6 +166,10 @@ class VALLEDataset(Dataset):
         # symbols: an explicit map (a checkpoint's) > the HDF5's > {cfg_path}/symmap.json
         if self.use_hdf5:
             self.file_symmap = file_symmap
+            if symmap is not None and symmap.stress != file_symmap.stress:
+                raise UserError(f"{self.hdf5_path}: its phonemes are stress={file_symmap.stress!r} but the symbol map in "
+                                f"use (a checkpoint's or model's) is stress={symmap.stress!r}; rebuild the data with "
+                                f"`python -m vall_e.emb.g2p DIR --stress {symmap.stress}` and --action hdf5")
             self.symmap = symmap if symmap is not None else file_symmap
             self.languages = languages if languages is not None else file_languages
             self._reencode = self.symmap != file_symmap
@@ -266,8 +275,9 @@ class VALLEDataset(Dataset):
                 raise UserError(f"{self.hdf5_path}:{utt.key}: damaged 'phonemes' attribute ({e}); "
                                 "rebuild it with `python -m vall_e.data yaml=CONFIG --action hdf5`") from None
             return torch.tensor(self.symmap.encode(tokens, source=f"{self.hdf5_path}:{utt.key}"), dtype=torch.long)
-        return torch.tensor(self.symmap.encode(read_phonemes(utt.phn_path), source=str(utt.phn_path)),
-                            dtype=torch.long)
+        tokens = read_phonemes(utt.phn_path)
+        check_stress_of(tokens, self.symmap.stress, str(utt.phn_path), "the symbol map in use")
+        return torch.tensor(self.symmap.encode(tokens, source=str(utt.phn_path)), dtype=torch.long)
 
     def prompt(self, utt: Utterance, resps: Tensor, rng: random.Random) -> Tensor:
         """Pieces of the speaker's other utterances (see prompts.sample_prompt); the target's own

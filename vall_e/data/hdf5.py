@@ -30,7 +30,7 @@ from vall_e.data.listing import (DEFAULT_FRAME_RATE, PHN_SUFFIX, QNT_SUFFIX, lan
                                  speaker_parts, utterance_ids)
 from vall_e.emb.codes import read_codes
 from vall_e.text.languages import LanguageMap
-from vall_e.text.symmap import Symmap, read_phonemes
+from vall_e.text.symmap import Symmap, corpus_symmap, read_phonemes
 from vall_e.utils.errors import UserError
 from vall_e.utils.io import atomic_path
 
@@ -160,8 +160,9 @@ def build_hdf5(cfg: Any, path: str | os.PathLike | None = None, frame_rate: floa
                progress: bool = True) -> Path:
     """Write every utterance of the configured training/validation/noise folders to `path`.
 
-    The symbol map is built from all the phonemes (extending `{cfg_path}/symmap.json` when it
-    exists, so ids stay stable across modes and rebuilds). Returns the written path.
+    The symbol map is `corpus_symmap`'s for all the phonemes and their languages (extending
+    `{cfg_path}/symmap.json` when it exists, so ids stay stable across modes and rebuilds; its stress
+    mode is stored with it). Returns the written path.
     """
     path = Path(path) if path is not None else Path(cfg.hdf5_path)
     d = cfg.dataset
@@ -191,8 +192,11 @@ def build_hdf5(cfg: Any, path: str | os.PathLike | None = None, frame_rate: floa
         if split != "noise":
             phonemes[job] = read_phonemes(folder / f"{uid}{PHN_SUFFIX}")
     base = Symmap.load(cfg.symmap_path) if Path(cfg.symmap_path).is_file() else None
-    symmap = Symmap.build([phonemes[k] for k in sorted(phonemes, key=lambda k: (k[0], str(k[1]), k[2]))],
-                          base=base)
+    ordered = sorted(phonemes, key=lambda k: (k[0], str(k[1]), k[2]))
+    corpus_languages = sorted({language_of(speaker_parts(folder)[0], d.speaker_languages, d.language)
+                               for _, folder, _ in ordered})
+    symmap = corpus_symmap([(str(k[1] / f"{k[2]}{PHN_SUFFIX}"), phonemes[k]) for k in ordered],
+                           languages=corpus_languages, base=base, base_source=str(cfg.symmap_path))
     languages = dataset_languages(cfg)
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""`python -m vall_e.emb.g2p DIR [--suffix .txt] [--language en] [key=value ...]`
+"""`python -m vall_e.emb.g2p DIR [--suffix .txt] [--language en] [--stress separate|merged] [key=value ...]`
 
 Phonemizes every transcript `*{suffix}` under DIR (recursively) and writes `{id}.phn.txt` beside it,
 where id is the file name up to its first `.` (the reference's convention). Existing outputs are
@@ -6,6 +6,12 @@ skipped, so an interrupted run resumes; every output is written atomically. Tran
 phonemized in batches (one espeak call per batch) for speed. A bad transcript (not UTF-8, empty,
 nothing pronounceable) stops the run with `error: PATH: problem` and exit code 2; the outputs of the
 files before it stay.
+
+`--stress` picks the tokenizer's stress mode (`vall_e.text.phonemes`): `separate` (the default: `ˈ`
+and `ˌ` are tokens of their own) or `merged` (the reference's rule, and every corpus phonemized before
+the modes existed). A file shows its mode in its tokens, so a folder that already holds outputs in the
+other mode is an error instead of a corpus of two modes; the dataset's `symmap.json` then records the
+mode for training and the model file.
 """
 from __future__ import annotations
 
@@ -18,8 +24,8 @@ from tqdm import tqdm
 
 from vall_e.config import parse_config
 from vall_e.text.languages import normalize_language
-from vall_e.text.phonemes import phonemize_many
-from vall_e.text.symmap import format_phonemes
+from vall_e.text.phonemes import DEFAULT_STRESS, STRESS_MODES, phonemize_many, stress_of
+from vall_e.text.symmap import format_phonemes, parse_phonemes
 from vall_e.utils.errors import UserError, run_main
 from vall_e.utils.io import atomic_write_text, read_text, remove_stale_temps
 
@@ -58,8 +64,22 @@ def find_jobs(folder: Path, suffix: str) -> tuple[list[tuple[Path, Path]], int]:
     return jobs, done
 
 
+def existing_stress(folder: Path) -> tuple[str, Path] | None:
+    """(stress mode, file) of the first `.phn.txt` under `folder` whose tokens show a mode, or None."""
+    for path in sorted(folder.rglob(f"*{PHN_SUFFIX}")):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        try:
+            mode = stress_of(parse_phonemes(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError):
+            continue  # the dataset tools report a bad file where they read it
+        if mode is not None:
+            return mode, path
+    return None
+
+
 def phonemize_files(jobs: Sequence[tuple[Path, Path]], language: str, batch_size: int = 64,
-                    progress: bool = True) -> int:
+                    progress: bool = True, stress: str = DEFAULT_STRESS) -> int:
     """Phonemize and write each job in order; raise UserError at the first bad file. Returns count."""
     written = 0
     with tqdm(total=len(jobs), desc="g2p", unit="file", disable=not progress, file=sys.stderr) as bar:
@@ -73,7 +93,7 @@ def phonemize_files(jobs: Sequence[tuple[Path, Path]], language: str, batch_size
                 except UserError as e:
                     failure = e
                     break
-            results = phonemize_many(texts, language, on_error="return") if texts else []
+            results = phonemize_many(texts, language, on_error="return", stress=stress) if texts else []
             for (src, out), tokens in zip(batch, results):
                 if isinstance(tokens, UserError):
                     raise UserError(f"{src}: {tokens}")
@@ -95,6 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--suffix", default=".txt", help="transcript file ending (default .txt)")
     parser.add_argument("--language", default=None,
                         help="language code, e.g. en, de, fr-fr, en-gb (default: dataset.language, en)")
+    parser.add_argument("--stress", choices=STRESS_MODES, default=DEFAULT_STRESS,
+                        help="stress marks as tokens of their own (separate, the default) or merged onto the "
+                        "phone before them (merged: the reference's rule, for corpora phonemized before)")
     parser.add_argument("--batch-size", type=int, default=64, help="transcripts per espeak call")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     cfg, args = parse_config(argv, parser)
@@ -105,8 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     jobs, done = find_jobs(Path(args.folder), args.suffix)
+    existing = existing_stress(Path(args.folder)) if done and jobs else None
+    if existing is not None and existing[0] != args.stress:
+        raise UserError(f"{existing[1]}: already phonemized with --stress {existing[0]}, and a folder must hold one "
+                        f"mode; finish it with --stress {existing[0]}, or delete its {PHN_SUFFIX} files to redo them")
     remove_stale_temps(Path(args.folder), PHN_SUFFIX, recursive=True)  # left by a killed run
-    written = phonemize_files(jobs, language, args.batch_size, progress=not args.quiet)
+    written = phonemize_files(jobs, language, args.batch_size, progress=not args.quiet, stress=args.stress)
     print(f"wrote {written} phoneme files, {done} already present")
     return 0
 

@@ -174,7 +174,8 @@ class TTS:
         self.nar_model = self.models.get("ar+nar") or self.models.get("nar")
         if self.ar_model is None or self.nar_model is None:
             raise UserError(f"the model file holds {', '.join(models)}; synthesis needs an AR and a NAR part")
-        self.symmap = Symmap.from_json(meta["symmap"]) if isinstance(meta["symmap"], str) else meta["symmap"]
+        self.symmap = (Symmap.from_json(meta["symmap"], source="the model's symbol map")
+                       if isinstance(meta["symmap"], str) else meta["symmap"])
         langs = meta.get("langmap")
         self.langmap = (LanguageMap.from_json(langs) if isinstance(langs, str) else langs) or LanguageMap()
         self.codec = codec
@@ -218,13 +219,22 @@ class TTS:
 
     # ------------------------------------------------------------------ front ends
     def encode_text(self, text: str, language: str = "en") -> Tensor:
-        tokens = [self._known_symbol(t) for t in phonemize(text, language)]
+        """Text ids, tokenized in the stress mode the model was trained with (its symbol map's: a model
+        file from before the modes existed records none and is "merged")."""
+        tokens = [self._known_symbol(t) for t in phonemize(text, language, stress=self.symmap.stress)]
+        unknown = sorted({t for t in tokens if t not in self.symmap})
+        if unknown:
+            raise UserError(f"unknown phoneme(s) {' '.join(map(repr, unknown))} in the text {text[:40]!r} (language "
+                            f"{language!r}): this model's symbol map covers the language(s) it was trained on "
+                            f"({', '.join(self.langmap.names) or 'en'})")
         return torch.tensor(self.symmap.encode(tokens, source=f"the text {text[:40]!r}"), dtype=torch.long)
 
     def _known_symbol(self, token: str) -> str:
         """A phoneme the model never saw falls back to a known symbol with the same base phone and
         other stress/length marks (e.g. 'ɜː' -> 'ɜ', 'hˌ' -> 'hˈ'); a phone with no such relative is
-        kept, and `encode` names it in a clear error."""
+        kept, and `encode` names it in a clear error. A map built from the language's inventory
+        (separate stress mode) knows every phoneme, so this is for merged-mode models and for
+        languages without a stored inventory."""
         if token in self.symmap:
             return token
         variant = self._bare_index().get(_bare(token))

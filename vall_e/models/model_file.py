@@ -4,7 +4,10 @@ The weights, plus, in the safetensors metadata (JSON strings):
 
     format          "vall-e"            format_version  "1"
     models          {name: VALLEConfig.to_dict()}   ("ar+nar", or "ar" and "nar")
-    symmap          the phoneme symbol map (JSON)   langmap  the language map (JSON)
+    symmap          the phoneme symbol map (JSON; its "@stress" entry, when present, is the stress mode
+                    text is tokenized in for this model, see `vall_e.text.symmap`; a file without it,
+                    as every file exported before the modes existed, is "merged")
+    langmap         the language map (JSON)
     codec           the codec spec      stats   {step, samples, tokens, val_loss}
     dtype           the weights' dtype  checksum  sha256 over every tensor (names, dtypes, shapes, bytes)
     codec_tensors   (offline codec only) the fitted codebooks' metadata; their tensors are stored
@@ -28,6 +31,8 @@ from torch import Tensor, nn
 from vall_e.codecs.rvq import ResidualVQ
 from vall_e.models.valle import VALLE, VALLEConfig
 from vall_e.models.weights import flat_weights, load_model_weights, load_safetensors, save_safetensors, split_weights
+from vall_e.text.phonemes import STRESS_MODES
+from vall_e.text.symmap import STRESS_KEY
 from vall_e.utils.errors import UserError
 from vall_e.utils.io import atomic_path
 
@@ -144,6 +149,9 @@ def check_maps(symmap: Any, langmap: Any, source: str) -> None:
             raise UserError(f"{source}: damaged {name} metadata ({e})") from None
         if not isinstance(value, dict):
             raise UserError(f"{source}: damaged {name} metadata (a JSON object expected, got {type(value).__name__})")
+        if name == "symmap" and value.get(STRESS_KEY, STRESS_MODES[0]) not in STRESS_MODES:
+            raise UserError(f"{source}: symmap metadata names an unknown stress mode {value[STRESS_KEY]!r} "
+                            f"(this vall-e knows {' and '.join(STRESS_MODES)})")
 
 
 def build_network(config: dict[str, Any]) -> nn.Module:

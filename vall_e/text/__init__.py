@@ -3,13 +3,16 @@ map with the `.phn.txt` format, and the language map. Importing this package loa
 espeak-ng is loaded on the first phonemize call."""
 from vall_e.text.languages import LanguageMap, normalize_language, supported_languages
 from vall_e.text.phonemes import BOUNDARY, phonemize, phonemize_many, tokenize
-from vall_e.text.symmap import Symmap, format_phonemes, parse_phonemes, read_phonemes
+from vall_e.text.symmap import (Symmap, corpus_symmap, format_phonemes, inventory_symmap, parse_phonemes,
+                               read_phonemes)
 
 __all__ = [
     "BOUNDARY",
     "LanguageMap",
     "Symmap",
+    "corpus_symmap",
     "format_phonemes",
+    "inventory_symmap",
     "normalize_language",
     "parse_phonemes",
     "phonemize",

@@ -2,12 +2,25 @@
 
 Token rules (the reference's, with its word-boundary quirk fixed: docs/reference-differences.md #2):
 - espeak's IPA output (stress and punctuation kept) is split into single characters; a combining
-  mark (e.g. the nasal tilde in French `ɑ̃`) stays on its base character.
-- stress marks `ˈ ˌ` and the length mark `ː` are merged onto the preceding phone token, as the
-  reference does (`hˈ`, `iː`); at the start of a word, where nothing precedes, onto the next one.
+  mark (e.g. the nasal tilde in French `ɑ̃`) stays on its base character, and the length mark `ː`
+  stays on the phone before it (`iː`: length is phonemic in English and German).
+- the stress marks `ˈ ˌ` depend on the stress mode (`stress=`):
+  - `"separate"` (the default for new data and models): each stress mark is its own token, where
+    espeak puts it, i.e. before the stressed syllable's vowel (`həlˈoʊ` -> `h ə l ˈ o ʊ`). A phone is
+    then one token whatever its stress, so a language's tokens are a small closed set
+    (`vall_e.text.inventory`).
+  - `"merged"` (the reference's rule, and every model and dataset made before the modes existed):
+    stress marks are merged onto the preceding phone (`lˈ`, `hˌ`), so `h`, `hˈ` and `hˌ` are three
+    unrelated tokens.
+  In both, a mark at the start of a word, where no phone precedes it, goes onto the next phone
+  (merged mode) or waits for it (`ː`, combining marks).
 - a word boundary is exactly one `" "` token (never two empty tokens); runs of spaces collapse and
   the tokens never start or end with a boundary.
 - each punctuation mark that espeak keeps (`, . ! ? ; : ( ) « »` ...) is its own token.
+
+Which mode a token list was made in shows in its tokens (`stress_of`): a stress mark joined to a
+phone means merged, a lone stress mark means separate, neither fits both. The mode travels with
+the symbol map (`Symmap.stress`), so data, checkpoints and model files say how their text was cut.
 
 Text is cut into chunks at sentence ends before phonemizing, so very long text stays fast; all the
 chunks of a batch of texts go to espeak in one call. Backends are cached per language and used
@@ -19,15 +32,22 @@ import logging
 import re
 import threading
 import unicodedata
-from typing import Any, Literal, Sequence, overload
+from typing import Any, Iterable, Literal, Sequence, overload
 
 from vall_e.text.espeak import configure_phonemizer
 from vall_e.text.languages import normalize_language
 from vall_e.utils.errors import UserError
 
 BOUNDARY = " "
-MERGE_MARKS = frozenset("ˈˌː")
-PUNCTUATION = frozenset(';:,.!?¡¿—…"«»“”(){}[]')
+STRESS_MARKS = frozenset("ˈˌ")
+LENGTH_MARK = "ː"
+MERGE_MARKS = STRESS_MARKS | {LENGTH_MARK}
+PUNCTUATION = frozenset(';:,.!?¡¿—…"«»“”(){}[]')  # phonemizer's default marks: the ones espeak keeps
+
+SEPARATE, MERGED = "separate", "merged"
+STRESS_MODES = (SEPARATE, MERGED)
+DEFAULT_STRESS = SEPARATE  # new data and models
+LEGACY_STRESS = MERGED  # what a symbol map, dataset or model file that records no mode was made with
 MAX_CHUNK_CHARS = 500
 
 _lock = threading.RLock()
@@ -90,20 +110,39 @@ def _chunks(text: str, limit: int = MAX_CHUNK_CHARS) -> list[str]:
     return chunks
 
 
-def tokenize(phonemized: str) -> list[str]:
+def check_stress(stress: str) -> str:
+    """`stress` if it names a stress mode, else a UserError listing the modes."""
+    if stress not in STRESS_MODES:
+        raise UserError(f"unknown stress mode {stress!r}: choose {' or '.join(STRESS_MODES)}")
+    return stress
+
+
+def stress_of(tokens: Iterable[str]) -> str | None:
+    """The stress mode a token list was made in: MERGED when a stress mark is joined to a phone,
+    SEPARATE when a stress mark stands alone, None when it has no stress mark (fits either)."""
+    lone = False
+    for tok in tokens:
+        if len(tok) > 1 and any(c in STRESS_MARKS for c in tok):
+            return MERGED
+        lone = lone or tok in STRESS_MARKS
+    return SEPARATE if lone else None
+
+
+def tokenize(phonemized: str, stress: str = DEFAULT_STRESS) -> list[str]:
     """Split espeak's IPA string into tokens by the rules in the module docstring."""
+    separate = check_stress(stress) == SEPARATE
     tokens: list[str] = []
-    prefix = ""  # stress marks seen at a word start, waiting for the next phone
+    prefix = ""  # marks seen where no phone precedes them, waiting for the next phone
 
     def is_phone(tok: str) -> bool:
-        return tok != BOUNDARY and tok not in PUNCTUATION
+        return tok != BOUNDARY and tok not in PUNCTUATION and not (separate and tok in STRESS_MARKS)
 
     for ch in phonemized:
         if ch.isspace() or ch == "|":  # `|` is the on-disk boundary mark, never a phone
             if tokens and tokens[-1] != BOUNDARY:
                 tokens.append(BOUNDARY)
             continue
-        if ch in PUNCTUATION:
+        if ch in PUNCTUATION or (separate and ch in STRESS_MARKS):
             if prefix:
                 tokens.append(prefix)
                 prefix = ""
@@ -130,22 +169,24 @@ def _preview(text: str, n: int = 40) -> str:
 
 @overload
 def phonemize_many(
-    texts: Sequence[str], language: str = ..., on_error: Literal["raise"] = ...
+    texts: Sequence[str], language: str = ..., on_error: Literal["raise"] = ..., stress: str = ...
 ) -> list[list[str]]: ...
 @overload
 def phonemize_many(
-    texts: Sequence[str], language: str = ..., on_error: Literal["return"] = ...
+    texts: Sequence[str], language: str = ..., on_error: Literal["return"] = ..., stress: str = ...
 ) -> list[list[str] | UserError]: ...
 
 
-def phonemize_many(texts: Sequence[str], language: str = "en", on_error: str = "raise") -> list:
-    """Phonemize many texts in one batched espeak call.
+def phonemize_many(texts: Sequence[str], language: str = "en", on_error: str = "raise",
+                   stress: str = DEFAULT_STRESS) -> list:
+    """Phonemize many texts in one batched espeak call, cut into tokens in stress mode `stress`.
 
     `on_error="raise"` raises the first text's UserError; `"return"` puts the UserError in that
     text's place instead, so a caller can report which file it came from and keep the others.
     """
     if on_error not in ("raise", "return"):
         raise ValueError(f"on_error must be 'raise' or 'return', not {on_error!r}")
+    check_stress(stress)
     if isinstance(texts, str):
         raise UserError("phonemize_many takes a list of texts, not one string")
     code = normalize_language(language)
@@ -176,8 +217,8 @@ def phonemize_many(texts: Sequence[str], language: str = "en", on_error: str = "
         if len(out) != len(flat):
             raise UserError(f"espeak-ng returned {len(out)} lines for {len(flat)} text chunks ({code})")
         for i, a, b in spans:
-            tokens = tokenize(" ".join(out[a:b]))
-            if not any(t != BOUNDARY and t not in PUNCTUATION for t in tokens):
+            tokens = tokenize(" ".join(out[a:b]), stress)
+            if not any(t != BOUNDARY and t not in PUNCTUATION and t not in STRESS_MARKS for t in tokens):
                 results[i] = UserError(f"text {_preview(texts[i])} has nothing espeak-ng ({code}) can pronounce")
             else:
                 results[i] = tokens
@@ -188,8 +229,8 @@ def phonemize_many(texts: Sequence[str], language: str = "en", on_error: str = "
     return results
 
 
-def phonemize(text: str, language: str = "en") -> list[str]:
+def phonemize(text: str, language: str = "en", stress: str = DEFAULT_STRESS) -> list[str]:
     """Phoneme tokens of one text; UserError for empty or unpronounceable text or an unknown language."""
     if not isinstance(text, str):
         raise UserError(f"text must be a string, got {type(text).__name__}")
-    return phonemize_many([text], language)[0]
+    return phonemize_many([text], language, stress=stress)[0]

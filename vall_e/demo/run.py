@@ -43,7 +43,7 @@ from vall_e.generation.tts import TTS
 from vall_e.models.build import build_models
 from vall_e.models.model_file import read_export
 from vall_e.models.valle import VALLE, VALLEConfig
-from vall_e.text.symmap import BOS_ID, EOS_ID, Symmap, read_phonemes
+from vall_e.text.symmap import Symmap, read_phonemes
 from vall_e.training.trainer import Trainer
 from vall_e.utils.audio import save_audio
 from vall_e.utils.errors import UserError, run_main
@@ -198,7 +198,7 @@ def alignment_probes(items: list[TestItem], symmap: Any, n: int = 2) -> list[dic
         if item.speaker in seen or len(probes) >= n:
             continue
         seen.add(item.speaker)
-        ids = [BOS_ID, *symmap.encode(read_phonemes(item.reference.with_suffix(".phn.txt"))), EOS_ID]
+        ids = symmap.encode(read_phonemes(item.reference.with_suffix(".phn.txt")))  # <s> ... </s> included
         probes.append({"text": torch.tensor(ids), "prompt": _codes(item.prompt)[:112],
                        "codes0": _codes(item.reference)[:, 0], "label": f"{item.speaker}: {item.text}"})
     return probes

@@ -16,6 +16,7 @@ missing the metric returns None and `recognizer_for`/`speaker_encoder_for` say w
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import math
 import os
 import re
@@ -363,6 +364,8 @@ class ResemblyzerEncoder:
     """Resemblyzer's GE2E VoiceEncoder; its weights (`pretrained.pt`) ship inside the wheel."""
 
     def __init__(self, device: str = "cpu") -> None:
+        if importlib.util.find_spec("resemblyzer") is None:  # named first: its dependencies come after it
+            raise ModuleNotFoundError("No module named 'resemblyzer'", name="resemblyzer")
         import_with_pkg_resources("webrtcvad")  # resemblyzer's VAD reads its version through pkg_resources
         with warnings.catch_warnings():  # resemblyzer 0.1.4 imports a deprecated scipy.ndimage path
             warnings.simplefilter("ignore", DeprecationWarning)

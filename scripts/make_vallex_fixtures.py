@@ -1,0 +1,160 @@
+"""Generate the reference fixtures of tests/test_vallex_model.py from the ORIGINAL model code.
+
+Upstream: Plachtaa/VALL-E-X at commit 3faaf8c (2023-11-03), files models/vallex.py,
+modules/transformer.py, modules/activation.py, modules/embedding.py, models/macros.py (MIT; model
+files under lifeiteng's Apache-2.0 headers). Their code is only run here, from a checkout you give;
+nothing of it is copied into this project.
+
+    git clone https://github.com/Plachtaa/VALL-E-X /tmp/vallex-src && git -C /tmp/vallex-src checkout 3faaf8c
+    python scripts/make_vallex_fixtures.py --upstream /tmp/vallex-src            # tiny + full size
+    python scripts/make_vallex_fixtures.py --upstream /tmp/vallex-src --sizes tiny
+
+For each size it builds their `VALLE(d, heads, layers, norm_first=True, add_prenet=False,
+prefix_mode=1, share_embedding=True, nar_scale_factor=1.0, prepend_bos=True, num_quantizers=8)`,
+loads `vall_e.models.vallex_checkpoint.random_state_dict(config, seed)` into it (strict: so the
+key map covers their state dict exactly), and runs their `inference` on three cases:
+
+* teacher-forced: their sampler is replaced by one that returns a given response, then EOS; the
+  AR logits of every step and the NAR logits of every level (forward hooks on their heads) are
+  recorded, with the codes their NAR chose;
+* greedy: their sampler is replaced by argmax; the codes are recorded.
+
+Only slices of the logits are stored (columns COLS of every row, plus each row's argmax and
+logsumexp), so the fixture stays small; the weights are regenerated from the seed by the test.
+Output: tests/fixtures/vallex/{size}.safetensors (+ a JSON manifest of the cases in its metadata).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vall_e.models.vallex import VallexConfig  # noqa: E402
+from vall_e.models.vallex_checkpoint import random_state_dict  # noqa: E402
+
+UPSTREAM_COMMIT = "3faaf8c"
+SIZES = {"tiny": dict(d_model=64, n_heads=4, n_layers=2), "full": dict(d_model=1024, n_heads=16, n_layers=12)}
+SEEDS = {"tiny": 1234, "full": 4321}
+COLS = [0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377, 610, 987, 1000, 1023]  # + 1024 (STOP) for AR
+LANGS = ["en", "zh", "ja"]
+
+
+def make_cases(seed: int, forced_len: int) -> list[dict]:
+    """Three cases: (prompt transcript ids + language, text ids + per-token languages, prompt codes,
+    a forced response). Ids are 0..69 like the real table (specials included)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    specs = [(0, "en", 7, ["en"], 5), (4, "zh", 9, ["en", "ja"], 8), (3, "ja", 5, ["zh"], 3)]
+    cases = []
+    for enroll, plang, n_text, tlangs, tp in specs:
+        text = torch.randint(5, 70, (enroll + n_text,), generator=g)
+        per_token = [tlangs[int(i)] for i in torch.randint(0, len(tlangs), (n_text,), generator=g)]
+        cases.append({
+            "text": text, "enroll": enroll, "prompt_lang": plang, "text_langs": per_token,
+            "prompt": torch.randint(0, 1024, (tp, 8), generator=g),
+            "forced": torch.randint(0, 1024, (forced_len,), generator=g),
+        })
+    return cases
+
+
+def folded_ids(case: dict) -> torch.Tensor:
+    """The ids this project feeds its port: language * 2048 + token."""
+    langs = [case["prompt_lang"]] * case["enroll"] + case["text_langs"]
+    return torch.tensor([LANGS.index(lang) * 2048 + int(t) for lang, t in zip(langs, case["text"])])
+
+
+def run_theirs(model, vallex_module, case: dict, mode: str) -> dict:
+    """Their inference with the sampler replaced; returns codes and (teacher-forced) logits."""
+    ar_logits, nar_logits = [], []
+    step = {"i": 0}
+
+    def forced(logits, top_k=None, top_p=None, temperature=None):
+        ar_logits.append(logits.detach().clone()[0])
+        i = step["i"]
+        step["i"] += 1
+        tok = int(case["forced"][i]) if i < len(case["forced"]) else 1024
+        return torch.tensor([[tok]]), torch.zeros(1)
+
+    def greedy(logits, top_k=None, top_p=None, temperature=None):
+        return logits.argmax(-1, keepdim=True), torch.zeros(1)
+
+    hooks = [layer.register_forward_hook(lambda m, inp, out: nar_logits.append(out.detach().clone()[0]))
+             for layer in model.nar_predict_layers]
+    saved = vallex_module.topk_sampling
+    vallex_module.topk_sampling = forced if mode == "forced" else greedy
+    try:
+        with torch.no_grad():
+            codes = model.inference(case["text"][None], torch.tensor([len(case["text"])]), case["prompt"][None],
+                                    enroll_x_lens=case["enroll"], top_k=-100, temperature=1.0,
+                                    prompt_language=case["prompt_lang"], text_language=case["text_langs"])
+    finally:
+        vallex_module.topk_sampling = saved
+        for h in hooks:
+            h.remove()
+    return {"codes": codes[0], "ar": ar_logits, "nar": nar_logits}
+
+
+def summarize(rows: torch.Tensor, cols: list[int]) -> dict[str, torch.Tensor]:
+    return {"cols": rows[:, cols].float(), "argmax": rows.argmax(-1), "lse": torch.logsumexp(rows.float(), -1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--upstream", required=True, help=f"checkout of Plachtaa/VALL-E-X at {UPSTREAM_COMMIT}")
+    ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    ap.add_argument("--out", default=str(ROOT / "tests" / "fixtures" / "vallex"))
+    args = ap.parse_args()
+    sys.path.insert(0, str(Path(args.upstream).resolve()))
+    import models.vallex as vallex_module  # their code
+
+    torch.set_grad_enabled(False)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for size in args.sizes:
+        dims = SIZES[size]
+        config = VallexConfig(**dims)
+        model = vallex_module.VALLE(dims["d_model"], dims["n_heads"], dims["n_layers"], norm_first=True,
+                                    add_prenet=False, prefix_mode=1, share_embedding=True, nar_scale_factor=1.0,
+                                    prepend_bos=True, num_quantizers=8)
+        sd = random_state_dict(config, SEEDS[size])
+        missing, unexpected = model.load_state_dict(sd, strict=True)
+        assert not missing and not unexpected
+        model.eval()
+        forced_len = 12 if size == "tiny" else 6
+        cases = make_cases(SEEDS[size], forced_len)
+        tensors: dict[str, torch.Tensor] = {}
+        manifest = []
+        for n, case in enumerate(cases):
+            forced = run_theirs(model, vallex_module, case, "forced")
+            greedy = run_theirs(model, vallex_module, case, "greedy")
+            assert forced["codes"].shape[0] == len(case["forced"]), "their AR stopped early"
+            tensors[f"{n}.text"] = folded_ids(case)
+            tensors[f"{n}.prompt"] = case["prompt"]
+            tensors[f"{n}.forced"] = case["forced"]
+            tensors[f"{n}.forced_codes"] = forced["codes"].long()
+            tensors[f"{n}.greedy_codes"] = greedy["codes"].long()
+            ar = torch.stack(forced["ar"])  # [forced_len + 1, 1025]
+            for key, value in summarize(ar, COLS + [1024]).items():
+                tensors[f"{n}.ar.{key}"] = value
+            for level, rows in enumerate(forced["nar"], start=1):
+                for key, value in summarize(rows, COLS).items():
+                    tensors[f"{n}.nar{level}.{key}"] = value
+            manifest.append({"enroll": case["enroll"], "prompt_lang": case["prompt_lang"],
+                             "text_langs": case["text_langs"], "greedy_frames": int(greedy["codes"].shape[0])})
+            print(f"{size} case {n}: text {len(case['text'])}, prompt {len(case['prompt'])}, "
+                  f"greedy {greedy['codes'].shape[0]} frames")
+        from safetensors.torch import save_file
+
+        meta = {"upstream": f"Plachtaa/VALL-E-X@{UPSTREAM_COMMIT}", "seed": str(SEEDS[size]),
+                "config": json.dumps(config.to_dict()), "cols": json.dumps(COLS), "cases": json.dumps(manifest)}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / f"{size}.safetensors"), metadata=meta)
+        print(f"wrote {out_dir / f'{size}.safetensors'}")
+
+
+if __name__ == "__main__":
+    main()

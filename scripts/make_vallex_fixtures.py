@@ -22,6 +22,12 @@ key map covers their state dict exactly), and runs their `inference` on three ca
 Only slices of the logits are stored (columns COLS of every row, plus each row's argmax and
 logsumexp), so the fixture stays small; the weights are regenerated from the seed by the test.
 Output: tests/fixtures/vallex/{size}.safetensors (+ a JSON manifest of the cases in its metadata).
+
+`--parts text` runs their text front end (utils/g2p: cje_cleaners + bpe_69.json through
+`PhonemeBpeTokenizer.tokenize`, which needs tokenizers, eng_to_ipa, inflect, unidecode, and jieba,
+cn2an, pypinyin because their cleaners import the Chinese module) on every line of
+tests/fixtures/vallex/english_sentences.txt, tagged "[EN]...[EN]" as their generate_audio does, and
+writes tests/fixtures/vallex/english_ids.json: the ids and languages per sentence.
 """
 from __future__ import annotations
 
@@ -107,15 +113,46 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--upstream", required=True, help=f"checkout of Plachtaa/VALL-E-X at {UPSTREAM_COMMIT}")
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    ap.add_argument("--parts", nargs="+", default=["model", "text"], choices=["model", "text"])
     ap.add_argument("--out", default=str(ROOT / "tests" / "fixtures" / "vallex"))
     args = ap.parse_args()
-    sys.path.insert(0, str(Path(args.upstream).resolve()))
+    upstream = Path(args.upstream).resolve()
+    sys.path.insert(0, str(upstream))
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if "text" in args.parts:
+        make_text_fixture(upstream, out_dir)
+    if "model" in args.parts:
+        make_model_fixtures(args.sizes, out_dir)
+
+
+def make_text_fixture(upstream: Path, out_dir: Path) -> None:
+    import os
+
+    from utils.g2p import PhonemeBpeTokenizer  # their code
+
+    tokenizer = PhonemeBpeTokenizer(tokenizer_path=str(upstream / "utils" / "g2p" / "bpe_69.json"))
+    sentences = (out_dir / "english_sentences.txt").read_text(encoding="utf-8").splitlines()
+    cwd = os.getcwd()
+    os.chdir(upstream)  # their modules read relative paths
+    try:
+        rows = []
+        for sentence in sentences:
+            ids, langs = tokenizer.tokenize(text=f"_[EN]{sentence}[EN]".strip())
+            rows.append({"text": sentence, "ids": ids, "langs": "".join(lang[0] for lang in langs)})
+    finally:
+        os.chdir(cwd)
+    lines = ",\n".join(json.dumps(row, ensure_ascii=False) for row in rows)
+    text = f'{{"upstream": "Plachtaa/VALL-E-X@{UPSTREAM_COMMIT}", "sentences": [\n{lines}\n]}}\n'
+    (out_dir / "english_ids.json").write_text(text, encoding="utf-8")
+    print(f"wrote {out_dir / 'english_ids.json'} ({len(rows)} sentences)")
+
+
+def make_model_fixtures(sizes: list[str], out_dir: Path) -> None:
     import models.vallex as vallex_module  # their code
 
     torch.set_grad_enabled(False)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for size in args.sizes:
+    for size in sizes:
         dims = SIZES[size]
         config = VallexConfig(**dims)
         model = vallex_module.VALLE(dims["d_model"], dims["n_heads"], dims["n_layers"], norm_first=True,

@@ -96,8 +96,8 @@ def compare_size(size: str, batched_only: bool = False) -> dict[str, float]:
 def greedy_codes(model, tensors, n_cases):
     """Greedy AR + NAR through the TTS engine's own loops (batched), with their step limit of 16
     frames per text token and no early-stop heuristics."""
-    from vall_e.inference import TTS
-    from vall_e.sampling import SamplingParams
+    from vall_e.generation.tts import TTS
+    from vall_e.generation.sampling import SamplingParams
 
     from vall_e.text.symmap import Symmap
 

@@ -18,7 +18,7 @@ tests compare it logit for logit with the original code at random weights):
   levels 1..6 tied to the embedding tables of levels 2..7 (`tied_heads`).
 
 The decoding contract is `VALLE`'s (`ar_prefill`, `ar_step` with a preallocated KV cache, batched
-`nar_pass`), so `vall_e.inference.TTS` runs these models with every sampler, batching and streaming.
+`nar_pass`), so `vall_e.generation.tts.TTS` runs these models with every sampler, batching and streaming.
 
 Text ids: with languages (`n_langs` > 0) an id carries its token's language, id = lang * n_text_tokens
 + token, because VALL-E X adds a language embedding per token (a prompt transcript in one language
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vall_e.errors import UserError
+from vall_e.utils.errors import UserError
 
 from .backbones.kv_cache import KVCache
 from .rows_linear import decode_linear

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vall_e.errors import UserError
+from vall_e.utils.errors import UserError
 
 from .vallex import VallexConfig, VallexModel
 

@@ -1,0 +1,48 @@
+"""VALL-E X's text front end as this project's code, against the original's ids.
+
+tests/fixtures/vallex/english_ids.json holds what Plachtaa/VALL-E-X@3faaf8c's own cleaners and
+bpe_69 table give for the 50 sentences of english_sentences.txt (scripts/make_vallex_fixtures.py
+--parts text).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vall_e.utils.errors import UserError
+from vall_e.text import vallex
+
+FIXTURES = Path(__file__).parent / "fixtures" / "vallex"
+
+pytest.importorskip("eng_to_ipa")
+
+
+def test_fifty_english_sentences_give_the_original_ids():
+    data = json.loads((FIXTURES / "english_ids.json").read_text(encoding="utf-8"))
+    rows = data["sentences"]
+    assert len(rows) == 50
+    wrong = []
+    for row in rows:
+        ids, langs = vallex.token_ids(f"[EN]{row['text']}[EN]")
+        if ids != row["ids"] or "".join(lang[0] for lang in langs) != row["langs"]:
+            wrong.append(row["text"])
+    assert not wrong, f"{len(wrong)} sentences differ, e.g. {wrong[0]!r}"
+
+
+def test_folded_ids_carry_the_language():
+    f = vallex.VallexFrontend()
+    plain, _ = vallex.token_ids("[EN]Hello.[EN]")
+    assert f.encode("Hello.", "en") == plain  # English is language 0
+    assert f.encode("Hello.", "en", force_language="ja") == [2 * 2048 + i for i in plain]
+    assert f.encode("[EN]Hello.[EN]", "zh") == plain  # tags win over the language argument
+
+
+def test_table_is_bpe_69():
+    assert len(vallex.TABLE) == 70 and vallex.TABLE["_"] == 16 and vallex.TABLE["↓"] == 69
+
+
+def test_bad_language_is_one_line_error():
+    with pytest.raises(UserError, match="en, zh and ja"):
+        vallex.VallexFrontend().encode("Bonjour.", "fr")

@@ -21,6 +21,8 @@ key map covers their state dict exactly), and runs their `inference` on three ca
 
 Only slices of the logits are stored (columns COLS of every row, plus each row's argmax and
 logsumexp), so the fixture stays small; the weights are regenerated from the seed by the test.
+Vocos: gemelo-ai/vocos at commit c859e3b (MIT), `--parts vocos --vocos-upstream DIR`.
+
 Output: tests/fixtures/vallex/{size}.safetensors (+ a JSON manifest of the cases in its metadata).
 
 `--parts text` runs their text front end (utils/g2p: cje_cleaners + bpe_69.json through
@@ -45,6 +47,7 @@ from vall_e.models.vallex import VallexConfig  # noqa: E402
 from vall_e.models.vallex_checkpoint import random_state_dict  # noqa: E402
 
 UPSTREAM_COMMIT = "3faaf8c"
+VOCOS_COMMIT = "c859e3b"
 SIZES = {"tiny": dict(d_model=64, n_heads=4, n_layers=2), "full": dict(d_model=1024, n_heads=16, n_layers=12)}
 SEEDS = {"tiny": 1234, "full": 4321}
 COLS = [0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377, 610, 987, 1000, 1023]  # + 1024 (STOP) for AR
@@ -113,7 +116,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--upstream", required=True, help=f"checkout of Plachtaa/VALL-E-X at {UPSTREAM_COMMIT}")
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    ap.add_argument("--parts", nargs="+", default=["model", "text"], choices=["model", "text"])
+    ap.add_argument("--parts", nargs="+", default=["model", "text", "vocos"], choices=["model", "text", "vocos"])
+    ap.add_argument("--vocos-upstream", default=None, help=f"checkout of gemelo-ai/vocos at {VOCOS_COMMIT} (for vocos)")
     ap.add_argument("--out", default=str(ROOT / "tests" / "fixtures" / "vallex"))
     args = ap.parse_args()
     upstream = Path(args.upstream).resolve()
@@ -124,6 +128,56 @@ def main() -> None:
         make_text_fixture(upstream, out_dir)
     if "model" in args.parts:
         make_model_fixtures(args.sizes, out_dir)
+    if "vocos" in args.parts:
+        make_vocos_fixture(Path(args.vocos_upstream).resolve(), out_dir)
+
+
+def make_vocos_fixture(upstream: Path, out_dir: Path) -> None:
+    """Their Vocos (EnCodec variant, charactr/vocos-encodec-24khz's config) with random weights:
+    torchaudio and encodec (and scipy when missing) are stubbed (only their imports need them: the feature extractor's EnCodec
+    and the mel helpers of another head are never called), the weights come from
+    `random_vocos_state_dict(seed)`, and their `codes_to_features` + `decode(bandwidth_id=2)` turn
+    8 levels of random codes into the waveform stored in tests/fixtures/vallex/vocos.safetensors."""
+    import types
+
+    from vall_e.codecs.vocos import random_vocos_state_dict
+
+    stubs = ["torchaudio", "torchaudio.functional", "torchaudio.functional.functional", "encodec"]
+    try:
+        import scipy  # noqa: F401  (their spectral_ops imports it for the MDCT heads, unused here)
+    except ImportError:
+        stubs.append("scipy")
+    for name in stubs:
+        sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules["torchaudio.functional.functional"]._hz_to_mel = None
+    sys.modules["torchaudio.functional.functional"]._mel_to_hz = None
+    sys.modules["encodec"].EncodecModel = None
+    sys.path.insert(0, str(upstream))
+    from vocos.feature_extractors import EncodecFeatures  # their code
+    from vocos.heads import ISTFTHead
+    from vocos.models import VocosBackbone
+    from vocos.pretrained import Vocos
+
+    features = EncodecFeatures.__new__(EncodecFeatures)  # no EnCodec download: only what decoding reads
+    torch.nn.Module.__init__(features)
+    features.encodec = types.SimpleNamespace(quantizer=types.SimpleNamespace(bins=1024))
+    features.codebook_weights = torch.nn.Parameter(torch.zeros(16 * 1024, 128), requires_grad=False)
+    model = Vocos(features, VocosBackbone(input_channels=128, dim=384, intermediate_dim=1152, num_layers=8,
+                                          adanorm_num_embeddings=4),
+                  ISTFTHead(dim=384, n_fft=1280, hop_length=320, padding="same"))
+    seed = 77
+    sd = random_vocos_state_dict(seed)
+    model.load_state_dict(sd, strict=True)
+    model.eval()
+    codes = torch.randint(0, 1024, (2, 30, 8), generator=torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        feats = model.codes_to_features(codes.permute(2, 0, 1))  # their layout: [levels, batch, frames]
+        wav = model.decode(feats, bandwidth_id=torch.tensor([2]))
+    from safetensors.torch import save_file
+
+    save_file({"codes": codes, "wav": wav.contiguous()}, str(out_dir / "vocos.safetensors"),
+              metadata={"upstream": f"gemelo-ai/vocos@{VOCOS_COMMIT}", "seed": str(seed), "bandwidth_id": "2"})
+    print(f"wrote {out_dir / 'vocos.safetensors'}: wav {tuple(wav.shape)}, max |x| {float(wav.abs().max()):.3f}")
 
 
 def make_text_fixture(upstream: Path, out_dir: Path) -> None:

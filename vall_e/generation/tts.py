@@ -135,6 +135,18 @@ def _reorder_cache(cache: Any, index: Tensor) -> Any:
     raise TypeError(f"cannot reorder a cache of type {type(cache).__name__}")
 
 
+def _with_vocoder(codec: Any, meta: dict[str, Any], vocoder: str | None, device: str | None) -> Any:
+    """The codec, decoding through Vocos when asked (or when the model's default is Vocos)."""
+    choice = (vocoder or (meta.get("extra") or {}).get("vocoder") or "encodec").lower()
+    if choice == "encodec":
+        return codec
+    if choice != "vocos":
+        raise UserError(f"vocoder {vocoder!r}: choose vocos or encodec")
+    from vall_e.codecs.vocos import VocosDecoding
+
+    return VocosDecoding(codec, device=device or "cpu")
+
+
 class TTS:
     """A loaded model with its codec, symbol map and language map."""
 
@@ -178,6 +190,15 @@ class TTS:
         langs = meta.get("langmap")
         self.langmap = (LanguageMap.from_json(langs) if isinstance(langs, str) else langs) or LanguageMap()
         self.codec = codec
+        # a converted checkpoint (VALL-E X, Amphion) brings its own text front end (vall_e.text.vallex)
+        self.frontend = None
+        frontend_spec = (meta.get("extra") or {}).get("text_frontend")
+        if frontend_spec:
+            import json
+
+            from vall_e.text.vallex import build_frontend
+
+            self.frontend = build_frontend(json.loads(frontend_spec))
         cfg = self.ar_model.config
         self.n_levels = cfg.n_levels
         self.stop_id = cfg.n_codes
@@ -185,12 +206,22 @@ class TTS:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "auto", dtype: str = "float32",
-                        codec_device: str | None = None, compile: bool = False) -> "TTS":
+                        codec_device: str | None = None, compile: bool = False, vocoder: str | None = None) -> "TTS":
         """Load an exported `model.safetensors`, or a training run through its YAML (its export, else
-        its latest checkpoint). The codec and G2P settings come from the model's metadata.
-        dtype and compile: see `TTS.__init__`."""
+        its latest checkpoint), or a published checkpoint (VALL-E X's .pt, Amphion's .bin, hf://...;
+        see `vall_e.convert`). The codec and G2P settings come from the model's metadata.
+        dtype and compile: see `TTS.__init__`. vocoder: "encodec" or "vocos" (decode EnCodec codes
+        with Vocos); None or "" = the model's default (Vocos for VALL-E X, else EnCodec)."""
+        from vall_e.models.vallex_checkpoint import is_foreign_checkpoint
+
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if is_foreign_checkpoint(path):
+            from vall_e.convert import load_foreign
+
+            models, meta = load_foreign(path)
+            return cls(models, meta, _with_vocoder(build_codec(meta["codec"]), meta, vocoder, codec_device),
+                       device=device, dtype=dtype, compile=compile, decode_layout=True)
         path = Path(path)
         if path.suffix in (".yaml", ".yml"):
             cfg = load_config(path)
@@ -210,6 +241,7 @@ class TTS:
                                device=spec.get("device", "cpu"))
         else:
             codec = build_codec(spec)
+        codec = _with_vocoder(codec, meta, vocoder, codec_device)
         return cls(models, meta, codec, device=device, dtype=dtype, compile=compile, decode_layout=True)
 
     @property
@@ -217,7 +249,15 @@ class TTS:
         return self.codec.sample_rate
 
     # ------------------------------------------------------------------ front ends
-    def encode_text(self, text: str, language: str = "en") -> Tensor:
+    def encode_text(self, text: str, language: str = "en", reference_text: str = "") -> Tensor:
+        """Text -> ids. A converted checkpoint's front end also reads `reference_text` (what the
+        reference says), whose ids come first; other models ignore it."""
+        if self.frontend is not None:
+            ids = self.frontend.encode(text, language)
+            if reference_text.strip():
+                ref_lang = self.frontend.language_of(reference_text, language)
+                ids = self.frontend.encode(reference_text, ref_lang, force_language=ref_lang) + ids
+            return torch.tensor(ids, dtype=torch.long)
         tokens = [self._known_symbol(t) for t in phonemize(text, language)]
         return torch.tensor(self.symmap.encode(tokens, source=f"the text {text[:40]!r}"), dtype=torch.long)
 
@@ -268,6 +308,12 @@ class TTS:
         if prompt_seconds > 0:
             codes = trim_or_repeat(codes, max(1, int(round(prompt_seconds * self.codec.frame_rate))))
         return codes[:, : self.ar_model.config.n_levels].long()
+
+    def _prompt_seconds(self, settings: GenerationSettings) -> float:
+        """The prompt length; all of the reference when its transcript goes before the text."""
+        if self.frontend is not None and settings.reference_text.strip():
+            return 0.0
+        return settings.input_prompt_length
 
     # ------------------------------------------------------------------ decoding stages
     def _step_limits(self, text_ids: list[Tensor], cap: int) -> list[int]:
@@ -425,7 +471,7 @@ class TTS:
         if len(texts) != len(prompts):
             raise ValueError("one prompt per text is needed")
         languages = list(languages or [settings.language] * len(texts))
-        text_ids = [self.encode_text(t, lang) for t, lang in zip(texts, languages)]
+        text_ids = [self.encode_text(t, lang, settings.reference_text) for t, lang in zip(texts, languages)]
         limit = self.ar_model.config.max_positions
         for t, ids, prompt in zip(texts, text_ids, prompts):
             if len(ids) + prompt.shape[0] + 4 > limit:
@@ -462,9 +508,9 @@ class TTS:
         if not texts or any(not t or not t.strip() for t in texts):
             raise UserError("empty text: nothing to synthesize")
         if isinstance(references, (list, tuple)) and len(references) == len(texts) and len(texts) > 1:
-            prompts = [self.encode_reference(r, settings.input_prompt_length) for r in references]
+            prompts = [self.encode_reference(r, self._prompt_seconds(settings)) for r in references]
         else:
-            prompt = self.encode_reference(references, settings.input_prompt_length)
+            prompt = self.encode_reference(references, self._prompt_seconds(settings))
             prompts = [prompt] * len(texts)
         pieces, owners = [], []
         for i, t in enumerate(texts):
@@ -497,7 +543,7 @@ class TTS:
         if not text or not text.strip():
             raise UserError("empty text: nothing to synthesize")
         t0 = time.perf_counter()
-        prompt = self.encode_reference(references, settings.input_prompt_length)
+        prompt = self.encode_reference(references, self._prompt_seconds(settings))
         sentences = split_sentences(text) if settings.split_sentences else [" ".join(text.split())]
         pause = torch.zeros(int(settings.pause * self.sample_rate))
         first = True
@@ -514,7 +560,7 @@ class TTS:
 
     def _stream_one(self, text: str, prompt: Tensor, settings: GenerationSettings, chunk_frames: int,
                     first_chunk_frames: int, lookahead: int) -> Iterator[Tensor]:
-        text_ids = [self.encode_text(text, settings.language)]
+        text_ids = [self.encode_text(text, settings.language, settings.reference_text)]
         langs = torch.tensor([self.language_id(settings.language)])
         steps = self._step_limits(text_ids, settings.max_ar_steps)
         if settings.ar.seed is not None:

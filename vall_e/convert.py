@@ -56,10 +56,13 @@ def load_foreign(src: str | Path, n_heads: int | None = None) -> tuple[dict[str,
     return {"ar+nar": model}, meta
 
 
-def convert(src: str | Path, out: str | Path, dtype: str = "float32", n_heads: int | None = None) -> Path:
+def convert(src: str | Path, out: str | Path, dtype: str = "float32", n_heads: int | None = None,
+            codec_model: str | None = None) -> Path:
     from vall_e.models.model_file import write_export
 
     models, meta = load_foreign(src, n_heads=n_heads)
+    if codec_model:  # e.g. a folder with facebook/encodec_24khz saved for offline use
+        meta["codec"]["model"] = str(codec_model)
     model = models["ar+nar"]
     return write_export(Path(out), {"ar+nar": model.state_dict()}, meta["models"], meta["symmap"], meta["langmap"],
                         meta["codec"], {"converted_from": str(src)}, dtype, extra=meta["extra"])
@@ -71,11 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("src", help="vallex-checkpoint.pt, pytorch_model.bin, or hf://OWNER/REPO[/FILE]")
     p.add_argument("out", nargs="?", default="model.safetensors", help="output file (default model.safetensors)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--codec-model", default=None,
+                   help="EnCodec hub id or local folder stored as the codec (default facebook/encodec_24khz)")
     p.add_argument("--n-heads", type=int, default=None,
                    help="attention heads (not stored in the weights; default d_model / 64 = 16, or Amphion's args.json)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = convert(args.src, args.out, args.dtype, args.n_heads)
+    out = convert(args.src, args.out, args.dtype, args.n_heads, args.codec_model)
     print(f"converted {args.src} -> {out}")
     return 0
 

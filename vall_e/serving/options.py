@@ -7,10 +7,13 @@ ENGINE_DTYPES = ("float32", "bfloat16", "float16", "int8")  # what `TTS` accepts
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
-    """`--device`, `--dtype` and `--compile`, with the same defaults and help everywhere."""
+    """`--device`, `--dtype`, `--compile` and `--vocoder`, with the same defaults and help everywhere."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="float32", choices=ENGINE_DTYPES,
                         help="int8: every Linear dynamically quantized (CPU only)")
     parser.add_argument("--compile", action="store_true",
                         help="compile the AR decode step with torch.compile "
                              "(CPU: needs a C++ compiler; first call takes 1-4 min)")
+    parser.add_argument("--vocoder", default=None, choices=["vocos", "encodec"],
+                        help="decode EnCodec codes with Vocos or EnCodec (default: inference.vocoder, else the "
+                             "model's: Vocos for VALL-E X)")

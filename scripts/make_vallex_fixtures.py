@@ -22,6 +22,8 @@ key map covers their state dict exactly), and runs their `inference` on three ca
 Only slices of the logits are stored (columns COLS of every row, plus each row's argmax and
 logsumexp), so the fixture stays small; the weights are regenerated from the seed by the test.
 Vocos: gemelo-ai/vocos at commit c859e3b (MIT), `--parts vocos --vocos-upstream DIR`.
+Amphion: open-mmlab/Amphion at commit d3de90f (MIT), models/tts/valle/valle.py and the modules it
+imports, `--parts amphion --amphion-upstream DIR` (two tiny option sets, see AMPHION).
 
 Output: tests/fixtures/vallex/{size}.safetensors (+ a JSON manifest of the cases in its metadata).
 
@@ -48,6 +50,8 @@ from vall_e.models.vallex_checkpoint import random_state_dict  # noqa: E402
 
 UPSTREAM_COMMIT = "3faaf8c"
 VOCOS_COMMIT = "c859e3b"
+AMPHION_COMMIT = "d3de90f"
+ARGS_UPSTREAM = "."
 SIZES = {"tiny": dict(d_model=64, n_heads=4, n_layers=2), "full": dict(d_model=1024, n_heads=16, n_layers=12)}
 SEEDS = {"tiny": 1234, "full": 4321}
 COLS = [0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377, 610, 987, 1000, 1023]  # + 1024 (STOP) for AR
@@ -116,11 +120,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--upstream", required=True, help=f"checkout of Plachtaa/VALL-E-X at {UPSTREAM_COMMIT}")
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    ap.add_argument("--parts", nargs="+", default=["model", "text", "vocos"], choices=["model", "text", "vocos"])
+    ap.add_argument("--parts", nargs="+", default=["model", "text", "vocos", "amphion"],
+                    choices=["model", "text", "vocos", "amphion"])
+    ap.add_argument("--amphion-upstream", default=None, help=f"checkout of open-mmlab/Amphion at {AMPHION_COMMIT}")
     ap.add_argument("--vocos-upstream", default=None, help=f"checkout of gemelo-ai/vocos at {VOCOS_COMMIT} (for vocos)")
     ap.add_argument("--out", default=str(ROOT / "tests" / "fixtures" / "vallex"))
     args = ap.parse_args()
     upstream = Path(args.upstream).resolve()
+    global ARGS_UPSTREAM
+    ARGS_UPSTREAM = str(upstream)
     sys.path.insert(0, str(upstream))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,6 +138,103 @@ def main() -> None:
         make_model_fixtures(args.sizes, out_dir)
     if "vocos" in args.parts:
         make_vocos_fixture(Path(args.vocos_upstream).resolve(), out_dir)
+    if "amphion" in args.parts:
+        make_amphion_fixtures(Path(args.amphion_upstream).resolve(), out_dir)
+
+
+# Amphion-shaped models: both option sets a published Amphion checkpoint may have been trained with
+AMPHION = {
+    "amphion_a": dict(bos=False, prefix_mode=1, share=True, seed=2024),
+    "amphion_b": dict(bos=True, prefix_mode=0, share=False, seed=2025),
+}
+
+
+def make_amphion_fixtures(upstream: Path, out_dir: Path) -> None:
+    """Amphion's own VALLE (models/tts/valle/valle.py) at a tiny size, 512 text tokens, no language
+    embedding; torchmetrics, lhotse and Amphion's utils.util are stubbed (training-only imports).
+    Their `inference` recomputes the whole sequence every step (no cache) and stops after 16 frames
+    per text token + 1; the same teacher-forced / greedy cases as for VALL-E X."""
+    import types
+
+    def stub(name: str, **attrs) -> types.ModuleType:
+        m = types.ModuleType(name)
+        m.__dict__.update(attrs)
+        sys.modules[name] = m
+        return m
+
+    for name in list(sys.modules):  # VALL-E X's checkout has its own `models`, `modules` and `utils`
+        if name.split(".")[0] in ("models", "modules", "utils", "data", "macros"):
+            del sys.modules[name]
+    sys.path = [p for p in sys.path if Path(p).resolve() != Path(ARGS_UPSTREAM).resolve()]
+    sys.path.insert(0, str(upstream))
+    stub("torchmetrics")
+    stub("torchmetrics.classification", MulticlassAccuracy=lambda *a, **k: None)
+    stub("utils").__path__ = [str(upstream / "utils")]
+    stub("utils.util", make_pad_mask=None)
+    for n in ("lhotse", "lhotse.dataset", "lhotse.dataset.collation", "lhotse.dataset.input_strategies", "lhotse.utils"):
+        stub(n, CutSet=None, collate_features=None, ExecutorType=None, PrecomputedFeatures=object,
+             _get_executor=None, fastcopy=None)
+    import models.tts.valle.valle as amphion_module  # their code
+
+    torch.set_grad_enabled(False)
+    for name, opt in AMPHION.items():
+        config = VallexConfig(d_model=64, n_heads=4, n_layers=2, n_text_tokens=512, n_langs=0,
+                              prepend_bos=opt["bos"], nar_prompt_all_levels=opt["prefix_mode"] != 0,
+                              tied_heads=opt["share"])
+        cfg = types.SimpleNamespace(decoder_dim=64, nhead=4, nar_scale_factor=1, num_quantizers=8,
+                                    num_decoder_layers=2, text_token_num=512, audio_token_num=1024,
+                                    prepend_bos=opt["bos"], add_prenet=False, norm_first=True,
+                                    prefix_mode=opt["prefix_mode"], share_embedding=opt["share"])
+        model = amphion_module.VALLE(cfg)
+        model.load_state_dict(random_state_dict(config, opt["seed"]), strict=True)
+        model.eval()
+        cases = make_cases(opt["seed"], 12)
+        tensors, manifest = {}, []
+        for n, case in enumerate(cases):
+            text = case["text"] % 512
+            runs = {}
+            for mode in ("forced", "greedy"):
+                ar_logits, nar_logits, step = [], [], {"i": 0}
+
+                def sampler(logits, top_k=None, top_p=None, temperature=None, mode=mode):
+                    if mode == "greedy":
+                        return logits.argmax(-1, keepdim=True)
+                    ar_logits.append(logits.detach().clone()[0])
+                    i = step["i"]
+                    step["i"] += 1
+                    return torch.tensor([[int(case["forced"][i]) if i < len(case["forced"]) else 1024]])
+
+                hooks = [layer.register_forward_hook(lambda m, inp, out: nar_logits.append(out.detach().clone()[0]))
+                         for layer in model.nar_predict_layers]
+                saved = amphion_module.topk_sampling
+                amphion_module.topk_sampling = sampler
+                try:
+                    codes = model.inference(text[None], torch.tensor([len(text)]), case["prompt"][None],
+                                            enroll_x_lens=torch.tensor([case["enroll"]]), top_k=-100, temperature=1.0)
+                finally:
+                    amphion_module.topk_sampling = saved
+                    for h in hooks:
+                        h.remove()
+                runs[mode] = {"codes": codes[0], "ar": ar_logits, "nar": nar_logits}
+            assert runs["forced"]["codes"].shape[0] == len(case["forced"]), "their AR stopped early"
+            tensors[f"{n}.text"] = text
+            tensors[f"{n}.prompt"] = case["prompt"]
+            tensors[f"{n}.forced"] = case["forced"]
+            tensors[f"{n}.forced_codes"] = runs["forced"]["codes"].long()
+            tensors[f"{n}.greedy_codes"] = runs["greedy"]["codes"].long()
+            for key, value in summarize(torch.stack(runs["forced"]["ar"]), COLS + [1024]).items():
+                tensors[f"{n}.ar.{key}"] = value
+            for level, rows in enumerate(runs["forced"]["nar"][:7], start=1):
+                for key, value in summarize(rows, COLS).items():
+                    tensors[f"{n}.nar{level}.{key}"] = value
+            manifest.append({"greedy_frames": int(runs["greedy"]["codes"].shape[0])})
+            print(f"{name} case {n}: greedy {runs['greedy']['codes'].shape[0]} frames")
+        from safetensors.torch import save_file
+
+        meta = {"upstream": f"open-mmlab/Amphion@{AMPHION_COMMIT}", "seed": str(opt["seed"]),
+                "config": json.dumps(config.to_dict()), "cols": json.dumps(COLS), "cases": json.dumps(manifest)}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / f"{name}.safetensors"), metadata=meta)
+        print(f"wrote {out_dir / f'{name}.safetensors'}")
 
 
 def make_vocos_fixture(upstream: Path, out_dir: Path) -> None:

@@ -41,7 +41,7 @@ def load_fixture(size: str):
     cases = json.loads(meta["cases"])
     cols = json.loads(meta["cols"])
     model = build_from_state_dict(random_state_dict(config, int(meta["seed"])), f"seed {meta['seed']}",
-                                  n_heads=config.n_heads)
+                                  n_heads=config.n_heads, nar_prompt_all_levels=config.nar_prompt_all_levels)
     assert model.config == config
     return model, tensors, cases, cols
 
@@ -94,8 +94,8 @@ def compare_size(size: str, batched_only: bool = False) -> dict[str, float]:
 
 
 def greedy_codes(model, tensors, n_cases):
-    """Greedy AR + NAR through the TTS engine's own loops (batched), with their step limit of 16
-    frames per text token and no early-stop heuristics."""
+    """Greedy AR + NAR through the TTS engine's own loops (batched), with their step limit (16
+    frames per text token, +1 without BOS as their loop counts it) and no early-stop heuristics."""
     from vall_e.generation.tts import TTS
     from vall_e.generation.sampling import SamplingParams
 
@@ -106,7 +106,9 @@ def greedy_codes(model, tensors, n_cases):
     prompts = [tensors[f"{n}.prompt"] for n in range(n_cases)]
     greedy = SamplingParams(temperature=0.0, ras_window=0)
     langs = torch.zeros(n_cases, dtype=torch.long)
-    level0 = tts.generate_ar(texts, langs, prompts, greedy, [16 * len(t) for t in texts], max_repeat_frames=10**6)
+    extra = 0 if model.config.prepend_bos else 1
+    level0 = tts.generate_ar(texts, langs, prompts, greedy, [16 * len(t) + extra for t in texts],
+                             max_repeat_frames=10**6)
     return tts.generate_nar(texts, langs, prompts, level0, greedy, max_levels=7)
 
 
@@ -135,6 +137,18 @@ def test_tiny_forced_nar_codes_match_original():
                 logits = model.nar_pass([tensors[f"{n}.text"]], None, [tensors[f"{n}.prompt"]],
                                         [codes[:, :level]], level)[0]
                 assert torch.equal(logits.argmax(-1), codes[:, level])
+
+
+@pytest.mark.parametrize("shape", ["amphion_a", "amphion_b"])
+def test_amphion_shaped_logits_and_greedy_codes_match_original(shape):
+    """Amphion's VALLE (512 text tokens, no language embedding): a = no BOS, prompt frames sum all
+    levels (prefix_mode 1), tied heads; b = BOS, prompt frames sum the levels below k (prefix_mode 0),
+    untied heads."""
+    worst = compare_size(shape)
+    print(f"{shape}: max abs logit diff AR {worst['ar']:.2e}, NAR {worst['nar']:.2e}")
+    model, tensors, cases, _ = load_fixture(shape)
+    for n, codes in enumerate(greedy_codes(model, tensors, len(cases))):
+        assert torch.equal(codes.cpu(), tensors[f"{n}.greedy_codes"]), f"case {n}: codes differ"
 
 
 @pytest.mark.slow

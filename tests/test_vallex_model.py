@@ -70,7 +70,7 @@ def run_ar_cached(model, texts, prompts, forced):
     return [out[i, : len(f) + 1] for i, f in enumerate(forced)]
 
 
-def compare_size(size: str, batched_only: bool = False) -> dict[str, float]:
+def compare_size(size: str, batched_only: bool = False, levels: tuple[int, ...] = tuple(range(1, 8))) -> dict[str, float]:
     model, tensors, cases, cols = load_fixture(size)
     ids = range(len(cases))
     texts = [tensors[f"{n}.text"] for n in ids]
@@ -86,7 +86,7 @@ def compare_size(size: str, batched_only: bool = False) -> dict[str, float]:
             for n in ids:
                 worst["ar"] = max(worst["ar"], check_rows(rows_per_case[n], tensors, f"{n}.ar", cols + [1024]))
         codes = [tensors[f"{n}.forced_codes"] for n in ids]
-        for level in range(1, 8):
+        for level in levels:
             logits = model.nar_pass(texts, None, prompts, [c[:, :level] for c in codes], level)
             for n in ids:
                 worst["nar"] = max(worst["nar"], check_rows(logits[n], tensors, f"{n}.nar{level}", cols))
@@ -149,6 +149,15 @@ def test_amphion_shaped_logits_and_greedy_codes_match_original(shape):
     model, tensors, cases, _ = load_fixture(shape)
     for n, codes in enumerate(greedy_codes(model, tensors, len(cases))):
         assert torch.equal(codes.cpu(), tensors[f"{n}.greedy_codes"]), f"case {n}: codes differ"
+
+
+def test_full_size_logits_match_original():
+    """The real size (1024/16/12, 370M parameters): the batched KV-cached AR and the first and last
+    NAR levels (the slow test below covers every path, level and greedy decoding)."""
+    torch.set_num_threads(2)  # big matrices: both cores
+    worst = compare_size("full", batched_only=True, levels=(1, 7))
+    print(f"full: max abs logit diff AR {worst['ar']:.2e}, NAR {worst['nar']:.2e}")
+    assert worst["ar"] < TOL and worst["nar"] < TOL
 
 
 @pytest.mark.slow

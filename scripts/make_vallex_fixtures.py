@@ -31,7 +31,8 @@ Output: tests/fixtures/vallex/{size}.safetensors (+ a JSON manifest of the cases
 `PhonemeBpeTokenizer.tokenize`, which needs tokenizers, eng_to_ipa, inflect, unidecode, and jieba,
 cn2an, pypinyin because their cleaners import the Chinese module) on every line of
 tests/fixtures/vallex/english_sentences.txt, tagged "[EN]...[EN]" as their generate_audio does, and
-writes tests/fixtures/vallex/english_ids.json: the ids and languages per sentence.
+writes tests/fixtures/vallex/english_ids.json: the ids and languages per sentence; likewise
+chinese_sentences.txt (already tagged, some mixed with English) -> chinese_ids.json.
 """
 from __future__ import annotations
 
@@ -305,6 +306,23 @@ def make_text_fixture(upstream: Path, out_dir: Path) -> None:
     text = f'{{"upstream": "Plachtaa/VALL-E-X@{UPSTREAM_COMMIT}", "sentences": [\n{lines}\n]}}\n'
     (out_dir / "english_ids.json").write_text(text, encoding="utf-8")
     print(f"wrote {out_dir / 'english_ids.json'} ({len(rows)} sentences)")
+    # Chinese (and mixed) lines are tagged already; jieba's and pypinyin's versions shape the result
+    import importlib.metadata as md
+
+    os.chdir(upstream)
+    try:
+        rows = []
+        for line in (out_dir / "chinese_sentences.txt").read_text(encoding="utf-8").splitlines():
+            ids, langs = tokenizer.tokenize(text=f"_{line}".strip())
+            rows.append({"text": line, "ids": ids, "langs": "".join(lang[0] for lang in langs)})
+    finally:
+        os.chdir(cwd)
+    versions = {p: md.version(p) for p in ("jieba", "pypinyin", "cn2an")}
+    lines = ",\n".join(json.dumps(row, ensure_ascii=False) for row in rows)
+    text = (f'{{"upstream": "Plachtaa/VALL-E-X@{UPSTREAM_COMMIT}", "versions": {json.dumps(versions)}, '
+            f'"sentences": [\n{lines}\n]}}\n')
+    (out_dir / "chinese_ids.json").write_text(text, encoding="utf-8")
+    print(f"wrote {out_dir / 'chinese_ids.json'} ({len(rows)} sentences)")
 
 
 def make_model_fixtures(sizes: list[str], out_dir: Path) -> None:

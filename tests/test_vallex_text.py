@@ -46,3 +46,21 @@ def test_table_is_bpe_69():
 def test_bad_language_is_one_line_error():
     with pytest.raises(UserError, match="en, zh and ja"):
         vallex.VallexFrontend().encode("Bonjour.", "fr")
+
+
+def test_chinese_and_mixed_sentences_give_the_original_ids():
+    """Needs the vallex-zh extra; the fixture records the jieba/pypinyin/cn2an versions it was made with."""
+    for name in ("jieba", "pypinyin", "cn2an"):
+        pytest.importorskip(name)
+    data = json.loads((FIXTURES / "chinese_ids.json").read_text(encoding="utf-8"))
+    wrong = []
+    for row in data["sentences"]:
+        ids, langs = vallex.token_ids(row["text"])
+        if ids != row["ids"] or "".join(lang[0] for lang in langs) != row["langs"]:
+            wrong.append(row["text"])
+    assert not wrong, f"{len(wrong)} of {len(data['sentences'])} differ (made with {data['versions']}), e.g. {wrong[0]!r}"
+
+
+def test_japanese_is_a_clear_error():
+    with pytest.raises(UserError, match="Japanese"):
+        vallex.VallexFrontend().encode("[JA]こんにちは[JA]")

@@ -14,8 +14,8 @@ What VALL-E X's model was trained on (facts of its format, Plachtaa/VALL-E-X@3fa
   (language * 2048 + table id), which is what `VallexModel` reads.
 
 English needs `eng-to-ipa`, `inflect` and `Unidecode` (in the base install). Chinese needs
-`pip install "vall-e[vallex-zh]"` (pypinyin, jieba, cn2an) and Japanese `"vall-e[vallex-ja]"`
-(pyopenjtalk); text in those languages without them is a one-line error naming the extra.
+`pip install "vall-e[vallex-zh]"` (pypinyin, jieba, cn2an; without them Chinese text is a one-line
+error naming the extra). Japanese (pyopenjtalk) is not ported yet: Japanese text is an error.
 Untagged text is tagged with `language`, or with langid's guess among en/zh/ja for "auto".
 """
 from __future__ import annotations
@@ -57,7 +57,8 @@ _inflect_engine: Any = None
 
 
 def _missing(what: str, extra: str, error: ImportError) -> UserError:
-    return UserError(f"{what} needs {error.name or 'a package'}: pip install \"vall-e[{extra}]\"")
+    how = f'pip install "vall-e[{extra}]"' if extra else "it is part of vall-e's base install: pip install -e ."
+    return UserError(f"{what} needs {error.name or 'a package'}: {how}")
 
 
 def _inflect() -> Any:
@@ -66,7 +67,7 @@ def _inflect() -> Any:
         try:
             import inflect
         except ImportError as e:
-            raise _missing("English text (VALL-E X front end)", "vallex", e) from None
+            raise _missing("English text (VALL-E X front end)", "", e) from None
         _inflect_engine = inflect.engine()
     return _inflect_engine
 
@@ -114,7 +115,7 @@ def english_ipa(text: str) -> str:
         import eng_to_ipa
         from unidecode import unidecode
     except ImportError as e:
-        raise _missing("English text (VALL-E X front end)", "vallex", e) from None
+        raise _missing("English text (VALL-E X front end)", "", e) from None
     text = unidecode(text).lower()
     for pattern, replacement in _ABBREVIATIONS:
         text = pattern.sub(replacement, text)
@@ -135,11 +136,8 @@ def span_ipa(lang: str, text: str) -> str:
         except ImportError as e:
             raise _missing("Chinese text", "vallex-zh", e) from None
         return chinese_ipa(text)
-    try:
-        from vall_e.text.vallex_ja import japanese_ipa
-    except ImportError as e:
-        raise _missing("Japanese text", "vallex-ja", e) from None
-    return japanese_ipa(text)
+    raise UserError("Japanese text: VALL-E X's Japanese front end (pyopenjtalk) is not ported yet; "
+                    "use English or Chinese text")
 
 
 # ------------------------------------------------------------------------------------ tagging
@@ -154,7 +152,7 @@ def detect_language(text: str) -> str:
         try:
             from langid.langid import LanguageIdentifier, model
         except ImportError as e:
-            raise _missing("language detection (--language auto)", "vallex", e) from None
+            raise _missing("language detection (--language auto)", "", e) from None
         _identifier = LanguageIdentifier.from_modelstring(model, norm_probs=True)
         _identifier.set_languages(list(LANGS))
     return _identifier.classify(text)[0]

@@ -236,6 +236,41 @@ def make_amphion_fixtures(upstream: Path, out_dir: Path) -> None:
                 "config": json.dumps(config.to_dict()), "cols": json.dumps(COLS), "cases": json.dumps(manifest)}
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / f"{name}.safetensors"), metadata=meta)
         print(f"wrote {out_dir / f'{name}.safetensors'}")
+    make_amphion_text_fixture(upstream, out_dir)
+
+
+def make_amphion_text_fixture(upstream: Path, out_dir: Path) -> None:
+    """Their phone extraction (text/g2p_module.G2PModule with espeak, as processors/phone_extractor
+    calls it) and their id collation (text/text_token_collation.TextTokenCollator from a symbols.dict)
+    on the English sentences; g2p_en (only their lexicon path uses it) is stubbed. espeak is the
+    espeakng-loader wheel's, configured as this project configures phonemizer. A symbols.dict of the
+    phones seen, in first-seen order with ids 0.., is written too (their ids come from sorting it)."""
+    import types
+
+    from vall_e.text.espeak import configure_phonemizer
+
+    configure_phonemizer()
+    sys.modules.setdefault("g2p_en", types.ModuleType("g2p_en")).G2p = None
+    from text.g2p_module import G2PModule  # their code
+    from text.text_token_collation import TextTokenCollator
+
+    g2p = G2PModule(backend="espeak", language="en-us")
+    sentences = (out_dir / "english_sentences.txt").read_text(encoding="utf-8").splitlines()
+    phone_lists = [g2p.g2p_conversion(s.replace("”", '"').replace("“", '"')) for s in sentences]
+    symbols: dict[str, int] = {}
+    for phones in phone_lists:
+        for p in phones:
+            symbols.setdefault(p, len(symbols))
+    collator = TextTokenCollator(sorted(symbols), add_bos=True, add_eos=True)
+    rows = [{"text": s, "ids": collator(phones)[0]} for s, phones in zip(sentences, phone_lists)]
+    import importlib.metadata as md
+
+    lines = ",\n".join(json.dumps(row, ensure_ascii=False) for row in rows)
+    text = (f'{{"upstream": "open-mmlab/Amphion@{AMPHION_COMMIT}", "espeakng-loader": '
+            f'"{md.version("espeakng-loader")}", "symbols": {json.dumps(symbols, ensure_ascii=False)}, '
+            f'"sentences": [\n{lines}\n]}}\n')
+    (out_dir / "amphion_ids.json").write_text(text, encoding="utf-8")
+    print(f"wrote {out_dir / 'amphion_ids.json'} ({len(rows)} sentences, {len(symbols)} symbols)")
 
 
 def make_vocos_fixture(upstream: Path, out_dir: Path) -> None:

@@ -164,3 +164,33 @@ def test_cli_runs_a_converted_checkpoint(vallex_pt, tmp_path, tiny_encodec_dir):
     bad = subprocess.run([sys.executable, "-m", "vall_e.convert", str(tmp_path / "nope.pt")], capture_output=True,
                          text=True, env=env, cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nope.pt" in bad.stderr
+
+
+def test_amphion_checkpoint_folder_loads_and_speaks(tmp_path, tiny_encodec_dir):
+    """An Amphion-style folder: pytorch_model.bin (a plain state dict) under checkpoint/..., with
+    args.json (heads, prefix mode) and symbols.dict at the top."""
+    from vall_e.codecs import build_codec
+    from vall_e.convert import load_foreign
+    from vall_e.generation.settings import GenerationSettings
+    from vall_e.generation.tts import TTS
+    from vall_e.generation.sampling import SamplingParams
+    from vall_e.text.amphion import phones
+
+    config = VallexConfig(d_model=32, n_heads=2, n_layers=2, n_text_tokens=512, n_langs=0, prepend_bos=False,
+                          nar_prompt_all_levels=False)
+    ckpt = tmp_path / "checkpoint" / "final_epoch" / "pytorch_model.bin"
+    ckpt.parent.mkdir(parents=True)
+    torch.save(random_state_dict(config, 9), ckpt)
+    (tmp_path / "args.json").write_text(json.dumps({"model": {"nhead": 2, "prefix_mode": 0}}))
+    symbols = sorted(set(phones("Hello there.")))
+    (tmp_path / "symbols.dict").write_text("".join(f"{p} {i}\n" for i, p in enumerate(symbols)))
+    models, meta = load_foreign(ckpt)
+    assert models["ar+nar"].config == config
+    assert json.loads(meta["extra"]["text_frontend"])["name"] == "amphion" and meta["extra"]["vocoder"] == "encodec"
+    tts = TTS(models, meta, build_codec({"name": "encodec", "model": str(tiny_encodec_dir), "bandwidth": 6.0}))
+    greedy = SamplingParams(temperature=0.0, ras_window=0)
+    wav = tts.synthesize("Hello there.", 0.1 * torch.randn(24_000),
+                         GenerationSettings(ar=greedy, nar=greedy, max_ar_steps=8))[0]
+    assert 0 < wav.numel() <= 8 * 320
+    with pytest.raises(UserError, match="lacks"):
+        tts.encode_text("Zebras jump.")

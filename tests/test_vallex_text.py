@@ -64,3 +64,16 @@ def test_chinese_and_mixed_sentences_give_the_original_ids():
 def test_japanese_is_a_clear_error():
     with pytest.raises(UserError, match="Japanese"):
         vallex.VallexFrontend().encode("[JA]こんにちは[JA]")
+
+
+def test_amphion_front_end_gives_their_ids():
+    """Amphion@d3de90f's own G2PModule + TextTokenCollator (same espeak wheel) on the 50 sentences."""
+    from vall_e.text.amphion import AmphionFrontend
+
+    data = json.loads((FIXTURES / "amphion_ids.json").read_text(encoding="utf-8"))
+    front = AmphionFrontend({"symbols": data["symbols"]})
+    wrong = [row["text"] for row in data["sentences"] if front.encode(row["text"]) != row["ids"]]
+    assert not wrong, f"{len(wrong)} sentences differ, e.g. {wrong[0]!r}"
+    # a reference transcript is phonemized together with the text, as Amphion's inference does
+    joined = front.encode_with_reference("over the lazy dog!", "en", "The quick brown fox jumps")
+    assert joined == front.encode("The quick brown fox jumps over the lazy dog!")

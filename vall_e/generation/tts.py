@@ -253,11 +253,8 @@ class TTS:
         """Text -> ids. A converted checkpoint's front end also reads `reference_text` (what the
         reference says), whose ids come first; other models ignore it."""
         if self.frontend is not None:
-            ids = self.frontend.encode(text, language)
-            if reference_text.strip():
-                ref_lang = self.frontend.language_of(reference_text, language)
-                ids = self.frontend.encode(reference_text, ref_lang, force_language=ref_lang) + ids
-            return torch.tensor(ids, dtype=torch.long)
+            return torch.tensor(self.frontend.encode_with_reference(text, language, reference_text), dtype=torch.long)
+
         tokens = [self._known_symbol(t) for t in phonemize(text, language)]
         return torch.tensor(self.symmap.encode(tokens, source=f"the text {text[:40]!r}"), dtype=torch.long)
 

@@ -230,7 +230,14 @@ def resolve(path: str | Path) -> tuple[Path, str]:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"{s}: cannot download {filename} from the Hugging Face hub and it is not in the cache "
                         f"({type(e).__name__}: {first[:160]})") from None
-    return Path(local), (known or {}).get("source", "")
+    kind = (known or {}).get("source", "")
+    if kind == "amphion" or filename.endswith(".bin"):  # Amphion keeps its settings and phone table at the root
+        for extra in ("args.json", "symbols.dict"):
+            try:
+                hf_hub_download(repo_id=repo, filename=extra)
+            except Exception:  # reported where it is needed (read_symbols / defaults)
+                pass
+    return Path(local), kind
 
 
 def amphion_settings(checkpoint: Path) -> dict[str, Any]:

@@ -223,6 +223,14 @@ class VallexFrontend:
             langs = [force_language] * len(ids)
         return [LANGS.index(lang) * N_TEXT_TOKENS + i for i, lang in zip(ids, langs)]
 
+    def encode_with_reference(self, text: str, language: str, reference_text: str = "") -> list[int]:
+        """The reference transcript's ids (all in its one language, as VALL-E X's prompts are) then the text's."""
+        ids = self.encode(text, language)
+        if reference_text.strip():
+            ref_lang = self.language_of(reference_text, language)
+            ids = self.encode(reference_text, ref_lang, force_language=ref_lang) + ids
+        return ids
+
     def language_of(self, text: str, language: str) -> str:
         """The one language of a prompt transcript (its first tag, the given one, or detected)."""
         m = _SPAN.search(text)

@@ -194,3 +194,28 @@ def test_amphion_checkpoint_folder_loads_and_speaks(tmp_path, tiny_encodec_dir):
     assert 0 < wav.numel() <= 8 * 320
     with pytest.raises(UserError, match="lacks"):
         tts.encode_text("Zebras jump.")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_engine_options_run_a_vallex_model(dtype):
+    """bfloat16, int8 (dynamically quantized linears, tied heads included), beam search and a
+    rolling AR context on the ported model."""
+    import json as _json
+
+    from vall_e.inference import TTS
+    from vall_e.models.vallex_checkpoint import build_from_state_dict
+    from vall_e.sampling import SamplingParams
+    from vall_e.text.symmap import Symmap
+    from vall_e.text.vallex import VallexFrontend
+
+    model = build_from_state_dict(random_state_dict(TINY, 3), "seed 3", n_heads=2)
+    meta = {"symmap": Symmap().to_json(), "extra": {"text_frontend": _json.dumps(VallexFrontend().spec())}}
+    tts = TTS({"ar+nar": model}, meta, codec=None, dtype=dtype)
+    ids = [tts.encode_text("Hello there.", "en")]
+    langs, prompt = torch.zeros(1, dtype=torch.long), [torch.randint(0, 1024, (10, 8))]
+    greedy = SamplingParams(temperature=0.0, ras_window=0, max_ar_context=8)
+    level0 = tts.generate_ar(ids, langs, prompt, greedy, [20], max_repeat_frames=10**6)
+    codes = tts.generate_nar(ids, langs, prompt, level0, greedy)
+    assert codes[0].shape == (20, 8)
+    beam = tts.generate_ar(ids, langs, prompt, SamplingParams(temperature=1.0, beam_width=3), [12])
+    assert 0 < len(beam[0]) <= 12

@@ -77,3 +77,12 @@ def test_amphion_front_end_gives_their_ids():
     # a reference transcript is phonemized together with the text, as Amphion's inference does
     joined = front.encode_with_reference("over the lazy dog!", "en", "The quick brown fox jumps")
     assert joined == front.encode("The quick brown fox jumps over the lazy dog!")
+
+
+def test_sentence_splitting_keeps_tagged_text_readable():
+    from vall_e.inference import split_sentences
+
+    pieces = split_sentences("[EN]Good morning. How are you today?[EN]")
+    assert len(pieces) == 2
+    got = [vallex.token_ids(vallex.tag(p, "zh"))[0] for p in pieces]
+    assert got == [vallex.token_ids("[EN]Good morning.[EN]")[0], vallex.token_ids("[EN]How are you today?[EN]")[0]]

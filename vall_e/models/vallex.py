@@ -171,7 +171,7 @@ class _Block(nn.Module):
         y = (self.norm1 if i == 1 else self.norm2)(x)
         if not self.adaptive:
             return y
-        a, c = (self.norm1_proj if i == 1 else self.norm2_proj)(stage).split(self.d, dim=-1)
+        a, c = (self.norm1_proj if i == 1 else self.norm2_proj)(stage[None])[0].split(self.d, dim=-1)
         return a * y + c
 
     def forward(self, x: Tensor, allowed: Tensor | None, stage: Tensor | None = None,
@@ -231,7 +231,7 @@ class VallexModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.ar_head.weight.device
+        return self.ar_norm.weight.device  # (a norm: linears may be replaced by quantized ones)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -379,11 +379,11 @@ class VallexModel(nn.Module):
 
     # ------------------------------------------------------------------ NAR
 
-    def nar_head(self, level: int) -> Tensor:
-        """The weight [n_codes, d] that maps hidden states to level `level`'s codes."""
+    def nar_head(self, level: int, h: Tensor) -> Tensor:
+        """Logits of level `level`'s codes: through the embedding table of level + 1 when tied."""
         if self.config.tied_heads and level < self.config.n_levels - 1:
-            return self.nar_audio[level + 1].weight
-        return self.nar_heads[str(level)].weight
+            return F.linear(h, self.nar_audio[level + 1].weight)
+        return self.nar_heads[str(level)](h)
 
     def nar_pass(self, text: list[Tensor], lang: Tensor | None, prompt: list[Tensor], resps: list[Tensor],
                  level: int) -> list[Tensor]:
@@ -411,7 +411,6 @@ class VallexModel(nn.Module):
         h = x
         for layer in self.nar_layers:
             h = layer(h, allowed, stage=stage)
-        a, b = self.nar_norm_proj(stage).split(c.d_model, dim=-1)
+        a, b = self.nar_norm_proj(stage[None])[0].split(c.d_model, dim=-1)
         h = a * self.nar_norm(h) + b
-        w = self.nar_head(level)
-        return [F.linear(h[i, s:len(seq)], w) for i, (s, seq) in enumerate(zip(starts, seqs))]
+        return [self.nar_head(level, h[i, s:len(seq)]) for i, (s, seq) in enumerate(zip(starts, seqs))]

@@ -158,9 +158,19 @@ def detect_language(text: str) -> str:
     return _identifier.classify(text)[0]
 
 
+def _close_tags(text: str) -> str:
+    """A tag left open by sentence splitting ("[EN]One." / "Two.[EN]") is closed at the piece's end
+    or opened at its start, so each sentence of a tagged text is still read."""
+    for marker in TAGS.values():
+        if text.count(marker) % 2:
+            text = text + marker if text.lstrip().startswith(marker) else marker + text
+    return text
+
+
 def tag(text: str, language: str) -> str:
     """Text with language tags: kept as it is if it has any, else wrapped in `language`'s tag
     ("auto": detected). Outside tags nothing is read, as in the original."""
+    text = _close_tags(text)
     if _SPAN.search(text):
         return text
     language = (language or "en").lower()

@@ -137,6 +137,7 @@ def test_engine_synthesizes_with_a_converted_model_and_reference_text(vallex_pt,
     ref = 0.1 * torch.randn(24_000)
     greedy = SamplingParams(temperature=0.0, ras_window=0)
     settings = GenerationSettings(ar=greedy, nar=greedy, max_ar_steps=12, reference_text="Good morning.")
+    assert tts._own_length("Hello there.", with_ref, "en", settings) == len(plain)  # STOP floor: the text's own ids
     wav = tts.synthesize(["Hello there."], ref, settings)[0]
     assert wav.ndim == 1 and 0 < wav.numel() <= 12 * 320 and torch.isfinite(wav).all()
     chunks = list(tts.stream("Hello there.", ref, settings, chunk_frames=4, first_chunk_frames=4, lookahead=2))

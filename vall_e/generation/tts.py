@@ -306,6 +306,12 @@ class TTS:
             codes = trim_or_repeat(codes, max(1, int(round(prompt_seconds * self.codec.frame_rate))))
         return codes[:, : self.ar_model.config.n_levels].long()
 
+    def _own_length(self, text: str, ids: Tensor, language: str, settings: GenerationSettings) -> int:
+        """How many ids are the text's own (not its reference transcript's): the STOP floor counts only those."""
+        if self.frontend is not None and settings.reference_text.strip():
+            return len(self.encode_text(text, language))
+        return len(ids)
+
     def _prompt_seconds(self, settings: GenerationSettings) -> float:
         """The prompt length; all of the reference when its transcript goes before the text."""
         if self.frontend is not None and settings.reference_text.strip():
@@ -479,7 +485,8 @@ class TTS:
         if settings.ar.seed is not None:
             torch.manual_seed(settings.ar.seed)
         steps = self._step_limits(text_ids, settings.max_ar_steps)
-        floors = [int(settings.min_frames_per_phoneme * len(t)) for t in text_ids]
+        floors = [int(settings.min_frames_per_phoneme * self._own_length(t, ids, lang, settings))
+                  for t, ids, lang in zip(texts, text_ids, languages)]
         level0 = self.generate_ar(text_ids, langs, list(prompts), settings.ar, steps, settings.max_repeat_frames,
                                   floors)
         return self.generate_nar(text_ids, langs, list(prompts), level0, settings.nar, settings.max_nar_levels)
@@ -576,7 +583,7 @@ class TTS:
             emitted = end
             return wav
 
-        floors = [int(settings.min_frames_per_phoneme * len(text_ids[0]))]
+        floors = [int(settings.min_frames_per_phoneme * self._own_length(text, text_ids[0], settings.language, settings))]
         for _, tokens, done in self.ar_steps(text_ids, langs, [prompt], settings.ar, steps,
                                              settings.max_repeat_frames, floors):
             if bool(done[0]):

@@ -301,18 +301,19 @@ class VallexModel(nn.Module):
         """Run text + [BOS] + prompt level-0 codes of each sample (left-padded to a common end).
         Returns logits [B, n_codes + 1] for the first response frame and the decoding state."""
         B = len(text)
-        seqs, is_text, audio_len = [], [], []
+        seqs, text_len, audio_len = [], [], []
         for i in range(B):
             xt = self._text(text[i], "ar")
             ids = self._ar_audio_ids(prompt[i])
             xa = self.ar_audio_pos(self.ar_audio(ids), torch.arange(len(ids), device=self.device))
             seqs.append(torch.cat([xt, xa]))
-            is_text.append(torch.cat([torch.ones(len(xt), dtype=torch.bool), torch.zeros(len(xa), dtype=torch.bool)]))
+            text_len.append(len(xt))
             audio_len.append(len(ids))
         x, valid = self._left_pad(seqs)
-        flags, _ = self._left_pad([t[:, None].float() for t in is_text])
-        text_tok = flags[..., 0].bool().to(self.device) & valid
         B, P, _ = x.shape
+        text_tok = torch.zeros(B, P, dtype=torch.bool, device=self.device)  # which slots hold text
+        for i, (seq, n) in enumerate(zip(seqs, text_len)):
+            text_tok[i, P - len(seq):P - len(seq) + n] = True
         idx = torch.arange(P, device=self.device)
         causal = idx[None, :] <= idx[:, None]  # [q, k]
         # text queries see the text; audio queries see the text and earlier audio; padding sees itself

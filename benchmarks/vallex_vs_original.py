@@ -41,10 +41,10 @@ def main() -> None:
     sys.path.insert(0, str(Path(args.upstream).resolve()))
     import models.vallex as theirs_module  # their code
 
-    from vall_e.inference import TTS
+    from vall_e.generation.tts import TTS
     from vall_e.models.vallex import VallexConfig
     from vall_e.models.vallex_checkpoint import build_from_state_dict, random_state_dict
-    from vall_e.sampling import SamplingParams
+    from vall_e.generation.sampling import SamplingParams
     from vall_e.text.symmap import Symmap
     from vall_e.utils.io import atomic_write_text
 

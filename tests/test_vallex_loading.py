@@ -99,7 +99,7 @@ def test_offline_hub_address_is_one_line_error(monkeypatch, tmp_path):
 
 
 def test_convert_writes_a_self_contained_file_with_the_same_logits(vallex_pt, tmp_path, tiny_encodec_dir):
-    from vall_e.convert import convert
+    from vall_e.models.vallex_convert import convert
     from vall_e.models.model_file import load_exported
 
     out = convert(vallex_pt, tmp_path / "vallex.safetensors", n_heads=2, codec_model=str(tiny_encodec_dir))
@@ -120,7 +120,7 @@ def test_convert_writes_a_self_contained_file_with_the_same_logits(vallex_pt, tm
 
 def test_engine_synthesizes_with_a_converted_model_and_reference_text(vallex_pt, tiny_encodec_dir):
     from vall_e.codecs import build_codec
-    from vall_e.convert import load_foreign
+    from vall_e.models.vallex_convert import load_foreign
     from vall_e.generation.settings import GenerationSettings
     from vall_e.generation.tts import TTS
     from vall_e.generation.sampling import SamplingParams
@@ -171,7 +171,7 @@ def test_amphion_checkpoint_folder_loads_and_speaks(tmp_path, tiny_encodec_dir):
     """An Amphion-style folder: pytorch_model.bin (a plain state dict) under checkpoint/..., with
     args.json (heads, prefix mode) and symbols.dict at the top."""
     from vall_e.codecs import build_codec
-    from vall_e.convert import load_foreign
+    from vall_e.models.vallex_convert import load_foreign
     from vall_e.generation.settings import GenerationSettings
     from vall_e.generation.tts import TTS
     from vall_e.generation.sampling import SamplingParams
@@ -203,9 +203,9 @@ def test_engine_options_run_a_vallex_model(dtype):
     rolling AR context on the ported model."""
     import json as _json
 
-    from vall_e.inference import TTS
+    from vall_e.generation.tts import TTS
     from vall_e.models.vallex_checkpoint import build_from_state_dict
-    from vall_e.sampling import SamplingParams
+    from vall_e.generation.sampling import SamplingParams
     from vall_e.text.symmap import Symmap
     from vall_e.text.vallex import VallexFrontend
 

@@ -80,7 +80,7 @@ def test_amphion_front_end_gives_their_ids():
 
 
 def test_sentence_splitting_keeps_tagged_text_readable():
-    from vall_e.inference import split_sentences
+    from vall_e.generation.tts import split_sentences
 
     pieces = split_sentences("[EN]Good morning. How are you today?[EN]")
     assert len(pieces) == 2

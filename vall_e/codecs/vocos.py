@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import Tensor, nn
 
 from vall_e.codecs.base import Codec
@@ -169,8 +170,6 @@ def from_state_dict(sd: dict[str, Tensor], settings: dict[str, Any], source: str
 
 def load_vocos(source: str | Path = DEFAULT_REPO) -> VocosEncodecDecoder:
     """From a folder with config.yaml + pytorch_model.bin (or model.safetensors), or a hub repo id."""
-    import yaml
-
     folder = Path(str(source)).expanduser()
     if folder.is_dir():
         config_path = folder / "config.yaml"
@@ -197,9 +196,12 @@ def load_vocos(source: str | Path = DEFAULT_REPO) -> VocosEncodecDecoder:
         raise UserError(f"{config_path}: not valid YAML ({e})") from None
     settings = _settings(config if isinstance(config, dict) else {}, str(config_path))
     if weights_path.suffix == ".safetensors":
-        from vall_e.models.weights import load_safetensors
+        from safetensors.torch import load_file
 
-        sd, _ = load_safetensors(weights_path)
+        try:
+            sd = load_file(str(weights_path))
+        except Exception as e:  # safetensors' own error types for damaged files
+            raise UserError(f"{weights_path}: not a valid safetensors file ({str(e).splitlines()[0][:160]})") from None
     else:
         try:
             sd = torch.load(weights_path, map_location="cpu", weights_only=True)

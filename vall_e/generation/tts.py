@@ -12,6 +12,7 @@ and a frame code repeated for too long ends that sequence.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -28,6 +29,7 @@ from torch.ao.quantization import quantize_dynamic
 
 from vall_e.codecs import build_codec
 from vall_e.codecs.rvq import ResidualVQ
+from vall_e.codecs.vocos import VocosDecoding
 from vall_e.codecs.world import WorldCodec
 from vall_e.config import load_config
 from vall_e.data.prompts import trim_or_repeat
@@ -35,9 +37,12 @@ from vall_e.generation.sampling import BeamSearch, SamplingParams, TokenSampler
 from vall_e.generation.settings import GenerationSettings
 from vall_e.models.backbones.kv_cache import KVCache
 from vall_e.models.model_file import load_exported
+from vall_e.models.vallex_checkpoint import is_foreign_checkpoint
+from vall_e.models.vallex_convert import load_foreign
 from vall_e.text.languages import LanguageMap
 from vall_e.text.phonemes import phonemize
 from vall_e.text.symmap import Symmap
+from vall_e.text.vallex import build_frontend
 from vall_e.utils.audio import concat_with_pauses, load_audio
 from vall_e.utils.errors import UserError
 
@@ -142,8 +147,6 @@ def _with_vocoder(codec: Any, meta: dict[str, Any], vocoder: str | None, device:
         return codec
     if choice != "vocos":
         raise UserError(f"vocoder {vocoder!r}: choose vocos or encodec")
-    from vall_e.codecs.vocos import VocosDecoding
-
     return VocosDecoding(codec, device=device or "cpu")
 
 
@@ -194,10 +197,6 @@ class TTS:
         self.frontend = None
         frontend_spec = (meta.get("extra") or {}).get("text_frontend")
         if frontend_spec:
-            import json
-
-            from vall_e.text.vallex import build_frontend
-
             self.frontend = build_frontend(json.loads(frontend_spec))
         cfg = self.ar_model.config
         self.n_levels = cfg.n_levels
@@ -209,16 +208,12 @@ class TTS:
                         codec_device: str | None = None, compile: bool = False, vocoder: str | None = None) -> "TTS":
         """Load an exported `model.safetensors`, or a training run through its YAML (its export, else
         its latest checkpoint), or a published checkpoint (VALL-E X's .pt, Amphion's .bin, hf://...;
-        see `vall_e.convert`). The codec and G2P settings come from the model's metadata.
+        see `vall_e.models.vallex_convert`). The codec and G2P settings come from the model's metadata.
         dtype and compile: see `TTS.__init__`. vocoder: "encodec" or "vocos" (decode EnCodec codes
         with Vocos); None or "" = the model's default (Vocos for VALL-E X, else EnCodec)."""
-        from vall_e.models.vallex_checkpoint import is_foreign_checkpoint
-
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if is_foreign_checkpoint(path):
-            from vall_e.convert import load_foreign
-
             models, meta = load_foreign(path)
             return cls(models, meta, _with_vocoder(build_codec(meta["codec"]), meta, vocoder, codec_device),
                        device=device, dtype=dtype, compile=compile, decode_layout=True)
@@ -254,7 +249,6 @@ class TTS:
         reference says), whose ids come first; other models ignore it."""
         if self.frontend is not None:
             return torch.tensor(self.frontend.encode_with_reference(text, language, reference_text), dtype=torch.long)
-
         tokens = [self._known_symbol(t) for t in phonemize(text, language)]
         return torch.tensor(self.symmap.encode(tokens, source=f"the text {text[:40]!r}"), dtype=torch.long)
 

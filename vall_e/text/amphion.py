@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from vall_e.text.espeak import configure_phonemizer
 from vall_e.utils.errors import UserError
 
 _lock = threading.Lock()
@@ -63,8 +64,6 @@ def split_phones(phonemized: str) -> list[str]:
 
 def phones(text: str) -> list[str]:
     global _backend
-    from vall_e.text.espeak import configure_phonemizer
-
     text = text.replace("”", '"').replace("“", '"').strip()
     with _lock:
         if _backend is None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from vall_e.text.amphion import AmphionFrontend
 from vall_e.utils.errors import UserError
 
 LANGS = ("en", "zh", "ja")
@@ -255,7 +256,5 @@ def build_frontend(spec: dict[str, Any]) -> Any:
     if name == "vallex":
         return VallexFrontend(spec)
     if name == "amphion":
-        from vall_e.text.amphion import AmphionFrontend
-
         return AmphionFrontend(spec)
     raise UserError(f"text front end {name!r} is not known to this vall-e")

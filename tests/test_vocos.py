@@ -99,3 +99,20 @@ def test_vocos_needs_an_encodec_codec(vocos_dir):
 
     with pytest.raises(UserError, match="EnCodec"):
         VocosDecoding(World(), source=vocos_dir)
+
+
+def test_engine_decodes_through_vocos_from_a_folder(vocos_dir, tiny_encodec_dir):
+    """`--vocoder DIR`: the engine's codec decodes with our Vocos (the tiny EnCodec is 24 kHz, hop 320)."""
+    from safetensors.torch import load_file
+
+    from vall_e.codecs import build_codec
+    from vall_e.generation.tts import _with_vocoder
+
+    codec = build_codec({"name": "encodec", "model": str(tiny_encodec_dir), "bandwidth": 6.0})
+    assert _with_vocoder(codec, {}, None, None) is codec  # a model without a default keeps EnCodec
+    vocos = _with_vocoder(codec, {}, str(vocos_dir), None)
+    ref = load_file(str(FIXTURE))
+    wav = vocos.decode(ref["codes"][0])
+    assert torch.allclose(wav, ref["wav"][0], atol=1e-4)
+    with pytest.raises(UserError, match="Vocos folder"):
+        _with_vocoder(codec, {}, "/no/such/folder", None)

@@ -187,7 +187,8 @@ def load_vocos(source: str | Path = DEFAULT_REPO) -> VocosEncodecDecoder:
         except Exception as e:  # offline and not cached, or no such repo
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             raise UserError(f"vocoder {source}: cannot download it from the Hugging Face hub and it is not cached "
-                            f"({type(e).__name__}: {first}); pass a folder with config.yaml and pytorch_model.bin") from None
+                            f"({type(e).__name__}: {first}); give --vocoder a folder with its config.yaml and pytorch_model.bin, "
+                            "or use --vocoder encodec") from None
     else:
         raise UserError(f"vocoder {source}: no such folder")
     try:

@@ -141,13 +141,17 @@ def _reorder_cache(cache: Any, index: Tensor) -> Any:
 
 
 def _with_vocoder(codec: Any, meta: dict[str, Any], vocoder: str | None, device: str | None) -> Any:
-    """The codec, decoding through Vocos when asked (or when the model's default is Vocos)."""
-    choice = (vocoder or (meta.get("extra") or {}).get("vocoder") or "encodec").lower()
-    if choice == "encodec":
+    """The codec, decoding through Vocos when asked (or when the model's default is Vocos).
+    vocoder: "encodec", "vocos" (charactr/vocos-encodec-24khz from the hub or its cache), or a folder
+    holding that model's config.yaml and pytorch_model.bin."""
+    choice = vocoder or (meta.get("extra") or {}).get("vocoder") or "encodec"
+    if choice.lower() == "encodec":
         return codec
-    if choice != "vocos":
-        raise UserError(f"vocoder {vocoder!r}: choose vocos or encodec")
-    return VocosDecoding(codec, device=device or "cpu")
+    if choice.lower() == "vocos":
+        return VocosDecoding(codec, device=device or "cpu")
+    if Path(choice).expanduser().is_dir():
+        return VocosDecoding(codec, source=Path(choice).expanduser(), device=device or "cpu")
+    raise UserError(f"vocoder {vocoder!r}: choose vocos, encodec or a Vocos folder (config.yaml + pytorch_model.bin)")
 
 
 class TTS:

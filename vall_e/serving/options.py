@@ -14,6 +14,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="compile the AR decode step with torch.compile "
                              "(CPU: needs a C++ compiler; first call takes 1-4 min)")
-    parser.add_argument("--vocoder", default=None, choices=["vocos", "encodec"],
-                        help="decode EnCodec codes with Vocos or EnCodec (default: inference.vocoder, else the "
+    parser.add_argument("--vocoder", default=None, metavar="vocos|encodec|DIR",
+                        help="decode EnCodec codes with Vocos (charactr/vocos-encodec-24khz, or a folder with its "
+                             "config.yaml and pytorch_model.bin) or EnCodec (default: inference.vocoder, else the "
                              "model's: Vocos for VALL-E X)")

@@ -109,8 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("empty text: nothing to synthesize")
     out = Path(args.out or args.out_path or f"./data/{int(time.time())}.wav")
 
+    vocoder = args.vocoder or cfg.inference.vocoder
     tts = TTS.from_pretrained(model_path, device=args.device, dtype=args.dtype, compile=args.compile,
-                              vocoder=args.vocoder or cfg.inference.vocoder)
+                              **({"vocoder": vocoder} if vocoder else {}))
     settings = _settings(args)
     if args.stream:
         stats: dict[str, float] = {}

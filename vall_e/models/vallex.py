@@ -89,6 +89,11 @@ class VallexConfig:
         return True
 
     @property
+    def ar_group(self) -> int:
+        """Level-0 codes per AR step (VALL-E 2's `model.ar_group`): these checkpoints predict one."""
+        return 1
+
+    @property
     def stop_id(self) -> int:
         return self.n_codes
 
@@ -193,7 +198,11 @@ class _Block(nn.Module):
 
 @dataclass
 class VallexARState(ARState):
-    """`ARState` plus each row's next audio position (positions restart where the audio starts)."""
+    """`ARState` plus each row's next audio position (positions restart where the audio starts).
+
+    Beam search reorders `cache`, `valid`, `text` and `text_pos` but not `audio_pos`; it need not:
+    a beam only ever continues a row of its own item, and all of an item's rows share one prompt and
+    step together, so they hold the same `audio_pos`."""
 
     audio_pos: Tensor | None = None  # Long[B]
 
@@ -329,7 +338,7 @@ class VallexModel(nn.Module):
         valid_buf = torch.zeros(B, P + max_length, dtype=torch.bool, device=self.device)
         valid_buf[:, :P] = valid
         state = VallexARState(cache, valid_buf, P, torch.ones(B, dtype=torch.bool, device=self.device),
-                              None, torch.tensor(audio_len, device=self.device))
+                              audio_pos=torch.tensor(audio_len, device=self.device))
         return logits, state
 
     def ar_step(self, tokens: Tensor, state: VallexARState) -> tuple[Tensor, VallexARState]:

@@ -87,10 +87,15 @@ def test_pickle_with_code_is_refused(vocos_dir, tmp_path):
 def test_missing_folder_and_offline_hub_are_one_line_errors(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="needs config.yaml"):
         load_vocos(tmp_path)
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)  # read at import: the variable alone comes too late
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(UserError, match="not cached"):
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(UserError, match="not in huggingface_hub's cache; give --vocoder a folder") as e:
         load_vocos("charactr/vocos-encodec-24khz")
+    assert "\n" not in str(e.value)
 
 
 def test_vocos_needs_an_encodec_codec(vocos_dir):

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from vall_e.codecs.base import Codec
 from vall_e.utils.errors import UserError
+from vall_e.utils.hub import hub_file
 
 DEFAULT_REPO = "charactr/vocos-encodec-24khz"
 BANDWIDTHS = (1.5, 3.0, 6.0, 12.0)
@@ -177,18 +178,9 @@ def load_vocos(source: str | Path = DEFAULT_REPO) -> VocosEncodecDecoder:
         if not config_path.is_file() or weights_path is None:
             raise UserError(f"{folder}: a Vocos folder needs config.yaml and pytorch_model.bin (or model.safetensors)")
     elif str(source).count("/") == 1 and not str(source).startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import hf_hub_download
-
-            config_path = Path(hf_hub_download(repo_id=str(source), filename="config.yaml"))
-            weights_path = Path(hf_hub_download(repo_id=str(source), filename="pytorch_model.bin"))
-        except ImportError:
-            raise UserError("the Vocos vocoder downloads with huggingface_hub: pip install huggingface_hub") from None
-        except Exception as e:  # offline and not cached, or no such repo
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise UserError(f"vocoder {source}: cannot download it from the Hugging Face hub and it is not cached "
-                            f"({type(e).__name__}: {first}); give --vocoder a folder with its config.yaml and pytorch_model.bin, "
-                            "or use --vocoder encodec") from None
+        hint = "give --vocoder a folder with its config.yaml and pytorch_model.bin, or use --vocoder encodec"
+        config_path = hub_file(str(source), "config.yaml", f"vocoder {source}", hint)
+        weights_path = hub_file(str(source), "pytorch_model.bin", f"vocoder {source}", hint)
     else:
         raise UserError(f"vocoder {source}: no such folder")
     try:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from vall_e.utils.errors import UserError
+from vall_e.utils.hub import hub_file
 
 from .vallex import VallexConfig, VallexModel
 
@@ -220,22 +221,13 @@ def resolve(path: str | Path) -> tuple[Path, str]:
         if known is None:
             raise UserError(f"{s}: unknown repository; name the file: hf://{repo}/FILE")
         filename = known["file"]
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise UserError(f"{s}: downloading needs huggingface_hub (pip install huggingface_hub)") from None
-    try:
-        local = hf_hub_download(repo_id=repo, filename=filename)
-    except Exception as e:  # offline, not cached, no such file: one line, whatever the hub's error type
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{s}: cannot download {filename} from the Hugging Face hub and it is not in the cache "
-                        f"({type(e).__name__}: {first[:160]})") from None
+    local = hub_file(repo, filename, s)
     kind = (known or {}).get("source", "")
     if kind == "amphion" or filename.endswith(".bin"):  # Amphion keeps its settings and phone table at the root
         for extra in ("args.json", "symbols.dict"):
             try:
-                hf_hub_download(repo_id=repo, filename=extra)
-            except Exception:  # reported where it is needed (read_symbols / defaults)
+                hub_file(repo, extra, s)
+            except UserError:  # reported where it is needed (read_symbols / defaults)
                 pass
     return Path(local), kind
 

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vall_e"
 ORDER = ["utils", "config", "text", "codecs", "emb", "data", "models", "generation", "training", "serving",
          "evaluation", "demo"]
 COMMAND_MODULES = {"__init__.py", "__main__.py", "cli.py", "train.py", "export.py", "plot.py", "server.py",
-                   "webui.py", "eval.py"}
+                   "webui.py", "eval.py", "convert.py"}
 
 
 def _imported_packages(path: Path) -> set[str]:

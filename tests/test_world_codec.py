@@ -514,12 +514,13 @@ def test_codebook_file_from_before_the_noise_floor_codes_as_it_did(tmp_path):
 
     from vall_e.codecs.tiny_encodec import speechlike_audio
 
-    from safetensors.numpy import save_file
+    from safetensors.torch import save_file
+
+    from tests.tensor_fixtures import read_tensor_json
 
     data = Path(__file__).parent / "data"
-    legacy = json.loads((data / "world_codebooks_legacy.json").read_text())
-    arrays = {k: np.asarray(t["data"], dtype=t["dtype"]).reshape(t["shape"]) for k, t in legacy["tensors"].items()}
-    save_file(arrays, str(tmp_path / "legacy.safetensors"), metadata=legacy["metadata"])
+    tensors, metadata = read_tensor_json(data / "world_codebooks_legacy.json")
+    save_file(tensors, str(tmp_path / "legacy.safetensors"), metadata=metadata)
     codec = WorldCodec(tmp_path / "legacy.safetensors")
     assert "noise_floor_db" not in codec.rvq.info["features"]
     assert (codec.cfg.noise_floor_db, codec.cfg.envelope_weighting, codec.cfg.fill_missing_band) == \

@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "tts": ("vall_e.__main__", "synthesize speech: vall-e tts TEXT REFERENCES [OUT]"),
     "train": ("vall_e.train", "train a model: vall-e train yaml=PATH"),
     "export": ("vall_e.export", "export model.safetensors from the latest checkpoint"),
+    "convert": ("vall_e.convert", "convert a published checkpoint (VALL-E X, Amphion) to model.safetensors"),
     "plot": ("vall_e.plot", "plot training metrics"),
     "data": ("vall_e.data.__main__", "dataset tools (hdf5, metadata, sample)"),
     "qnt": ("vall_e.emb.qnt", "quantize audio files to codec codes"),

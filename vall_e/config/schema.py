@@ -105,6 +105,8 @@ class InferenceConfig:
     weight_dtype: str = _f("float32", "float32 | bfloat16 | float16 for inference")
     max_ar_steps: int = _f(0, "hard cap on AR steps; 0 = follow the text length")
     compile: bool = _f(False, "torch.compile the AR decode step")
+    vocoder: str = _f("", "decode EnCodec codes with: vocos | encodec | a Vocos folder | '' (the model's default: "
+                          "vocos for VALL-E X)")
 
 
 @dataclass

@@ -25,3 +25,6 @@ class GenerationSettings:
     language: str = "en"
     split_sentences: bool = True
     pause: float = 0.25  # seconds of silence between joined sentences
+    # what the reference says: models whose text front end reads it (converted VALL-E X / Amphion
+    # checkpoints) put it before the text and take the whole reference as the prompt; others ignore it
+    reference_text: str = ""

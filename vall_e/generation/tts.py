@@ -12,6 +12,7 @@ and a frame code repeated for too long ends that sequence.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -28,6 +29,7 @@ from torch.ao.quantization import quantize_dynamic
 
 from vall_e.codecs import build_codec
 from vall_e.codecs.rvq import ResidualVQ
+from vall_e.codecs.vocos import VocosDecoding
 from vall_e.codecs.world import WorldCodec
 from vall_e.config import load_config
 from vall_e.data.prompts import trim_or_repeat
@@ -35,9 +37,12 @@ from vall_e.generation.sampling import BeamSearch, SamplingParams, TokenSampler
 from vall_e.generation.settings import GenerationSettings
 from vall_e.models.backbones.kv_cache import KVCache
 from vall_e.models.model_file import load_exported
+from vall_e.models.vallex_checkpoint import is_foreign_checkpoint
+from vall_e.models.vallex_convert import load_foreign
 from vall_e.text.languages import LanguageMap
 from vall_e.text.phonemes import phonemize
 from vall_e.text.symmap import Symmap
+from vall_e.text.vallex import build_frontend
 from vall_e.utils.audio import concat_with_pauses, load_audio
 from vall_e.utils.errors import UserError
 
@@ -135,6 +140,20 @@ def _reorder_cache(cache: Any, index: Tensor) -> Any:
     raise TypeError(f"cannot reorder a cache of type {type(cache).__name__}")
 
 
+def _with_vocoder(codec: Any, meta: dict[str, Any], vocoder: str | None, device: str | None) -> Any:
+    """The codec, decoding through Vocos when asked (or when the model's default is Vocos).
+    vocoder: "encodec", "vocos" (charactr/vocos-encodec-24khz from the hub or its cache), or a folder
+    holding that model's config.yaml and pytorch_model.bin."""
+    choice = vocoder or (meta.get("extra") or {}).get("vocoder") or "encodec"
+    if choice.lower() == "encodec":
+        return codec
+    if choice.lower() == "vocos":
+        return VocosDecoding(codec, device=device or "cpu")
+    if Path(choice).expanduser().is_dir():
+        return VocosDecoding(codec, source=Path(choice).expanduser(), device=device or "cpu")
+    raise UserError(f"vocoder {vocoder!r}: choose vocos, encodec or a Vocos folder (config.yaml + pytorch_model.bin)")
+
+
 class TTS:
     """A loaded model with its codec, symbol map and language map."""
 
@@ -179,6 +198,11 @@ class TTS:
         langs = meta.get("langmap")
         self.langmap = (LanguageMap.from_json(langs) if isinstance(langs, str) else langs) or LanguageMap()
         self.codec = codec
+        # a converted checkpoint (VALL-E X, Amphion) brings its own text front end (vall_e.text.vallex)
+        self.frontend = None
+        frontend_spec = (meta.get("extra") or {}).get("text_frontend")
+        if frontend_spec:
+            self.frontend = build_frontend(json.loads(frontend_spec))
         cfg = self.ar_model.config
         self.n_levels = cfg.n_levels
         self.stop_id = cfg.n_codes
@@ -186,12 +210,18 @@ class TTS:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "auto", dtype: str = "float32",
-                        codec_device: str | None = None, compile: bool = False) -> "TTS":
+                        codec_device: str | None = None, compile: bool = False, vocoder: str | None = None) -> "TTS":
         """Load an exported `model.safetensors`, or a training run through its YAML (its export, else
-        its latest checkpoint). The codec and G2P settings come from the model's metadata.
-        dtype and compile: see `TTS.__init__`."""
+        its latest checkpoint), or a published checkpoint (VALL-E X's .pt, Amphion's .bin, hf://...;
+        see `vall_e.models.vallex_convert`). The codec and G2P settings come from the model's metadata.
+        dtype and compile: see `TTS.__init__`. vocoder: "encodec" or "vocos" (decode EnCodec codes
+        with Vocos); None or "" = the model's default (Vocos for VALL-E X, else EnCodec)."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if is_foreign_checkpoint(path):
+            models, meta = load_foreign(path)
+            return cls(models, meta, _with_vocoder(build_codec(meta["codec"]), meta, vocoder, codec_device),
+                       device=device, dtype=dtype, compile=compile, decode_layout=True)
         path = Path(path)
         if path.suffix in (".yaml", ".yml"):
             cfg = load_config(path)
@@ -211,6 +241,7 @@ class TTS:
                                device=spec.get("device", "cpu"))
         else:
             codec = build_codec(spec)
+        codec = _with_vocoder(codec, meta, vocoder, codec_device)
         return cls(models, meta, codec, device=device, dtype=dtype, compile=compile, decode_layout=True)
 
     @property
@@ -218,9 +249,12 @@ class TTS:
         return self.codec.sample_rate
 
     # ------------------------------------------------------------------ front ends
-    def encode_text(self, text: str, language: str = "en") -> Tensor:
-        """Text ids, tokenized in the stress mode the model was trained with (its symbol map's: a model
-        file from before the modes existed records none and is "merged")."""
+    def encode_text(self, text: str, language: str = "en", reference_text: str = "") -> Tensor:
+        """Text -> ids. A converted checkpoint's front end also reads `reference_text` (what the
+        reference says), whose ids come first; other models ignore it and tokenize in the stress mode
+        the model was trained with (its symbol map's: a model file from before the modes is "merged")."""
+        if self.frontend is not None:
+            return torch.tensor(self.frontend.encode_with_reference(text, language, reference_text), dtype=torch.long)
         tokens = [self._known_symbol(t) for t in phonemize(text, language, stress=self.symmap.stress)]
         unknown = sorted({t for t in tokens if t not in self.symmap})
         if unknown:
@@ -278,6 +312,18 @@ class TTS:
         if prompt_seconds > 0:
             codes = trim_or_repeat(codes, max(1, int(round(prompt_seconds * self.codec.frame_rate))))
         return codes[:, : self.ar_model.config.n_levels].long()
+
+    def _own_length(self, text: str, ids: Tensor, language: str, settings: GenerationSettings) -> int:
+        """How many ids are the text's own (not its reference transcript's): the STOP floor counts only those."""
+        if self.frontend is not None and settings.reference_text.strip():
+            return len(self.encode_text(text, language))
+        return len(ids)
+
+    def _prompt_seconds(self, settings: GenerationSettings) -> float:
+        """The prompt length; all of the reference when its transcript goes before the text."""
+        if self.frontend is not None and settings.reference_text.strip():
+            return 0.0
+        return settings.input_prompt_length
 
     # ------------------------------------------------------------------ decoding stages
     def _step_limits(self, text_ids: list[Tensor], cap: int) -> list[int]:
@@ -435,7 +481,7 @@ class TTS:
         if len(texts) != len(prompts):
             raise ValueError("one prompt per text is needed")
         languages = list(languages or [settings.language] * len(texts))
-        text_ids = [self.encode_text(t, lang) for t, lang in zip(texts, languages)]
+        text_ids = [self.encode_text(t, lang, settings.reference_text) for t, lang in zip(texts, languages)]
         limit = self.ar_model.config.max_positions
         for t, ids, prompt in zip(texts, text_ids, prompts):
             if len(ids) + prompt.shape[0] + 4 > limit:
@@ -446,7 +492,8 @@ class TTS:
         if settings.ar.seed is not None:
             torch.manual_seed(settings.ar.seed)
         steps = self._step_limits(text_ids, settings.max_ar_steps)
-        floors = [int(settings.min_frames_per_phoneme * len(t)) for t in text_ids]
+        floors = [int(settings.min_frames_per_phoneme * self._own_length(t, ids, lang, settings))
+                  for t, ids, lang in zip(texts, text_ids, languages)]
         level0 = self.generate_ar(text_ids, langs, list(prompts), settings.ar, steps, settings.max_repeat_frames,
                                   floors)
         return self.generate_nar(text_ids, langs, list(prompts), level0, settings.nar, settings.max_nar_levels)
@@ -472,9 +519,9 @@ class TTS:
         if not texts or any(not t or not t.strip() for t in texts):
             raise UserError("empty text: nothing to synthesize")
         if isinstance(references, (list, tuple)) and len(references) == len(texts) and len(texts) > 1:
-            prompts = [self.encode_reference(r, settings.input_prompt_length) for r in references]
+            prompts = [self.encode_reference(r, self._prompt_seconds(settings)) for r in references]
         else:
-            prompt = self.encode_reference(references, settings.input_prompt_length)
+            prompt = self.encode_reference(references, self._prompt_seconds(settings))
             prompts = [prompt] * len(texts)
         pieces, owners = [], []
         for i, t in enumerate(texts):
@@ -507,7 +554,7 @@ class TTS:
         if not text or not text.strip():
             raise UserError("empty text: nothing to synthesize")
         t0 = time.perf_counter()
-        prompt = self.encode_reference(references, settings.input_prompt_length)
+        prompt = self.encode_reference(references, self._prompt_seconds(settings))
         sentences = split_sentences(text) if settings.split_sentences else [" ".join(text.split())]
         pause = torch.zeros(int(settings.pause * self.sample_rate))
         first = True
@@ -524,7 +571,7 @@ class TTS:
 
     def _stream_one(self, text: str, prompt: Tensor, settings: GenerationSettings, chunk_frames: int,
                     first_chunk_frames: int, lookahead: int) -> Iterator[Tensor]:
-        text_ids = [self.encode_text(text, settings.language)]
+        text_ids = [self.encode_text(text, settings.language, settings.reference_text)]
         langs = torch.tensor([self.language_id(settings.language)])
         steps = self._step_limits(text_ids, settings.max_ar_steps)
         if settings.ar.seed is not None:
@@ -543,7 +590,7 @@ class TTS:
             emitted = end
             return wav
 
-        floors = [int(settings.min_frames_per_phoneme * len(text_ids[0]))]
+        floors = [int(settings.min_frames_per_phoneme * self._own_length(text, text_ids[0], settings.language, settings))]
         for _, tokens, done in self.ar_steps(text_ids, langs, [prompt], settings.ar, steps,
                                              settings.max_repeat_frames, floors):
             if bool(done[0]):

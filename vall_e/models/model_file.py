@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from vall_e.codecs.rvq import ResidualVQ
 from vall_e.models.valle import VALLE, VALLEConfig
+from vall_e.models.vallex import VallexConfig, VallexModel
 from vall_e.models.weights import flat_weights, load_model_weights, load_safetensors, save_safetensors, split_weights
 from vall_e.text.phonemes import STRESS_MODES
 from vall_e.text.symmap import STRESS_KEY
@@ -75,8 +76,10 @@ def _embed_codec_tensors(tensors: dict[str, Tensor], codec: dict[str, Any] | Non
 
 def write_export(path: Path, state_dicts: dict[str, dict[str, Tensor]], configs: dict[str, dict[str, Any]],
                  symmap: Any = None, langmap: Any = None, codec: dict[str, Any] | None = None,
-                 stats: dict[str, Any] | None = None, dtype: str = "float32") -> Path:
-    """Write one self-contained model file (atomically)."""
+                 stats: dict[str, Any] | None = None, dtype: str = "float32",
+                 extra: dict[str, str] | None = None) -> Path:
+    """Write one self-contained model file (atomically). `extra`: more metadata strings (a converted
+    checkpoint's text front end and source), returned by `read_export` as meta["extra"]."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if set(state_dicts) != set(configs):
@@ -98,6 +101,10 @@ def write_export(path: Path, state_dicts: dict[str, dict[str, Tensor]], configs:
     }
     if codec_meta is not None:
         metadata["codec_tensors"] = json.dumps(codec_meta)
+    for key, value in (extra or {}).items():
+        if key in metadata:
+            raise ValueError(f"extra metadata key {key!r} is reserved")
+        metadata[key] = value
     path = Path(path)
     with atomic_path(path) as tmp:
         save_safetensors(tmp, tensors, metadata)
@@ -136,6 +143,9 @@ def read_export(path: str | Path) -> tuple[dict[str, dict[str, Tensor]], dict[st
             meta["codec_tensors"] = (codec_tensors, json.loads(md.get("codec_tensors", "{}")))
         except ValueError as e:
             raise UserError(f"{path}: damaged codec metadata ({e})") from None
+    known = {"format", "format_version", "models", "symmap", "langmap", "codec", "stats", "dtype", "checksum",
+             "codec_tensors"}
+    meta["extra"] = {k: v for k, v in md.items() if k not in known}
     names = list(configs)
     return split_weights(tensors, names, prefix=len(names) > 1), meta
 
@@ -155,7 +165,10 @@ def check_maps(symmap: Any, langmap: Any, source: str) -> None:
 
 
 def build_network(config: dict[str, Any]) -> nn.Module:
-    """The untrained `VALLE` a stored config (`VALLEConfig.to_dict()`) describes."""
+    """The untrained network a stored config describes: `VALLE` (`VALLEConfig.to_dict()`), or a
+    converted VALL-E X / Amphion checkpoint's `VallexModel` (family "vallex")."""
+    if isinstance(config, dict) and config.get("family") == "vallex":
+        return VallexModel(VallexConfig.from_dict(config))
     return VALLE(VALLEConfig.from_dict(config))
 
 

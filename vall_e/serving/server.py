@@ -622,7 +622,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s: %(message)s")
-    tts = TTS.from_pretrained(model_path, device=args.device, dtype=args.dtype, compile=args.compile)
+    vocoder = args.vocoder or cfg.inference.vocoder
+    tts = TTS.from_pretrained(model_path, device=args.device, dtype=args.dtype, compile=args.compile,
+                              **({"vocoder": vocoder} if vocoder else {}))
     limits = ServerLimits(max_text_chars=args.max_text_chars, max_upload_mb=args.max_upload_mb,
                           request_timeout=args.request_timeout, max_queue=args.max_queue, max_batch=args.max_batch,
                           batch_wait_ms=args.batch_wait_ms, api_key=args.api_key)

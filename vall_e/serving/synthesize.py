@@ -37,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="exported model.safetensors")
     p.add_argument("--ar-ckpt", default=None, help="alias of --model (the reference's flag)")
     p.add_argument("--nar-ckpt", default=None, help="accepted for compatibility; the exported file holds both")
-    p.add_argument("--language", default="en", help="text language (en, de, fr, es, ...)")
+    p.add_argument("--language", default="en", help="text language (en, de, fr, es, ...; VALL-E X: en, zh, ja, auto)")
+    p.add_argument("--reference-text", default="",
+                   help="what the reference says (read by converted VALL-E X / Amphion models, which then use "
+                        "the whole reference as the prompt)")
     p.add_argument("--max-ar-steps", type=int, default=0, help="cap on AR frames (0: follow the text length)")
     p.add_argument("--max-nar-levels", type=int, default=7, help="NAR passes (levels 1..N)")
     p.add_argument("--max-ar-context", type=int, default=-1, help="if > 0, only the last N generated frames are attended")
@@ -81,7 +84,7 @@ def _settings(args: argparse.Namespace):
                   seed=args.seed)
     return GenerationSettings(ar=ar, nar=nar, max_ar_steps=args.max_ar_steps, max_nar_levels=args.max_nar_levels,
                               input_prompt_length=args.input_prompt_length, language=args.language,
-                              split_sentences=not args.no_split, pause=args.pause)
+                              split_sentences=not args.no_split, pause=args.pause, reference_text=args.reference_text)
 
 
 def _numbered(path: Path, i: int, n: int) -> Path:
@@ -106,7 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("empty text: nothing to synthesize")
     out = Path(args.out or args.out_path or f"./data/{int(time.time())}.wav")
 
-    tts = TTS.from_pretrained(model_path, device=args.device, dtype=args.dtype, compile=args.compile)
+    vocoder = args.vocoder or cfg.inference.vocoder
+    tts = TTS.from_pretrained(model_path, device=args.device, dtype=args.dtype, compile=args.compile,
+                              **({"vocoder": vocoder} if vocoder else {}))
     settings = _settings(args)
     if args.stream:
         stats: dict[str, float] = {}

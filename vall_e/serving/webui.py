@@ -170,9 +170,10 @@ class Engine:
     `compile` (the `--compile` flag) applies to every load."""
 
     def __init__(self, model: str | None = None, device: str = "auto", dtype: str = "float32",
-                 loader: Callable[..., Any] | None = None, compile: bool = False) -> None:
+                 loader: Callable[..., Any] | None = None, compile: bool = False, vocoder: str | None = None) -> None:
         self.model, self.device, self.dtype = model or "", device, dtype
         self.compile = compile
+        self.vocoder = vocoder  # --vocoder: vocos | encodec | None (the model's default)
         self._loader = loader
         self._key: tuple[str, str, str] | None = None
         self._tts: Any = None
@@ -194,6 +195,8 @@ class Engine:
                     loader = TTS.from_pretrained
                 self._tts, self._key = None, None  # free the old model first; a failed load keeps none
                 extra = {"compile": True} if self.compile else {}  # loaders without the option still work
+                if self.vocoder:
+                    extra["vocoder"] = self.vocoder
                 self._tts = loader(model, device=device, dtype=dtype, **extra)
                 self._key = key
             return self._tts
@@ -373,7 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if model is None:
         default = cfg.ckpt_dir / cfg.model.full_name / "model.safetensors"
         model = str(default) if default.exists() else None
-    engine = Engine(str(model) if model else None, device=args.device, dtype=args.dtype, compile=args.compile)
+    engine = Engine(str(model) if model else None, device=args.device, dtype=args.dtype, compile=args.compile,
+                    vocoder=args.vocoder or cfg.inference.vocoder or None)
     if model:  # fail fast on a bad path or file, before serving a page that cannot work
         engine.get(str(model), args.device, args.dtype)
     ui = build_ui(engine)

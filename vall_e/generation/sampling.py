@@ -16,7 +16,8 @@ Fixes against the reference (numbers of docs/reference-differences.md):
 `TokenSampler.sample` applies, in this order (the reference's order, plus the new steps):
 
 1. repetition penalty (history), 2. length penalty on STOP (AR), 3. banned ids -> -inf
-   (steps 1-3 are `TokenSampler.penalize`, also the input of a beam search);
+   (steps 1-3 are `TokenSampler.penalize`; the AR applies 1-2 with its STOP floor, caps and repeat
+   guard through `vall_e.generation.constraints.DecodingConstraints`, for beam search too);
 4. temperature 0 -> greedy argmax of the penalised logits, and stop here;
 5. top-k, 6. top-p, 7. min-p (filters), 8. temperature, static or dynamic (per row, from the
    filtered distribution);
@@ -530,8 +531,8 @@ class TokenSampler:
     def penalize(self, logits: Tensor, history: Tensor | None = None, lengths: Tensor | None = None) -> Tensor:
         """Steps 1-3 (repetition penalty, length penalty, bans) on float32 logits.
 
-        For a beam search, feed `log_softmax` of this to `BeamSearch.step`. `lengths` defaults to
-        the number of valid history tokens.
+        The AR applies these through `DecodingConstraints.process` (with its STOP floor and caps),
+        for sampling and beam search alike. `lengths` defaults to the number of valid history tokens.
         """
         p = self.params
         x = logits.float()
@@ -569,15 +570,19 @@ class TokenSampler:
         return 0 < p.top_k or p.top_p < 1.0 or p.min_p > 0.0
 
     # --- the pipeline ----------------------------------------------------------------------------
-    def sample(self, logits: Tensor, history: Tensor | None = None, lengths: Tensor | None = None) -> Tensor:
-        """Tokens (long [B] or [B, T]) for one decoding step; see the module docstring for the order."""
+    def sample(self, logits: Tensor, history: Tensor | None = None, lengths: Tensor | None = None,
+               penalized: bool = False) -> Tensor:
+        """Tokens (long [B] or [B, T]) for one decoding step; see the module docstring for the order.
+
+        penalized: the caller already applied the penalties (steps 1-2; the AR's
+        `DecodingConstraints.process` does), so only the bans are applied here."""
         if logits.ndim not in (2, 3) or logits.shape[0] != self.batch_size:
             raise ValueError(f"logits must be [B={self.batch_size}, V] or [B, T, V], got {tuple(logits.shape)}")
         p = self.params
         ar = logits.ndim == 2
         if self.mirostat is not None and not ar:
             raise ValueError("mirostat is for AR steps ([B, V] logits)")
-        x = self.penalize(logits, history, lengths)
+        x = ban_tokens(logits.float(), self.banned_ids) if penalized else self.penalize(logits, history, lengths)
         self.last_resampled = torch.zeros(logits.shape[0], dtype=torch.bool, device=x.device)
         if p.greedy:
             self.step += 1

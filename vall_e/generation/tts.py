@@ -39,12 +39,13 @@ from vall_e.text.languages import LanguageMap
 from vall_e.text.phonemes import phonemize
 from vall_e.text.symmap import Symmap
 from vall_e.utils.audio import concat_with_pauses, load_audio
+from vall_e.utils.dtypes import ALIASES, DTYPES, torch_dtype
 from vall_e.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+ENGINE_DTYPES = (*DTYPES, "int8")  # what `TTS` accepts as its dtype (int8: dynamic quantization, CPU)
+
 
 # Frames of speech per phoneme token are about 5-7 at normal speed (12-15 phonemes/s at 75 frames/s).
 # The step limit allows a generous 3x slack before cutting a sequence off.
@@ -147,15 +148,15 @@ class TTS:
         decode_layout: re-lay wide weight matrices for faster CPU decoding (`cpu_decode_layout`); it
         changes the given models' parameters, so only `from_pretrained` (which owns them) turns it on.
         """
-        if dtype not in DTYPES and dtype != "int8":
-            raise UserError(f"unknown dtype {dtype!r}; choose one of float32, bfloat16, float16, int8")
+        if dtype not in ENGINE_DTYPES and ALIASES.get(dtype) not in ENGINE_DTYPES:
+            raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(ENGINE_DTYPES)}")
         self.device = torch.device(device)
         self.quantized = dtype == "int8"
         if self.quantized and self.device.type != "cpu":
             raise UserError("dtype int8 (dynamic quantization) runs on the CPU only; use bfloat16 on a GPU")
         if self.quantized and compile:
             raise UserError("compile=True needs float weights (float32, bfloat16 or float16), not int8")
-        self.dtype = torch.float32 if self.quantized else DTYPES[dtype]
+        self.dtype = torch.float32 if self.quantized else torch_dtype(dtype)
         self.meta = meta
         self.models = {k: m.to(self.device, self.dtype).eval() for k, m in models.items()}
         if self.quantized:

@@ -61,9 +61,9 @@ class DecodingConstraints:
 
     # ------------------------------------------------------------------ logits processors
     @property
-    def history_window(self) -> int | None:
-        """How much history `process` needs: None = all of it (repetition penalty on), else a count."""
-        return None if self.params.repetition_penalty != 1.0 else 0
+    def needs_history(self) -> bool:
+        """Whether `process` reads the rows' history (the repetition penalty is on)."""
+        return self.params.repetition_penalty != 1.0
 
     def process(self, logits: Tensor, history: Tensor | None, lengths: Tensor, frame: int) -> Tensor:
         """Steps 1-4 on float32 logits [R, V]: `history` [R, t] (pad_id = empty), `lengths` [R] frames

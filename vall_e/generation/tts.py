@@ -336,7 +336,7 @@ class TTS:
             # the last ras_window tokens of each row for repetition-aware sampling (the last columns
             # of a live row; a finished row's draw is discarded). Without the penalty only that window
             # is passed, so a step's cost does not grow with the length.
-            window = None if rules.history_window is None else max(0, params.ras_window)
+            window = None if rules.needs_history else max(0, params.ras_window)
         frame = 0
         for step in range(n_steps):
             group = []
@@ -388,7 +388,7 @@ class TTS:
         for step in range(limit + 1):
             history = beams.tokens  # [B*W, step]: each row's hypothesis so far
             lengths = torch.full((B * W,), step, dtype=torch.long, device=dev)
-            x = rules.process(logits, history if rules.history_window is None else None, lengths, step)
+            x = rules.process(logits, history if rules.needs_history else None, lengths, step)
             x = rules.fold_repeats(x, history, step)
             logprobs = torch.log_softmax(x / max(params.temperature, 1e-5), dim=-1)
             tokens, index = beams.step(logprobs)

@@ -1,11 +1,14 @@
-"""Shared pytest fixtures. Keep this small: each fixture here is used by several test files."""
+"""Shared pytest fixtures and stand-ins. Keep this small: each one here is used by several test files."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from vall_e.utils.errors import UserError
 
 
 @pytest.fixture(scope="session")
@@ -87,3 +90,30 @@ def write_reference(path: Path) -> Path:
 
     save_audio(path, speechlike_audio(2.0, seed=3), 24_000)
     return path
+
+
+class FakeTTS:
+    """Stands in for the engine in fast in-process tests: records what the server asks of it."""
+
+    sample_rate = 24_000
+    device = "cpu"
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.batches: list[list[str]] = []
+        self.encoded: list[str] = []
+
+    def encode_reference(self, path, prompt_seconds):
+        self.encoded.append(Path(path).name)
+        return torch.zeros(10, 8, dtype=torch.long)
+
+    def synthesize(self, texts, references, settings):
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        self.batches.append(texts)
+        time.sleep(self.delay)
+        if "FAIL" in texts:
+            raise UserError("the text 'FAIL' cannot be spoken")
+        return [0.1 * torch.sin(torch.arange(2400) / 5.0) for _ in texts]
+
+    def stream(self, text, prompt, settings):
+        yield 0.1 * torch.sin(torch.arange(2400) / 5.0)

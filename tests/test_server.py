@@ -20,6 +20,8 @@ import pytest
 import soundfile as sf
 import torch
 
+from tests.conftest import FakeTTS
+
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -263,7 +265,7 @@ def test_voice_upload_list_and_use(server, voice_bytes):
     assert _speech(client, input=TEXTS[2], voice="carol", response_format="wav").status_code == 200
     assert client.delete("/v1/voices/carol").status_code == 200
     _assert_json_error(client.delete("/v1/voices/carol"), 404, "unknown voice")
-    _assert_json_error(_speech(client, input=TEXTS[2], voice="carol"), 400, "unknown voice")
+    _assert_json_error(_speech(client, input=TEXTS[2], voice="carol"), 404, "unknown voice")
     assert not [p for p in server["voices"].iterdir() if p.name.startswith(".")]  # no temp files left
 
 
@@ -272,9 +274,9 @@ def test_bad_requests_get_json_errors_and_server_keeps_serving(server, voice_byt
     base, client = server["base"], server["client"]
     _assert_json_error(_speech(client, input=""), 400, "empty")
     _assert_json_error(_speech(client, input="   \n "), 400, "empty")
-    _assert_json_error(_speech(client, input="a" * 1_000_000), 413, "limit")
-    _assert_json_error(_speech(client, input="hi", voice="nobody"), 400, "unknown voice")
-    _assert_json_error(_speech(client, input="hi", voice="../alice"), 400, "unknown voice")
+    _assert_json_error(_speech(client, input="a" * 1_000_000), 400, "limit")  # the schema's maxLength
+    _assert_json_error(_speech(client, input="hi", voice="nobody"), 404, "unknown voice")
+    _assert_json_error(_speech(client, input="hi", voice="../alice"), 400, "not allowed")  # the schema's pattern
     _assert_json_error(_speech(client, input="hi", response_format="opus"), 400, "unsupported")
     _assert_json_error(_speech(client, input="hi", response_format="aac"), 400, "unsupported")
     _assert_json_error(_speech(client, input="hi", response_format="xyz"), 400, "response_format")
@@ -284,6 +286,7 @@ def test_bad_requests_get_json_errors_and_server_keeps_serving(server, voice_byt
     _assert_json_error(_speech(client, input="hi", model="gpt-9"), 400, "unknown model")
     _assert_json_error(_speech(client, input="hi", stream=True, response_format="mp3"), 400, "stream")
     _assert_json_error(client.post("/v1/audio/speech", content=b"{not json"), 400, "json")
+    _assert_json_error(client.post("/v1/audio/speech", content=b"a" * 2_000_000), 413, "limit")  # the body limit
     _assert_json_error(client.post("/v1/audio/speech", json={"voice": "alice"}), 400, "input")
     # Uploads: corrupt audio, a truncated wav, path tricks in the name, too large.
     up = lambda name, data: client.post("/v1/voices", data={"name": name},  # noqa: E731
@@ -348,32 +351,6 @@ def test_queue_full_gets_429(server):
 
 
 # ---------------------------------------------------------------------------------------- in-process units
-class FakeTTS:
-    """Stands in for the engine in fast in-process tests: records what the server asks of it."""
-
-    sample_rate = 24_000
-    device = "cpu"
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.delay = delay
-        self.batches: list[list[str]] = []
-        self.encoded: list[str] = []
-
-    def encode_reference(self, path, prompt_seconds):
-        self.encoded.append(Path(path).name)
-        return torch.zeros(10, 8, dtype=torch.long)
-
-    def synthesize(self, texts, references, settings):
-        from vall_e.utils.errors import UserError
-
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        self.batches.append(texts)
-        time.sleep(self.delay)
-        if "FAIL" in texts:
-            raise UserError("the text 'FAIL' cannot be spoken")
-        return [0.1 * torch.sin(torch.arange(2400) / 5.0) for _ in texts]
-
-
 def _asgi(app, coro_fn):
     """Run `coro_fn(client)` against the app in-process, then stop its worker thread."""
     import asyncio
@@ -452,7 +429,8 @@ def test_helpers_and_missing_dependency(monkeypatch):
     import importlib.util
     import struct
 
-    from vall_e.serving.server import _check_deps, is_loopback, streaming_wav_header
+    from vall_e.serving.server import _check_deps, is_loopback
+    from vall_e.utils.audio import streaming_wav_header
     from vall_e.utils.errors import UserError
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")

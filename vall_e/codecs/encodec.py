@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from vall_e.codecs.base import Codec, register_codec
+from vall_e.utils.dtypes import torch_dtype
 from vall_e.utils.errors import UserError
 
 DEFAULT_MODEL = "facebook/encodec_24khz"
@@ -28,19 +29,16 @@ DEFAULT_MODEL = "facebook/encodec_24khz"
 MAX_BATCH_SAMPLES = 2_400_000
 MAX_BATCH_ITEMS = 64
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     key = str(dtype).lower().replace("torch.", "")
-    if key not in _DTYPES:
-        raise UserError(f"codec dtype: unknown dtype {dtype!r}; use float32, float16 or bfloat16")
-    return _DTYPES[key]
+    try:
+        return torch_dtype(key)
+    except UserError:
+        raise UserError(f"codec dtype: unknown dtype {dtype!r}; use float32, float16 or bfloat16") from None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

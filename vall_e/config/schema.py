@@ -64,7 +64,7 @@ class EvaluationConfig:
     steps: int = _f(500, "longest AR output while synthesizing evaluation samples")
     synthesize: int = _f(2, "validation and training samples synthesized to wavs per evaluation")
     ar_temperature: float = _f(0.95, "AR temperature for evaluation samples")
-    nar_temperature: float = _f(0.25, "NAR temperature for evaluation samples")
+    nar_temperature: float = _f(0.2, "NAR temperature for evaluation samples")
 
 
 @dataclass

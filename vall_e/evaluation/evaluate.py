@@ -20,7 +20,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Union
 
@@ -29,14 +29,15 @@ import soundfile as sf
 from tqdm import tqdm
 
 from vall_e.evaluation import metrics as M
-from vall_e.generation.sampling import SamplingParams
-from vall_e.generation.settings import GenerationSettings
+from vall_e.generation.settings import add_generation_flags, settings_from_args
 from vall_e.generation.tts import TTS
 from vall_e.utils.audio import audio_duration, load_audio, save_audio
+from vall_e.utils.dtypes import FLOAT_DTYPES
 from vall_e.utils.errors import UserError
 from vall_e.utils.io import atomic_write_text, read_text
 
 REPORT_VERSION = 1
+EVAL_SEED = 0  # the one default eval sets apart from every other front end: evaluations are reproducible
 # Longest audio file scored (prompt, reference or synthesized clip): the signal metrics analyse whole
 # clips, so an hours-long file is refused from its header instead of exhausting memory.
 MAX_AUDIO_SECONDS = 120.0
@@ -206,79 +207,155 @@ def evaluate_items(items: Sequence[EvalItem | Mapping[str, Any]],
     item, and `report["unavailable"]` says why for those no item has.
     """
     items = [_as_item(x, k) for k, x in enumerate(items, 1)]
+    get = _audio_getter(items, audio)
+    scorers = _Scorers.load(asr, speaker_encoder, device)
+    t0 = time.perf_counter()
+    rows = [_score_item(item, get(item), scorers, score_references)
+            for item in tqdm(items, desc="evaluating", unit="item", disable=not progress)]
+    means, counts = _summarize(rows, score_references)
+    return {
+        "version": REPORT_VERSION,
+        **dict(info or {}),
+        "metrics_sample_rate": M.METRIC_SR,
+        "recognizer": getattr(scorers.recognizer, "name", None),
+        "speaker_encoder": getattr(scorers.encoder, "name", None),
+        "n_items": len(rows),
+        "means": means,
+        "counts": counts,
+        "unavailable": _unavailable(items, scorers, score_references),
+        "eval_seconds": round(time.perf_counter() - t0, 2),
+        "items": rows,
+    }
+
+
+def _audio_getter(items: list[EvalItem], audio: Any) -> Callable[[EvalItem], Audio]:
+    """Step 1: each item's synthesized audio, however `audio` was given."""
     if callable(audio):
-        get = audio
-    elif isinstance(audio, Mapping):
+        return audio
+    if isinstance(audio, Mapping):
         missing = [it.id for it in items if it.id not in audio]
         if missing:
             raise UserError(f"no audio for item(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        get = lambda it: audio[it.id]  # noqa: E731
-    else:
-        if len(audio) != len(items):
-            raise UserError(f"{len(audio)} audio clips for {len(items)} items")
-        by_id = {it.id: a for it, a in zip(items, audio)}
-        get = lambda it: by_id[it.id]  # noqa: E731
+        return lambda it: audio[it.id]
+    if len(audio) != len(items):
+        raise UserError(f"{len(audio)} audio clips for {len(items)} items")
+    by_id = {it.id: a for it, a in zip(items, audio)}
+    return lambda it: by_id[it.id]
 
-    recognizer, asr_reason = M.recognizer_for(asr, device) if isinstance(asr, str) else (asr, None)
-    encoder, spk_reason = (M.speaker_encoder_for(speaker_encoder, device) if isinstance(speaker_encoder, str)
-                           else (speaker_encoder, None))
-    t0 = time.perf_counter()
-    rows: list[dict[str, Any]] = []
-    prompt_cache: dict[Path, np.ndarray | None] = {}
-    for item in tqdm(items, desc="evaluating", unit="item", disable=not progress):
-        src = get(item)
-        wav, sr = _load(src)
-        row: dict[str, Any] = {"id": item.id, "text": item.text,
-                               "prompt": str(item.prompt) if item.prompt else None,
-                               "reference": str(item.reference) if item.reference else None,
-                               "audio": None if isinstance(src, tuple) else str(src),
-                               "seconds": round(len(wav) / sr, 3), "notes": []}
-        row.update({k: None for k, _, _ in METRICS})
-        silent = wav.size == 0 or float(np.abs(wav).max()) < 1e-4
-        if silent:
-            row["notes"].append("the synthesized audio is empty or silent")
-        out = None if silent else M.analyse(wav, sr)
-        ref_wav = _load(item.reference) if item.reference is not None else None
-        if ref_wav is not None and out is not None:
-            ref = M.analyse(*ref_wav)
-            row["mcd_dtw"] = _finite(M.mcd_dtw(ref, out))
-            row["duration_ratio"] = _finite(M.duration_ratio(out, ref))
-            f0 = M.f0_rmse(ref, out)
-            row["f0_rmse_cents"], row["f0_rmse_hz"] = _finite(f0.cents), _finite(f0.hz)
-            if row["f0_rmse_cents"] is None:
-                row["notes"].append("no frame is voiced in both the output and the reference")
-            row["vuv_error"] = _finite(M.vuv_error(ref, out))
-        elif ref_wav is None:
-            row["notes"].append("no reference audio: MCD, duration and F0 not computed")
-        if encoder is not None and item.prompt is not None:
-            if item.prompt not in prompt_cache:
-                prompt_cache[item.prompt] = M.speaker_embedding(*_load(item.prompt), encoder)
-            pe = prompt_cache[item.prompt]
-            oe = None if silent else M.speaker_embedding(wav, sr, encoder)
-            if pe is not None and oe is not None:
-                row["speaker_similarity"] = float(np.dot(pe, oe))
-            if score_references and ref_wav is not None and pe is not None:
-                re_ = M.speaker_embedding(*ref_wav, encoder)
-                row["reference_speaker_similarity"] = None if re_ is None else float(np.dot(pe, re_))
-        if recognizer is not None:
-            row["transcript"] = "" if silent else M.transcribe(wav, sr, recognizer)
-            row["wer"], row["cer"] = M.wer(item.text, row["transcript"]), M.cer(item.text, row["transcript"])
-            if score_references and ref_wav is not None:
-                row["reference_transcript"] = M.transcribe(*ref_wav, recognizer)
-                row["reference_wer"] = M.wer(item.text, row["reference_transcript"])
-                row["reference_cer"] = M.cer(item.text, row["reference_transcript"])
-        rows.append(row)
 
+@dataclass
+class _Scorers:
+    """Step 2: the recognizer and speaker encoder (None where unavailable, with the reason), and the
+    prompts' speaker embeddings, computed once per prompt file."""
+
+    recognizer: Any
+    asr_reason: str | None
+    encoder: Any
+    spk_reason: str | None
+    prompt_embeddings: dict[Path, Any]
+
+    @classmethod
+    def load(cls, asr: Any, speaker_encoder: Any, device: str) -> "_Scorers":
+        recognizer, asr_reason = M.recognizer_for(asr, device) if isinstance(asr, str) else (asr, None)
+        encoder, spk_reason = (M.speaker_encoder_for(speaker_encoder, device) if isinstance(speaker_encoder, str)
+                               else (speaker_encoder, None))
+        return cls(recognizer, asr_reason, encoder, spk_reason, {})
+
+    def prompt_embedding(self, prompt: Path) -> Any:
+        if prompt not in self.prompt_embeddings:
+            self.prompt_embeddings[prompt] = M.speaker_embedding(*_load(prompt), self.encoder)
+        return self.prompt_embeddings[prompt]
+
+
+def _score_item(item: EvalItem, src: Audio, scorers: _Scorers, score_references: bool) -> dict[str, Any]:
+    """Step 3: one item's row: the signal metrics against its reference, speaker similarity to its
+    prompt, and the recognizer's word and character error rates."""
+    wav, sr = _load(src)
+    row: dict[str, Any] = {"id": item.id, "text": item.text,
+                           "prompt": str(item.prompt) if item.prompt else None,
+                           "reference": str(item.reference) if item.reference else None,
+                           "audio": None if isinstance(src, tuple) else str(src),
+                           "seconds": round(len(wav) / sr, 3), "notes": []}
+    row.update({k: None for k, _, _ in METRICS})
+    silent = wav.size == 0 or float(np.abs(wav).max()) < 1e-4
+    if silent:
+        row["notes"].append("the synthesized audio is empty or silent")
+    ref_wav = _load(item.reference) if item.reference is not None else None
+    _signal_metrics(row, None if silent else M.analyse(wav, sr), ref_wav)
+    if scorers.encoder is not None and item.prompt is not None:
+        _speaker_metrics(row, None if silent else (wav, sr), ref_wav if score_references else None,
+                         scorers.prompt_embedding(item.prompt), scorers.encoder)
+    if scorers.recognizer is not None:
+        _asr_metrics(row, item.text, "" if silent else M.transcribe(wav, sr, scorers.recognizer),
+                     ref_wav if score_references else None, scorers.recognizer)
+    return row
+
+
+def _signal_metrics(row: dict[str, Any], out: Any, ref_wav: tuple[np.ndarray, int] | None) -> None:
+    """MCD-DTW, duration ratio, F0 RMSE and V/UV error of the output's analysis against the reference's."""
+    if ref_wav is None:
+        row["notes"].append("no reference audio: MCD, duration and F0 not computed")
+        return
+    if out is None:
+        return
+    ref = M.analyse(*ref_wav)
+    row["mcd_dtw"] = _finite(M.mcd_dtw(ref, out))
+    row["duration_ratio"] = _finite(M.duration_ratio(out, ref))
+    f0 = M.f0_rmse(ref, out)
+    row["f0_rmse_cents"], row["f0_rmse_hz"] = _finite(f0.cents), _finite(f0.hz)
+    if row["f0_rmse_cents"] is None:
+        row["notes"].append("no frame is voiced in both the output and the reference")
+    row["vuv_error"] = _finite(M.vuv_error(ref, out))
+
+
+def _speaker_metrics(row: dict[str, Any], out: tuple[np.ndarray, int] | None,
+                     ref_wav: tuple[np.ndarray, int] | None, prompt_embedding: Any, encoder: Any) -> None:
+    """Speaker similarity of the output (and, when scored, of the reference) to the prompt."""
+    if prompt_embedding is None:
+        return
+    out_embedding = None if out is None else M.speaker_embedding(*out, encoder)
+    if out_embedding is not None:
+        row["speaker_similarity"] = float(np.dot(prompt_embedding, out_embedding))
+    if ref_wav is not None:
+        ref_embedding = M.speaker_embedding(*ref_wav, encoder)
+        row["reference_speaker_similarity"] = (None if ref_embedding is None
+                                               else float(np.dot(prompt_embedding, ref_embedding)))
+
+
+def _asr_metrics(row: dict[str, Any], text: str, transcript: str, ref_wav: tuple[np.ndarray, int] | None,
+                 recognizer: Any) -> None:
+    """WER and CER of the output's transcript (and, when scored, of the reference's)."""
+    row["transcript"] = transcript
+    row["wer"], row["cer"] = M.wer(text, transcript), M.cer(text, transcript)
+    if ref_wav is not None:
+        row["reference_transcript"] = M.transcribe(*ref_wav, recognizer)
+        row["reference_wer"] = M.wer(text, row["reference_transcript"])
+        row["reference_cer"] = M.cer(text, row["reference_transcript"])
+
+
+def _summarize(rows: list[dict[str, Any]], score_references: bool) -> tuple[dict[str, Any], dict[str, int]]:
+    """Step 4: each metric's mean over the items that have it, and how many do."""
+    keys = [k for k, _, _ in METRICS if score_references or not k.startswith("reference_")]
+    means, counts = {}, {}
+    for k in keys:
+        vals = [r[k] for r in rows if r[k] is not None]
+        counts[k] = len(vals)
+        means[k] = float(np.mean(vals)) if vals else None
+    return means, counts
+
+
+def _unavailable(items: list[EvalItem], scorers: _Scorers, score_references: bool) -> dict[str, str]:
+    """Step 5: why a metric was measured for no item."""
     unavailable: dict[str, str] = {}
     if not any(it.reference for it in items):
         for k in _REFERENCE_METRICS:
             unavailable[k] = "no item has reference audio"
-    if encoder is None:
-        unavailable["speaker_similarity"] = spk_reason or "no speaker encoder"
+    if scorers.encoder is None:
+        unavailable["speaker_similarity"] = scorers.spk_reason or "no speaker encoder"
     elif not any(it.prompt for it in items):
         unavailable["speaker_similarity"] = "no item has a prompt"
-    if recognizer is None:
-        unavailable["wer"] = unavailable["cer"] = asr_reason or "no speech recognizer"
+    if scorers.recognizer is None:
+        unavailable["wer"] = unavailable["cer"] = scorers.asr_reason or "no speech recognizer"
     if score_references:
         for k in ("speaker_similarity", "wer", "cer"):
             if k in unavailable:
@@ -286,25 +363,7 @@ def evaluate_items(items: Sequence[EvalItem | Mapping[str, Any]],
         if not any(it.reference for it in items):
             for k in ("reference_speaker_similarity", "reference_wer", "reference_cer"):
                 unavailable.setdefault(k, "no item has reference audio")
-    keys = [k for k, _, _ in METRICS if score_references or not k.startswith("reference_")]
-    means, counts = {}, {}
-    for k in keys:
-        vals = [r[k] for r in rows if r[k] is not None]
-        counts[k] = len(vals)
-        means[k] = float(np.mean(vals)) if vals else None
-    return {
-        "version": REPORT_VERSION,
-        **dict(info or {}),
-        "metrics_sample_rate": M.METRIC_SR,
-        "recognizer": getattr(recognizer, "name", None),
-        "speaker_encoder": getattr(encoder, "name", None),
-        "n_items": len(rows),
-        "means": means,
-        "counts": counts,
-        "unavailable": unavailable,
-        "eval_seconds": round(time.perf_counter() - t0, 2),
-        "items": rows,
-    }
+    return unavailable
 
 
 def format_table(report: Mapping[str, Any]) -> str:
@@ -354,45 +413,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-references", action="store_true",
                    help="also score the reference audio (SIM and WER of the ground truth)")
     p.add_argument("--device", default="cpu", help="device for the model and the metric models (cpu, cuda, auto)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=FLOAT_DTYPES)
     p.add_argument("--batch-size", type=int, default=8, help="texts synthesized together")
-    p.add_argument("--ar-temp", type=float, default=None, help="AR temperature (default: the sampler's default)")
-    p.add_argument("--nar-temp", type=float, default=None, help="NAR temperature")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--length-penalty", type=float, default=None)
-    p.add_argument("--beam-width", type=int, default=None)
-    p.add_argument("--ras-window", type=int, default=None)
-    p.add_argument("--ras-ratio", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0: evaluations are reproducible)")
-    p.add_argument("--max-ar-steps", type=int, default=0, help="cap on AR frames (0: follow the text length)")
-    p.add_argument("--max-nar-levels", type=int, default=7)
-    p.add_argument("--input-prompt-length", type=float, default=3.0, help="seconds of the prompt used")
-    p.add_argument("--language", default="en")
+    add_generation_flags(p, overrides={"seed": EVAL_SEED})
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
-
-
-def _settings(args: argparse.Namespace):
-    ar_over = {"temperature": args.ar_temp, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
-               "repetition_penalty": args.repetition_penalty, "length_penalty": args.length_penalty,
-               "beam_width": args.beam_width, "ras_window": args.ras_window, "ras_ratio": args.ras_ratio,
-               "seed": args.seed}
-    ar = replace(SamplingParams.ar_defaults(), **{k: v for k, v in ar_over.items() if v is not None})
-    nar_over = {"temperature": args.nar_temp, "seed": args.seed}
-    nar = replace(SamplingParams.nar_defaults(), **{k: v for k, v in nar_over.items() if v is not None})
-    if args.max_ar_steps < 0 or args.max_nar_levels < 0:
-        raise UserError("--max-ar-steps and --max-nar-levels must be >= 0")
-    return GenerationSettings(ar=ar, nar=nar, max_ar_steps=args.max_ar_steps, max_nar_levels=args.max_nar_levels,
-                              input_prompt_length=args.input_prompt_length, language=args.language)
 
 
 def _synthesize_all(args: argparse.Namespace, items: list[EvalItem]) -> tuple[dict[str, Audio], dict[str, Any]]:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    settings = _settings(args)
+    settings = settings_from_args(args)
     tts = TTS.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     out: dict[str, Audio] = {}
     t0 = time.perf_counter()

@@ -16,7 +16,8 @@ Fixes against the reference (numbers of docs/reference-differences.md):
 `TokenSampler.sample` applies, in this order (the reference's order, plus the new steps):
 
 1. repetition penalty (history), 2. length penalty on STOP (AR), 3. banned ids -> -inf
-   (steps 1-3 are `TokenSampler.penalize`, also the input of a beam search);
+   (steps 1-3 are `TokenSampler.penalize`; the AR applies 1-2 with its STOP floor, caps and repeat
+   guard through `vall_e.generation.constraints.DecodingConstraints`, for beam search too);
 4. temperature 0 -> greedy argmax of the penalised logits, and stop here;
 5. top-k, 6. top-p, 7. min-p (filters), 8. temperature, static or dynamic (per row, from the
    filtered distribution);
@@ -34,7 +35,7 @@ i. A plain `torch.Generator` cannot give that (the batch size shifts its stream)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import torch
@@ -55,6 +56,84 @@ MIN_TEMPERATURE = 1e-3
 
 
 @dataclass(frozen=True)
+class Range:
+    """The allowed values of one numeric setting: bounds (None = open) and what the special value
+    means. It checks values (`SamplingParams`, `GenerationSettings`) and gives the same bounds to the
+    server's request schema (`schema`), so a limit is written once."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    note: str = ""
+
+    def ok(self, v: float) -> bool:
+        return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+
+    def describe(self) -> str:
+        def fmt(v: float) -> str:
+            return f"{v:g}" if isinstance(v, float) else str(v)
+
+        lo = f"[{fmt(self.ge)}" if self.ge is not None else f"({fmt(self.gt)}" if self.gt is not None else None
+        hi = f"{fmt(self.le)}]" if self.le is not None else f"{fmt(self.lt)})" if self.lt is not None else None
+        if lo and hi:
+            text = f"must be in {lo}, {hi}"
+        elif lo:
+            text = f"must be {'>=' if self.ge is not None else '>'} {lo[1:]}"
+        elif hi:
+            text = f"must be {'<=' if self.le is not None else '<'} {hi[:-1]}"
+        else:
+            text = "any value"
+        return f"{text} ({self.note})" if self.note else text
+
+    def schema(self) -> dict[str, float]:
+        """The bounds as pydantic `Field` keywords (JSON schema minimum/maximum)."""
+        return {k: v for k, v in (("ge", self.ge), ("gt", self.gt), ("le", self.le), ("lt", self.lt)) if v is not None}
+
+
+SAMPLING_RANGES: dict[str, Range] = {
+    "temperature": Range(ge=0, note="0 = greedy"),
+    "top_k": Range(ge=0, note="0 = off"),
+    "top_p": Range(gt=0, le=1, note="1 = off"),
+    "min_p": Range(ge=0, lt=1, note="0 = off"),
+    "repetition_penalty": Range(gt=0, note="1 = off"),
+    "repetition_penalty_decay": Range(ge=0),
+    "mirostat_tau": Range(ge=0, note="0 = off"),
+    "mirostat_eta": Range(ge=0),
+    "beam_width": Range(ge=0, note="0 or 1 = off"),
+    "ras_window": Range(ge=0, note="0 = off"),
+    "ras_ratio": Range(ge=0, le=1),
+    "seed": Range(ge=0, le=2**53 - 1, note="null = random"),  # exact as a JSON number
+}
+"""The bounds of `SamplingParams`' numeric options (the others take any finite value)."""
+
+
+def check_fields(obj: object, section: str, ranges: dict[str, Range]) -> None:
+    """Type and range checks of a settings dataclass: numbers finite, ints integral, `ranges` held
+    (None passes where the field's default is None). Raises `UserError` naming `section.key`."""
+    for f in fields(obj):  # type: ignore[arg-type]
+        v = getattr(obj, f.name)
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        if v is None and f.default is None:
+            continue
+        what = None
+        if kind.startswith(("float", "int")):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                what = "must be a finite number"
+            elif kind.startswith("int") and not isinstance(v, int):
+                what = "must be an integer"
+            elif f.name in ranges and not ranges[f.name].ok(v):
+                what = ranges[f.name].describe()
+        elif kind == "str" and not isinstance(v, str):
+            what = "must be a string"
+        elif kind == "bool" and not isinstance(v, bool):
+            what = "must be true or false"
+        if what:
+            raise UserError(f"{section}.{f.name}={v!r}: {what}")
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """Every sampler option of one decoding stage (AR or NAR). Invalid values raise `UserError`.
 
@@ -66,8 +145,8 @@ class SamplingParams:
     mirostat_tau 0 = off. beam_width 0/1 = off; beam_length_alpha normalises beam scores by
     length**alpha. ras_window/ras_ratio: VALL-E 2 repetition-aware sampling (window 0 = off; paper
     defaults 10 / 0.1; it only differs from plain sampling when a filter is on). max_ar_context:
-    how many recent response tokens the AR caller feeds back (<= 0 = all; the sampler itself does
-    not use it). seed None = drawn from torch's global RNG.
+    how many recent response frames the AR attends to (<= 0 = all; `DecodingConstraints` applies
+    it). seed None = drawn from torch's global RNG. Bounds: `SAMPLING_RANGES`.
     """
 
     temperature: float = 1.0
@@ -89,42 +168,13 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        def check(ok: bool, key: str, what: str) -> None:
-            if not ok:
-                raise UserError(f"sampling.{key}={getattr(self, key)!r}: {what}")
-
-        def finite(key: str) -> None:
-            v = getattr(self, key)
-            check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), key,
-                  "must be a finite number")
-
-        def integer(key: str) -> None:
-            v = getattr(self, key)
-            check(isinstance(v, int) and not isinstance(v, bool), key, "must be an integer")
-
-        for key in ("temperature", "min_temperature", "top_p", "min_p", "repetition_penalty",
-                    "repetition_penalty_decay", "length_penalty", "mirostat_tau", "mirostat_eta",
-                    "beam_length_alpha", "ras_ratio"):
-            finite(key)
-        for key in ("top_k", "beam_width", "ras_window", "max_ar_context"):
-            integer(key)
-        check(self.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)")
-        check(self.top_k >= 0, "top_k", "must be >= 0 (0 = off)")
-        check(0 < self.top_p <= 1, "top_p", "must be in (0, 1] (1 = off)")
-        check(0 <= self.min_p < 1, "min_p", "must be in [0, 1) (0 = off)")
-        check(self.repetition_penalty > 0, "repetition_penalty", "must be > 0 (1 = off)")
-        check(self.repetition_penalty_decay >= 0, "repetition_penalty_decay", "must be >= 0")
-        check(self.mirostat_tau >= 0, "mirostat_tau", "must be >= 0 (0 = off)")
-        check(self.mirostat_eta >= 0, "mirostat_eta", "must be >= 0")
-        check(self.beam_width >= 0, "beam_width", "must be >= 0 (0 or 1 = off)")
-        check(self.ras_window >= 0, "ras_window", "must be >= 0 (0 = off)")
-        check(0 <= self.ras_ratio <= 1, "ras_ratio", "must be in [0, 1]")
-        check(self.dynamic_temperature_mode in DYNAMIC_TEMPERATURE_MODES, "dynamic_temperature_mode",
-              f"must be one of {', '.join(DYNAMIC_TEMPERATURE_MODES)}")
-        check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
-                                    and self.seed >= 0), "seed", "must be a non-negative integer or null")
-        check(not (self.uses_beam and self.uses_mirostat), "beam_width",
-              "beam search cannot be combined with mirostat (mirostat_tau > 0)")
+        check_fields(self, "sampling", SAMPLING_RANGES)
+        if self.dynamic_temperature_mode not in DYNAMIC_TEMPERATURE_MODES:
+            raise UserError(f"sampling.dynamic_temperature_mode={self.dynamic_temperature_mode!r}: must be one of "
+                            f"{', '.join(DYNAMIC_TEMPERATURE_MODES)}")
+        if self.uses_beam and self.uses_mirostat:
+            raise UserError(f"sampling.beam_width={self.beam_width!r}: beam search cannot be combined with "
+                            "mirostat (mirostat_tau > 0)")
 
     # --- switches -----------------------------------------------------------------------------
     @property
@@ -530,8 +580,8 @@ class TokenSampler:
     def penalize(self, logits: Tensor, history: Tensor | None = None, lengths: Tensor | None = None) -> Tensor:
         """Steps 1-3 (repetition penalty, length penalty, bans) on float32 logits.
 
-        For a beam search, feed `log_softmax` of this to `BeamSearch.step`. `lengths` defaults to
-        the number of valid history tokens.
+        The AR applies these through `DecodingConstraints.process` (with its STOP floor and caps),
+        for sampling and beam search alike. `lengths` defaults to the number of valid history tokens.
         """
         p = self.params
         x = logits.float()
@@ -569,15 +619,19 @@ class TokenSampler:
         return 0 < p.top_k or p.top_p < 1.0 or p.min_p > 0.0
 
     # --- the pipeline ----------------------------------------------------------------------------
-    def sample(self, logits: Tensor, history: Tensor | None = None, lengths: Tensor | None = None) -> Tensor:
-        """Tokens (long [B] or [B, T]) for one decoding step; see the module docstring for the order."""
+    def sample(self, logits: Tensor, history: Tensor | None = None, lengths: Tensor | None = None,
+               penalized: bool = False) -> Tensor:
+        """Tokens (long [B] or [B, T]) for one decoding step; see the module docstring for the order.
+
+        penalized: the caller already applied the penalties (steps 1-2; the AR's
+        `DecodingConstraints.process` does), so only the bans are applied here."""
         if logits.ndim not in (2, 3) or logits.shape[0] != self.batch_size:
             raise ValueError(f"logits must be [B={self.batch_size}, V] or [B, T, V], got {tuple(logits.shape)}")
         p = self.params
         ar = logits.ndim == 2
         if self.mirostat is not None and not ar:
             raise ValueError("mirostat is for AR steps ([B, V] logits)")
-        x = self.penalize(logits, history, lengths)
+        x = ban_tokens(logits.float(), self.banned_ids) if penalized else self.penalize(logits, history, lengths)
         self.last_resampled = torch.zeros(logits.shape[0], dtype=torch.bool, device=x.device)
         if p.greedy:
             self.step += 1

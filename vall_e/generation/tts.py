@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import shutil
 import time
@@ -33,6 +32,7 @@ from vall_e.codecs.vocos import VocosDecoding
 from vall_e.codecs.world import WorldCodec
 from vall_e.config import load_config
 from vall_e.data.prompts import trim_or_repeat
+from vall_e.generation.constraints import DecodingConstraints
 from vall_e.generation.sampling import BeamSearch, SamplingParams, TokenSampler
 from vall_e.generation.settings import GenerationSettings
 from vall_e.models.backbones.kv_cache import KVCache
@@ -44,12 +44,13 @@ from vall_e.text.phonemes import phonemize
 from vall_e.text.symmap import Symmap
 from vall_e.text.vallex import build_frontend
 from vall_e.utils.audio import concat_with_pauses, load_audio
+from vall_e.utils.dtypes import ALIASES, DTYPES, torch_dtype
 from vall_e.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+ENGINE_DTYPES = (*DTYPES, "int8")  # what `TTS` accepts as its dtype (int8: dynamic quantization, CPU)
+
 
 # Frames of speech per phoneme token are about 5-7 at normal speed (12-15 phonemes/s at 75 frames/s).
 # The step limit allows a generous 3x slack before cutting a sequence off.
@@ -166,15 +167,15 @@ class TTS:
         decode_layout: re-lay wide weight matrices for faster CPU decoding (`cpu_decode_layout`); it
         changes the given models' parameters, so only `from_pretrained` (which owns them) turns it on.
         """
-        if dtype not in DTYPES and dtype != "int8":
-            raise UserError(f"unknown dtype {dtype!r}; choose one of float32, bfloat16, float16, int8")
+        if dtype not in ENGINE_DTYPES and ALIASES.get(dtype) not in ENGINE_DTYPES:
+            raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(ENGINE_DTYPES)}")
         self.device = torch.device(device)
         self.quantized = dtype == "int8"
         if self.quantized and self.device.type != "cpu":
             raise UserError("dtype int8 (dynamic quantization) runs on the CPU only; use bfloat16 on a GPU")
         if self.quantized and compile:
             raise UserError("compile=True needs float weights (float32, bfloat16 or float16), not int8")
-        self.dtype = torch.float32 if self.quantized else DTYPES[dtype]
+        self.dtype = torch.float32 if self.quantized else torch_dtype(dtype)
         self.meta = meta
         self.models = {k: m.to(self.device, self.dtype).eval() for k, m in models.items()}
         if self.quantized:
@@ -333,13 +334,16 @@ class TTS:
     def generate_ar(self, text_ids: list[Tensor], langs: Tensor, prompts: list[Tensor],
                     params: SamplingParams, max_steps: list[int], max_repeat_frames: int = 150,
                     min_steps: list[int] | None = None) -> list[Tensor]:
-        """Batched AR decoding with a KV cache. Returns level-0 codes Long[T_i] per sample (no STOP)."""
-        if params.beam_width and params.beam_width > 1:
+        """Batched AR decoding with a KV cache. Returns level-0 codes Long[T_i] per sample (no STOP).
+
+        Sampling and beam search apply the same `DecodingConstraints` (penalties, STOP floor, caps,
+        repeat guard, rolling context)."""
+        if params.uses_beam:
             if self.ar_model.config.ar_group > 1:
                 raise UserError("beam search needs a model that predicts one frame per step; this model "
                                 f"predicts {self.ar_model.config.ar_group} (model.ar_group); use sampling or greedy")
             with torch.inference_mode():
-                return self._beam_ar(text_ids, langs, prompts, params, max_steps)
+                return self._beam_ar(text_ids, langs, prompts, params, max_steps, max_repeat_frames, min_steps)
         steps = self.ar_steps(text_ids, langs, prompts, params, max_steps, max_repeat_frames, min_steps)
         while True:
             try:
@@ -362,7 +366,9 @@ class TTS:
             model = self.ar_model
             B = len(text_ids)
             dev = self.device
-            limit = max(max_steps)
+            rules = DecodingConstraints(params, self.stop_id, max_steps, min_steps, max_repeat_frames, group=G,
+                                        device=dev)
+            limit = rules.limit
             n_steps = -(-(limit + 1) // G)  # forward steps that cover limit + 1 frames
             logits, state = model.ar_prefill([t.to(dev) for t in text_ids], langs.to(dev),
                                              [p.to(dev) for p in prompts], max_length=n_steps + 1)
@@ -371,39 +377,28 @@ class TTS:
             history = torch.full((B, n_steps * G), -1, dtype=torch.long, device=dev)
             lengths = torch.zeros(B, dtype=torch.long, device=dev)
             done = torch.zeros(B, dtype=torch.bool, device=dev)
-            caps = torch.tensor(max_steps, device=dev)
-            run = torch.zeros(B, dtype=torch.long, device=dev)  # length of the current run of one code
             stop = torch.full((B,), self.stop_id, dtype=torch.long, device=dev)
-            floor = torch.tensor(min_steps or [0] * B, device=dev).clamp(max=caps)
-            floor_steps = int(floor.max())  # STOP is banned for some rows before this frame
-            # The sampler reads the history for the repetition penalty (all of it) and for
-            # repetition-aware sampling (the last ras_window tokens of each row, which are the last
-            # columns of a live row; a finished row's draw is discarded). Without the penalty only
-            # that window is passed, so a step's cost does not grow with the length.
-            window = None if params.repetition_penalty != 1.0 else max(0, params.ras_window)
-            context_steps = -(-params.max_ar_context // G) if params.max_ar_context and params.max_ar_context > 0 else 0
+            # The constraints read the whole history for the repetition penalty; the sampler reads
+            # the last ras_window tokens of each row for repetition-aware sampling (the last columns
+            # of a live row; a finished row's draw is discarded). Without the penalty only that window
+            # is passed, so a step's cost does not grow with the length.
+            window = None if rules.needs_history else max(0, params.ras_window)
         frame = 0
         for step in range(n_steps):
             group = []
             for g in range(G):
                 with torch.inference_mode():
-                    frame_logits = (logits if G == 1 else logits[:, g]).float()
-                    if frame < floor_steps:  # too early to stop: ban STOP for those rows
-                        frame_logits[:, self.stop_id] = torch.where(lengths < floor, -torch.inf,
-                                                                    frame_logits[:, self.stop_id])
                     past = history[:, :frame] if window is None else history[:, max(0, frame - window):frame]
-                    tokens = sampler.sample(frame_logits, past, lengths)
-                    tokens = torch.where(done | (lengths >= caps), stop, tokens)
+                    frame_logits = rules.process(logits if G == 1 else logits[:, g],
+                                                 past if window is None else None, lengths, frame)
+                    tokens = sampler.sample(frame_logits, past, lengths, penalized=True)
+                    tokens = torch.where(done, stop, tokens)
+                    tokens, looping = rules.finish(tokens, history, frame)
+                    if frame >= max_repeat_frames and bool((looping & ~done).any()):
+                        for i in (looping & ~done).nonzero().flatten().tolist():
+                            logger.warning("sample %d: one code repeated for %d frames; stopping it", i,
+                                           max_repeat_frames)
                     done |= tokens == self.stop_id
-                    if frame > 0:
-                        run = torch.where((tokens == history[:, frame - 1]) & ~done, run + 1, torch.zeros_like(run))
-                        looping = run >= max_repeat_frames
-                        if frame >= max_repeat_frames and bool(looping.any()):
-                            for i in looping.nonzero().flatten().tolist():
-                                logger.warning("sample %d: one code repeated for %d frames; stopping it", i,
-                                               max_repeat_frames)
-                            done |= looping
-                            tokens = torch.where(looping, stop, tokens)
                     history[:, frame] = torch.where(done, torch.full_like(tokens, -1), tokens)
                     lengths += (~done).long()
                 group.append(tokens)
@@ -412,31 +407,36 @@ class TTS:
                 if bool(done.all()) or frame > limit:
                     return [history[i, : int(lengths[i])].clone() for i in range(B)]
             with torch.inference_mode():
-                if context_steps:
-                    drop = prefix_len + step + 1 - context_steps
-                    if drop >= prefix_len:  # rolling context: forget the oldest generated step
-                        state.valid[:, drop] = False
+                slot = rules.forgotten_slot(step, prefix_len)
+                if slot is not None:  # rolling context: forget the oldest generated step
+                    state.valid[:, slot] = False
                 logits, state = model.ar_step(group[0] if G == 1 else torch.stack(group, 1), state)
         return [history[i, : int(lengths[i])].clone() for i in range(B)]
 
     def _beam_ar(self, text_ids: list[Tensor], langs: Tensor, prompts: list[Tensor], params: SamplingParams,
-                 max_steps: list[int]) -> list[Tensor]:
-        """A real beam search: hypotheses reordered with their caches, length-normalised scores."""
+                 max_steps: list[int], max_repeat_frames: int = 150, min_steps: list[int] | None = None
+                 ) -> list[Tensor]:
+        """A real beam search: hypotheses reordered with their caches, length-normalised scores, and
+        the same `DecodingConstraints` as sampling, applied to every hypothesis."""
         model = self.ar_model
         W = int(params.beam_width)
         B = len(text_ids)
         dev = self.device
-        limit = max(max_steps)
+        rules = DecodingConstraints(params, self.stop_id, max_steps, min_steps, max_repeat_frames,
+                                    device=dev).expand(W)
+        limit = rules.limit
         rep = lambda xs: [x.to(dev) for x in xs for _ in range(W)]  # noqa: E731
         logits, state = model.ar_prefill(rep(text_ids), langs.to(dev).repeat_interleave(W), rep(prompts),
                                          max_length=limit + 1)
+        prefix_len = state.length
         beams = BeamSearch(batch_size=B, beam_width=W, stop_id=self.stop_id, device=dev,
                            max_length=limit + 1, length_alpha=params.beam_length_alpha)
         for step in range(limit + 1):
-            logprobs = torch.log_softmax(logits.float() / max(params.temperature, 1e-5), dim=-1)
-            if step >= limit:  # force every live hypothesis to stop at the limit
-                logprobs = torch.full_like(logprobs, -math.inf)
-                logprobs[:, self.stop_id] = 0.0
+            history = beams.tokens  # [B*W, step]: each row's hypothesis so far
+            lengths = torch.full((B * W,), step, dtype=torch.long, device=dev)
+            x = rules.process(logits, history if rules.needs_history else None, lengths, step)
+            x = rules.fold_repeats(x, history, step)
+            logprobs = torch.log_softmax(x / max(params.temperature, 1e-5), dim=-1)
             tokens, index = beams.step(logprobs)
             if beams.all_done or step == limit:
                 break
@@ -446,6 +446,9 @@ class TTS:
                 state.text = state.text.index_select(0, index)
             if state.text_pos is not None:
                 state.text_pos = state.text_pos.index_select(0, index)
+            slot = rules.forgotten_slot(step, prefix_len)
+            if slot is not None:
+                state.valid[:, slot] = False
             logits, state = model.ar_step(tokens, state)
         return [seq.to(dev).long() for seq in beams.best()]
 

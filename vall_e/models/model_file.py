@@ -34,12 +34,12 @@ from vall_e.models.vallex import VallexConfig, VallexModel
 from vall_e.models.weights import flat_weights, load_model_weights, load_safetensors, save_safetensors, split_weights
 from vall_e.text.phonemes import STRESS_MODES
 from vall_e.text.symmap import STRESS_KEY
+from vall_e.utils.dtypes import DTYPES
 from vall_e.utils.errors import UserError
 from vall_e.utils.io import atomic_path
 
 FORMAT = "vall-e"
 FORMAT_VERSION = 1
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def tensor_checksum(tensors: dict[str, Tensor]) -> str:

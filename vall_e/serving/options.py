@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-ENGINE_DTYPES = ("float32", "bfloat16", "float16", "int8")  # what `TTS` accepts as its dtype
+from vall_e.generation.tts import ENGINE_DTYPES
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:

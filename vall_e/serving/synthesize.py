@@ -2,6 +2,7 @@
 
 Every flag of the reference implementation is here (`--ar-temp`, `--top-p`, `--beam-width`, ...),
 plus min-p, repetition-aware sampling, a seed, a batch mode, and one numbered file per text line.
+The generation flags come from `vall_e.generation.settings.OPTIONS`, like every front end's.
 References are joined with `;`. The model comes from `--model model.safetensors` or a training run's
 `--yaml` (or `yaml=`).
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -18,8 +18,7 @@ import torch
 from tqdm import tqdm
 
 from vall_e.config import parse_config
-from vall_e.generation.sampling import SamplingParams
-from vall_e.generation.settings import GenerationSettings
+from vall_e.generation.settings import add_generation_flags, settings_from_args
 from vall_e.generation.tts import TTS
 from vall_e.serving.options import add_engine_options
 from vall_e.utils.audio import concat_with_pauses, save_audio
@@ -37,54 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="exported model.safetensors")
     p.add_argument("--ar-ckpt", default=None, help="alias of --model (the reference's flag)")
     p.add_argument("--nar-ckpt", default=None, help="accepted for compatibility; the exported file holds both")
-    p.add_argument("--language", default="en", help="text language (en, de, fr, es, ...; VALL-E X: en, zh, ja, auto)")
-    p.add_argument("--reference-text", default="",
-                   help="what the reference says (read by converted VALL-E X / Amphion models, which then use "
-                        "the whole reference as the prompt)")
-    p.add_argument("--max-ar-steps", type=int, default=0, help="cap on AR frames (0: follow the text length)")
-    p.add_argument("--max-nar-levels", type=int, default=7, help="NAR passes (levels 1..N)")
-    p.add_argument("--max-ar-context", type=int, default=-1, help="if > 0, only the last N generated frames are attended")
-    p.add_argument("--ar-temp", type=float, default=0.95, help="AR temperature (0 = greedy)")
-    p.add_argument("--nar-temp", type=float, default=0.2, help="NAR temperature (0 = greedy)")
-    p.add_argument("--min-ar-temp", type=float, default=-1.0, help="in [0, ar-temp): dynamic temperature")
-    p.add_argument("--min-nar-temp", type=float, default=-1.0, help="in [0, nar-temp): dynamic temperature")
-    p.add_argument("--input-prompt-length", type=float, default=3.0,
-                   help="seconds of reference used as the prompt (trimmed or repeated); 0 = all")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--repetition-penalty-decay", type=float, default=0.0)
-    p.add_argument("--length-penalty", type=float, default=0.0, help="penalty on STOP (AR)")
-    p.add_argument("--beam-width", type=int, default=0, help="> 1: beam search for the AR")
-    p.add_argument("--mirostat-tau", type=float, default=0.0)
-    p.add_argument("--mirostat-eta", type=float, default=0.1)
-    p.add_argument("--ras-window", type=int, default=10, help="repetition-aware sampling window (VALL-E 2: 10)")
-    p.add_argument("--ras-ratio", type=float, default=0.1, help="repetition-aware sampling threshold")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible output")
+    add_generation_flags(p)
     add_engine_options(p)
     p.add_argument("--amp", action="store_true", help="accepted for compatibility (use --dtype)")
     p.add_argument("--join", action="store_true", help="multi-line text: write one joined file")
-    p.add_argument("--no-split", action="store_true", help="do not split long text into sentences")
-    p.add_argument("--pause", type=float, default=0.25, help="seconds of silence between joined sentences/lines")
     p.add_argument("--batch-file", default=None, help="read texts from this file, one per line (TEXT is then ignored; pass -)")
     p.add_argument("--batch-size", type=int, default=8, help="texts synthesized together")
     p.add_argument("--stream", action="store_true", help="stream: write audio as it is generated, report time to first audio")
     return p
-
-
-def _settings(args: argparse.Namespace):
-    ar = replace(SamplingParams.ar_defaults(), temperature=args.ar_temp, min_temperature=args.min_ar_temp,
-                 top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                 repetition_penalty=args.repetition_penalty, repetition_penalty_decay=args.repetition_penalty_decay,
-                 length_penalty=args.length_penalty, beam_width=args.beam_width, mirostat_tau=args.mirostat_tau,
-                 mirostat_eta=args.mirostat_eta, ras_window=args.ras_window, ras_ratio=args.ras_ratio,
-                 max_ar_context=args.max_ar_context, seed=args.seed)
-    nar = replace(SamplingParams.nar_defaults(), temperature=args.nar_temp, min_temperature=args.min_nar_temp,
-                  seed=args.seed)
-    return GenerationSettings(ar=ar, nar=nar, max_ar_steps=args.max_ar_steps, max_nar_levels=args.max_nar_levels,
-                              input_prompt_length=args.input_prompt_length, language=args.language,
-                              split_sentences=not args.no_split, pause=args.pause, reference_text=args.reference_text)
 
 
 def _numbered(path: Path, i: int, n: int) -> Path:
@@ -112,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     vocoder = args.vocoder or cfg.inference.vocoder
     tts = TTS.from_pretrained(model_path, device=args.device, dtype=args.dtype, compile=args.compile,
                               **({"vocoder": vocoder} if vocoder else {}))
-    settings = _settings(args)
+    settings = settings_from_args(args)
     if args.stream:
         stats: dict[str, float] = {}
         chunks = []

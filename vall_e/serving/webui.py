@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from vall_e.config import parse_config
-from vall_e.generation.sampling import SamplingParams
-from vall_e.generation.settings import GenerationSettings
+from vall_e.generation.settings import OPTION_NAMES, GenerationSettings, defaults, option, settings_from
 from vall_e.generation.tts import TTS
 from vall_e.serving.options import ENGINE_DTYPES, add_engine_options
 from vall_e.text.languages import supported_languages
@@ -35,13 +34,32 @@ OUTPUT_MAX_AGE_S = 3600.0  # finished wavs older than this are deleted from the 
 GRADIO_MISSING = "the web UI needs: pip install 'vall-e[webui]'"
 
 
+NOMINAL_FRAME_RATE = 75.0  # frames per second the seconds controls show their defaults at (EnCodec's)
+# Where dynamic temperature starts when its checkbox is ticked (it is off by default, as everywhere).
+DYNAMIC_PRESETS = {"min_ar_temp": 0.85, "min_nar_temp": 0.2}
+
+
+def _ui_defaults() -> dict[str, Any]:
+    """The page's defaults, all from the settings' own (`vall_e.generation.settings.defaults`):
+    seconds shown at NOMINAL_FRAME_RATE, a random seed as -1, a context of all frames as 0 s."""
+    d = defaults()
+    fr = NOMINAL_FRAME_RATE
+    return {**d, "seed": -1 if d["seed"] is None else d["seed"],
+            "max_seconds": d["max_ar_steps"] / fr, "context_seconds": max(0, d["max_ar_context"]) / fr,
+            "max_repeat_seconds": d["max_repeat_frames"] / fr,
+            "dynamic_temperature": GenerationSettings().ar.dynamic, **DYNAMIC_PRESETS}
+
+
+_UI_DEFAULTS = _ui_defaults()
+
+
 @dataclass(frozen=True)
 class Control:
-    """One setting on the page: its widget, default and range (the reference's, where it had one)."""
+    """One setting on the page: its widget and range (the reference's, where it had one). Its
+    default is the settings' default (`_ui_defaults`); `info` defaults to the option's help."""
 
     name: str
     label: str
-    default: Any
     panel: str  # "basic" or "advanced"
     kind: str = "slider"  # slider | number | dropdown | checkbox
     minimum: float | None = None
@@ -50,119 +68,99 @@ class Control:
     choices: tuple[str, ...] = ()
     info: str = ""
 
+    @property
+    def default(self) -> Any:
+        return _UI_DEFAULTS[self.name]
+
+    @property
+    def help(self) -> str:
+        return self.info or (option(self.name).help if self.name in OPTION_NAMES else "")
+
 
 CONTROLS: tuple[Control, ...] = (
     # basic
-    Control("ar_temp", "Temperature (AR)", 0.95, "basic", minimum=0.0, maximum=1.5, step=0.05,
-            info="0 = greedy"),
-    Control("nar_temp", "Temperature (NAR)", 0.25, "basic", minimum=0.0, maximum=1.5, step=0.05,
-            info="0 = greedy"),
-    Control("max_seconds", "Maximum seconds", 6.0, "basic", minimum=0.0, maximum=32.0, step=0.1,
+    Control("ar_temp", "Temperature (AR)", "basic", minimum=0.0, maximum=1.5, step=0.05),
+    Control("nar_temp", "Temperature (NAR)", "basic", minimum=0.0, maximum=1.5, step=0.05),
+    Control("max_seconds", "Maximum seconds", "basic", minimum=0.0, maximum=32.0, step=0.1,
             info="cap on the AR's length (seconds x codec frame rate = max AR steps); 0 = follow the text length"),
-    Control("input_prompt_length", "Input prompt length (s)", 3.0, "basic", minimum=0.0, maximum=12.0, step=0.25,
-            info="seconds of the reference used as the prompt (trimmed or repeated); 0 = all of it"),
-    Control("language", "Language", "en", "basic", kind="dropdown",
-            info="text language (any espeak-ng code is accepted)"),
-    Control("seed", "Seed", -1, "basic", kind="number", minimum=-1, step=1,
+    Control("input_prompt_length", "Input prompt length (s)", "basic", minimum=0.0, maximum=12.0, step=0.25),
+    Control("language", "Language", "basic", kind="dropdown", info="text language (any espeak-ng code is accepted)"),
+    Control("seed", "Seed", "basic", kind="number", minimum=-1, step=1,
             info="-1 = random; the same seed and settings give the same audio"),
     # advanced: AR filters and penalties
-    Control("top_p", "Top P (AR)", 1.0, "advanced", minimum=0.01, maximum=1.0, step=0.01, info="1 = off"),
-    Control("top_k", "Top K (AR)", 0, "advanced", minimum=0, maximum=1024, step=1, info="0 = off"),
-    Control("min_p", "Min P (AR)", 0.0, "advanced", minimum=0.0, maximum=0.95, step=0.01, info="0 = off"),
-    Control("repetition_penalty", "Repetition penalty (AR)", 1.0, "advanced", minimum=0.1, maximum=2.0,
-            step=0.05, info="1 = off; > 1 makes recently used codes less likely"),
-    Control("repetition_penalty_decay", "Repetition penalty length decay (AR)", 0.0, "advanced", minimum=0.0,
-            maximum=2.0, step=0.05, info="0 = the same penalty at every distance; > 0 fades it with distance"),
-    Control("length_penalty", "Length penalty (AR)", 0.0, "advanced", minimum=-2.0, maximum=2.0, step=0.05,
-            info="0 = off; > 0 makes the stop token less likely as the output grows (longer speech)"),
-    Control("beam_width", "Beam width (AR)", 0, "advanced", minimum=0, maximum=32, step=1,
+    Control("top_p", "Top P (AR)", "advanced", minimum=0.01, maximum=1.0, step=0.01),
+    Control("top_k", "Top K (AR)", "advanced", minimum=0, maximum=1024, step=1),
+    Control("min_p", "Min P (AR)", "advanced", minimum=0.0, maximum=0.95, step=0.01),
+    Control("repetition_penalty", "Repetition penalty (AR)", "advanced", minimum=0.1, maximum=2.0, step=0.05),
+    Control("repetition_penalty_decay", "Repetition penalty length decay (AR)", "advanced", minimum=0.0,
+            maximum=2.0, step=0.05),
+    Control("length_penalty", "Length penalty (AR)", "advanced", minimum=-2.0, maximum=2.0, step=0.05),
+    Control("beam_width", "Beam width (AR)", "advanced", minimum=0, maximum=32, step=1,
             info="0 or 1 = sampling; > 1 = beam search (not with mirostat)"),
-    Control("beam_length_alpha", "Beam length normalisation (AR)", 1.0, "advanced", minimum=0.0, maximum=2.0,
-            step=0.05, info="beam scores are divided by length ** this"),
-    Control("mirostat_tau", "Mirostat τ (AR)", 0.0, "advanced", minimum=0.0, maximum=8.0, step=0.05,
-            info="0 = off"),
-    Control("mirostat_eta", "Mirostat η (AR)", 0.1, "advanced", minimum=0.0, maximum=2.0, step=0.05),
-    Control("ras_window", "Repetition-aware sampling window (AR)", 10, "advanced", minimum=0, maximum=100, step=1,
-            info="VALL-E 2's RAS: 0 = off"),
-    Control("ras_ratio", "Repetition-aware sampling ratio (AR)", 0.1, "advanced", minimum=0.0, maximum=1.0,
-            step=0.01),
+    Control("beam_length_alpha", "Beam length normalisation (AR)", "advanced", minimum=0.0, maximum=2.0, step=0.05),
+    Control("mirostat_tau", "Mirostat τ (AR)", "advanced", minimum=0.0, maximum=8.0, step=0.05),
+    Control("mirostat_eta", "Mirostat η (AR)", "advanced", minimum=0.0, maximum=2.0, step=0.05),
+    Control("ras_window", "Repetition-aware sampling window (AR)", "advanced", minimum=0, maximum=100, step=1),
+    Control("ras_ratio", "Repetition-aware sampling ratio (AR)", "advanced", minimum=0.0, maximum=1.0, step=0.01),
     # advanced: dynamic temperature
-    Control("dynamic_temperature", "Dynamic temperature", False, "advanced", kind="checkbox",
+    Control("dynamic_temperature", "Dynamic temperature", "advanced", kind="checkbox",
             info="scale the temperature between the minimum and the temperature by the model's confidence"),
-    Control("min_ar_temp", "Minimum temperature (AR)", 0.85, "advanced", minimum=0.0, maximum=1.5, step=0.05,
+    Control("min_ar_temp", "Minimum temperature (AR)", "advanced", minimum=0.0, maximum=1.5, step=0.05,
             info="used when dynamic temperature is on and this is below the AR temperature"),
-    Control("min_nar_temp", "Minimum temperature (NAR)", 0.2, "advanced", minimum=0.0, maximum=1.5, step=0.05,
+    Control("min_nar_temp", "Minimum temperature (NAR)", "advanced", minimum=0.0, maximum=1.5, step=0.05,
             info="used when dynamic temperature is on and this is below the NAR temperature"),
-    Control("dynamic_temperature_mode", "Dynamic temperature mode", "pmax", "advanced", kind="dropdown",
-            choices=("pmax", "entropy"), info="pmax: the reference's formula; entropy: by normalised entropy"),
+    Control("dynamic_temperature_mode", "Dynamic temperature mode", "advanced", kind="dropdown",
+            choices=("pmax", "entropy")),
     # advanced: lengths and structure
-    Control("context_seconds", "AR context length (s)", 0.0, "advanced", minimum=0.0, maximum=12.0, step=0.25,
+    Control("context_seconds", "AR context length (s)", "advanced", minimum=0.0, maximum=12.0, step=0.25,
             info="if > 0 the AR only attends to this many seconds of its own output; 0 = all"),
-    Control("max_nar_levels", "Max NAR levels", 7, "advanced", minimum=0, maximum=7, step=1,
+    Control("max_nar_levels", "Max NAR levels", "advanced", minimum=0, maximum=7, step=1,
             info="NAR passes (code levels 1..N); fewer = faster, coarser audio"),
-    Control("max_repeat_seconds", "Stop on a code repeated for (s)", 2.0, "advanced", minimum=0.1, maximum=10.0,
+    Control("max_repeat_seconds", "Stop on a code repeated for (s)", "advanced", minimum=0.1, maximum=10.0,
             step=0.1, info="a sequence stuck on one code this long is ended"),
-    Control("split_sentences", "Split into sentences", True, "advanced", kind="checkbox",
+    Control("split_sentences", "Split into sentences", "advanced", kind="checkbox",
             info="long text is synthesized sentence by sentence in one batch"),
-    Control("pause", "Pause between sentences (s)", 0.25, "advanced", minimum=0.0, maximum=2.0, step=0.05),
+    Control("pause", "Pause between sentences (s)", "advanced", minimum=0.0, maximum=2.0, step=0.05),
 )
 CONTROL_NAMES = tuple(c.name for c in CONTROLS)
 DEFAULTS: dict[str, Any] = {c.name: c.default for c in CONTROLS}
+# controls whose value is an option's value as it is (the others are converted in `settings_from_ui`)
+_DIRECT = tuple(n for n in CONTROL_NAMES if n in OPTION_NAMES and n not in ("seed", "min_ar_temp", "min_nar_temp"))
 
 
 def _frames(seconds: float, frame_rate: float) -> int:
     return int(round(float(seconds) * frame_rate))
 
 
-def settings_from_ui(values: Mapping[str, Any], frame_rate: float = 75.0):
+def settings_from_ui(values: Mapping[str, Any], frame_rate: float = NOMINAL_FRAME_RATE):
     """Map the page's control values (by `Control.name`) to `GenerationSettings`.
 
-    This is the only place UI values become settings; it takes exactly the names in `CONTROLS`, so a
-    control cannot be added without being mapped. Seconds become frames at the codec's `frame_rate`.
-    Invalid combinations raise `UserError` from `SamplingParams`.
+    It takes exactly the names in `CONTROLS`, so a control cannot be added without being mapped,
+    turns the page's units into the options' (seconds become frames at the codec's `frame_rate`,
+    seed -1 = random, context 0 s = all) and hands them to `settings_from`, the builder every front
+    end uses. Invalid values raise `UserError`.
     """
     missing = [n for n in CONTROL_NAMES if n not in values]
     unknown = [n for n in values if n not in CONTROL_NAMES]
     if missing or unknown:
         raise ValueError(f"settings_from_ui: missing {missing}, unknown {unknown}")
     v = dict(values)
+    options: dict[str, Any] = {}
+    for name in _DIRECT:
+        kind = option(name).type
+        options[name] = kind(v[name]) if kind is not str else str(v[name] or "").strip()
     seed = None if v["seed"] is None or int(v["seed"]) < 0 else int(v["seed"])
     dynamic = bool(v["dynamic_temperature"])
-    mode = str(v["dynamic_temperature_mode"])
     context = _frames(v["context_seconds"], frame_rate)
-    ar = SamplingParams.ar_defaults(
-        temperature=float(v["ar_temp"]),
-        min_temperature=float(v["min_ar_temp"]) if dynamic else -1.0,
-        dynamic_temperature_mode=mode,
-        top_p=float(v["top_p"]), top_k=int(v["top_k"]), min_p=float(v["min_p"]),
-        repetition_penalty=float(v["repetition_penalty"]),
-        repetition_penalty_decay=float(v["repetition_penalty_decay"]),
-        length_penalty=float(v["length_penalty"]),
-        beam_width=int(v["beam_width"]), beam_length_alpha=float(v["beam_length_alpha"]),
-        mirostat_tau=float(v["mirostat_tau"]), mirostat_eta=float(v["mirostat_eta"]),
-        ras_window=int(v["ras_window"]), ras_ratio=float(v["ras_ratio"]),
+    options.update(
+        seed=seed,
+        min_ar_temp=float(v["min_ar_temp"]) if dynamic else -1.0,
+        min_nar_temp=float(v["min_nar_temp"]) if dynamic else -1.0,
         max_ar_context=context if context > 0 else -1,
-        seed=seed,
-    )
-    nar = SamplingParams.nar_defaults(
-        temperature=float(v["nar_temp"]),
-        min_temperature=float(v["min_nar_temp"]) if dynamic else -1.0,
-        dynamic_temperature_mode=mode,
-        seed=seed,
-    )
-    language = str(v["language"] or "").strip()
-    if not language:
-        raise UserError("language: choose a language code such as en")
-    return GenerationSettings(
-        ar=ar, nar=nar,
         max_ar_steps=max(0, _frames(v["max_seconds"], frame_rate)),
-        max_nar_levels=int(v["max_nar_levels"]),
-        input_prompt_length=float(v["input_prompt_length"]),
         max_repeat_frames=max(1, _frames(v["max_repeat_seconds"], frame_rate)),
-        language=language,
-        split_sentences=bool(v["split_sentences"]),
-        pause=float(v["pause"]),
     )
+    return settings_from(options)
 
 
 class Engine:
@@ -253,17 +251,17 @@ def synthesize_to_file(engine: Engine, out_dir: Path, text: str, reference: str 
 def _widget(gr, c: Control):
     if c.kind == "slider":
         return gr.Slider(minimum=c.minimum, maximum=c.maximum, value=c.default, step=c.step, label=c.label,
-                         info=c.info or None, elem_id=f"ctl-{c.name}")
+                         info=c.help or None, elem_id=f"ctl-{c.name}")
     if c.kind == "number":
-        return gr.Number(value=c.default, label=c.label, info=c.info or None, precision=0, minimum=c.minimum,
+        return gr.Number(value=c.default, label=c.label, info=c.help or None, precision=0, minimum=c.minimum,
                          step=c.step, elem_id=f"ctl-{c.name}")
     if c.kind == "checkbox":
-        return gr.Checkbox(value=c.default, label=c.label, info=c.info or None, elem_id=f"ctl-{c.name}")
+        return gr.Checkbox(value=c.default, label=c.label, info=c.help or None, elem_id=f"ctl-{c.name}")
     if c.kind == "dropdown":
         choices = list(c.choices)
         if c.name == "language":
             choices = supported_languages()
-        return gr.Dropdown(choices=choices, value=c.default, label=c.label, info=c.info or None,
+        return gr.Dropdown(choices=choices, value=c.default, label=c.label, info=c.help or None,
                            allow_custom_value=c.name == "language", elem_id=f"ctl-{c.name}")
     raise ValueError(f"unknown control kind {c.kind!r}")
 

@@ -14,7 +14,8 @@ from typing import Sequence
 import torch
 
 from vall_e.config import parse_config
-from vall_e.models.model_file import DTYPES, build_network, check_maps, write_export
+from vall_e.models.model_file import build_network, check_maps, write_export
+from vall_e.utils.dtypes import DTYPES
 from vall_e.models.weights import check_weights, split_weights
 from vall_e.training.engines.checkpoint import find_checkpoint, load_checkpoint
 from vall_e.utils.errors import UserError

@@ -19,7 +19,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,7 +32,7 @@ from tqdm import tqdm
 from vall_e.codecs import build_codec
 from vall_e.config import parse_config
 from vall_e.data import VALLEDataset, make_dataloader
-from vall_e.generation.settings import GenerationSettings
+from vall_e.generation.settings import settings_from_config
 from vall_e.generation.tts import TTS
 from vall_e.models.build import build_models, model_config_dict
 from vall_e.models.model_file import read_export, write_export
@@ -203,17 +203,16 @@ def synthesize_samples(models: dict[str, nn.Module], meta: dict[str, Any], batch
     modes = {name: m.training for name, m in models.items()}
     try:
         tts = TTS(models, meta, build_codec(meta.get("codec") or {}), device=str(device), dtype="float32")
-        settings = GenerationSettings()
-        settings = replace(settings, ar=replace(settings.ar, temperature=cfg.evaluation.ar_temperature),
-                           nar=replace(settings.nar, temperature=cfg.evaluation.nar_temperature))
+        settings = settings_from_config(cfg)
         with torch.no_grad():
             for split, batch in batches:
                 n = min(count, len(batch["text"]))
                 text = [t for t in batch["text"][:n]]
                 prompts = [p for p in batch["prompt"][:n]]
                 langs = batch["lang"][:n]
+                floors = [int(settings.min_frames_per_phoneme * len(t)) for t in text]  # as TTS.generate_codes
                 level0 = tts.generate_ar(text, langs, prompts, settings.ar, [int(cfg.evaluation.steps)] * n,
-                                         settings.max_repeat_frames)
+                                         settings.max_repeat_frames, floors)
                 codes = tts.generate_nar(text, langs, prompts, level0, settings.nar, settings.max_nar_levels)
                 hyps = tts.decode(codes)
                 refs = tts.decode([r for r in batch["resps"][:n]])

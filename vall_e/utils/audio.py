@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import struct
 from pathlib import Path
 from typing import Sequence
 
@@ -144,6 +145,15 @@ def audio_to_bytes(wav: Tensor | np.ndarray, sample_rate: int, format: str = "wa
     except Exception as e:
         raise UserError(f"cannot encode {fmt} at {sample_rate} Hz ({e})") from None
     return buf.getvalue()
+
+
+def streaming_wav_header(sample_rate: int, channels: int = 1, bits: int = 16) -> bytes:
+    """A WAV header for a stream of unknown length: RIFF and data sizes are 0xFFFFFFFF (ffmpeg and most
+    players accept it); s16le samples follow."""
+    block = channels * bits // 8
+    return (b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVE"
+            + b"fmt " + struct.pack("<IHHIIHH", 16, 1, channels, sample_rate, sample_rate * block, block, bits)
+            + b"data" + struct.pack("<I", 0xFFFFFFFF))
 
 
 def peak_normalize(wav: Tensor, peak: float = 0.95) -> Tensor:

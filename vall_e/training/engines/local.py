@@ -24,11 +24,11 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from vall_e.training.engines.optim import LRSchedule, build_optimizer, current_lr, set_lr
+from vall_e.utils.dtypes import DTYPES
 from vall_e.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass

@@ -22,9 +22,10 @@ import soundfile as sf
 pytestmark = pytest.mark.slow
 
 STEPS = 1200
-# measured at STEPS when this test was written (seed 0, 1 thread; README "What the demo does"): mean MCD-DTW
-# 7.18 dB, 88% under 8.5 dB, 100% closer to its own sentence, 91% within 15% of espeak's duration, right
-# voice 91%; control 11.62 dB, untrained 11.84 dB; alignment error 1.59 tokens
+# measured at STEPS when this test was written (seed 0, 1 thread, stress as its own token; README "What the
+# demo does"): mean MCD-DTW 7.58 dB, 78% under 8.5 dB, 100% closer to its own sentence, 97% within 15% of
+# espeak's duration, right voice 97%; control 11.62 dB, untrained 11.70 dB. (With the stress marks merged
+# onto phones: 7.18 dB, 88%, 100%, 91%, 91%.) The bounds leave room for another machine's rounding.
 
 
 def test_demo_speaks_words_it_never_heard(tmp_path: Path) -> None:
@@ -54,8 +55,8 @@ def test_demo_speaks_words_it_never_heard(tmp_path: Path) -> None:
     unseen = report["unseen_words"]
     trained, control, untrained = unseen["trained"], unseen["trained_other_text"], unseen["untrained"]
     # it reads: near the right sentence, and the controls are not
-    assert trained["mcd_mean"] <= 7.7, trained
-    assert trained["under_8_5"] >= 0.75, trained
+    assert trained["mcd_mean"] <= 8.0, trained
+    assert trained["under_8_5"] >= 0.65, trained
     assert trained["closer_than_every_other"] >= 0.9, trained
     assert trained["duration_within_15"] >= 0.8, trained
     assert control["mcd_mean"] > trained["mcd_mean"] + 3.0, (control, trained)

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
-from vall_e.config.fields import setting
+from vall_e.config.fields import StoredConfig, setting
 from vall_e.utils.errors import UserError
 
 # ----------------------------------------------------------------------------------- registries
@@ -148,7 +148,7 @@ class ModelOptions:
 
 
 @dataclass
-class VALLEConfig(ModelOptions):
+class VALLEConfig(StoredConfig, ModelOptions):
     """Everything needed to build one `VALLE` network; JSON-able (stored in checkpoints and in exported
     model files, whose older versions `from_dict` still reads)."""
 
@@ -211,17 +211,6 @@ class VALLEConfig(ModelOptions):
     def stop_id(self) -> int:
         return self.n_codes
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VALLEConfig":
-        """A stored config; keys added since it was written take their defaults."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise UserError(f"model config: unknown key(s) {', '.join(sorted(unknown))}")
-        return cls(**d)
 
 
 @dataclass

@@ -27,13 +27,14 @@ followed by text in another is normal there). The `lang` arguments are therefore
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vall_e.config.fields import StoredConfig
 from vall_e.utils.errors import UserError
 
 from .backbones.kv_cache import KVCache
@@ -44,7 +45,7 @@ FAMILY = "vallex"
 
 
 @dataclass
-class VallexConfig:
+class VallexConfig(StoredConfig):
     """Everything needed to build a `VallexModel`; JSON-able (stored in the converted file's metadata)."""
 
     family: str = FAMILY
@@ -106,16 +107,6 @@ class VallexConfig:
         """Size of the id space of `text` arguments (language folded into the id)."""
         return self.n_text_tokens * max(1, self.n_langs)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VallexConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise UserError(f"model config: unknown key(s) {', '.join(sorted(unknown))}")
-        return cls(**d)
 
 
 def sinusoids(positions: Tensor, d_model: int) -> Tensor:

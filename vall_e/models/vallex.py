@@ -27,7 +27,7 @@ followed by text in another is normal there). The `lang` arguments are therefore
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch

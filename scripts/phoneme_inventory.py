@@ -60,6 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from vall_e.text.phonemes import BOUNDARY, PUNCTUATION, STRESS_MARKS, phonemize_many  # noqa: E402
+from vall_e.data.lexicon import made_up_word  # noqa: E402
 
 INVENTORY_FILE = ROOT / "vall_e" / "text" / "inventory.py"
 LANGUAGES = ("en-us", "en-gb", "de", "fr-fr", "es", "it", "pt", "nl", "pl", "sv", "da", "nb", "fi", "cs", "sk", "hu",
@@ -165,13 +166,7 @@ def without_crashers(language: str, texts: list[str]) -> list[str]:
 
 def pseudo_word(rng: random.Random, spelling: tuple) -> str:
     onsets, vowels, codas, _ = spelling
-    n = rng.choices([1, 2, 3, 4], weights=[4, 4, 2, 1])[0]
-    word = ""
-    for k in range(n):
-        word += rng.choice(onsets) + rng.choice(vowels)
-        if k == n - 1 or rng.random() < 0.4:
-            word += rng.choice(codas)
-    return word
+    return made_up_word(rng, onsets, vowels, codas, syllables=(4, 4, 2, 1), coda_share=0.4)
 
 
 def _case(rng: random.Random, word: str) -> str:

@@ -117,3 +117,13 @@ class FakeTTS:
 
     def stream(self, text, prompt, settings):
         yield 0.1 * torch.sin(torch.arange(2400) / 5.0)
+
+
+@pytest.fixture
+def one_thread():
+    """Small matrices: one thread is much faster than two on a busy 2-core machine (and the rounding is
+    the same in every run)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

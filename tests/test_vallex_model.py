@@ -18,13 +18,7 @@ import torch
 from vall_e.models.vallex import VallexConfig
 from vall_e.models.vallex_checkpoint import build_from_state_dict, random_state_dict
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matrices: one thread is much faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 from tests.tensor_fixtures import read_tensor_json

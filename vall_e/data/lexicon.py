@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import re
 from functools import lru_cache
-from typing import Collection, Iterable
+from typing import Collection, Iterable, Sequence
 
 from faker.providers.lorem.en_US import Provider as _Lorem
 from faker.providers.person.en_US import Provider as _Person
@@ -32,14 +32,17 @@ CODAS = ("", "", "", "b", "ck", "d", "f", "g", "k", "l", "ll", "m", "n", "nd", "
          "ze", "ge", "dge", "se", "te", "ne", "ke", "me", "pe", "de", "rm", "lk", "nch")
 
 
-def made_up_word(rng: random.Random) -> str:
-    """One to three syllables of English spelling, e.g. 'shorpam', 'gleest', 'trounvick'."""
-    n = rng.choices((1, 2, 3), weights=(4, 4, 2))[0]
+def made_up_word(rng: random.Random, onsets: Sequence[str] = ONSETS, vowels: Sequence[str] = VOWELS,
+                 codas: Sequence[str] = CODAS, syllables: Sequence[int] = (4, 4, 2), coda_share: float = 0.5) -> str:
+    """One to len(syllables) syllables (weighted by `syllables`) of a language's spelling, by default
+    English's, e.g. 'shorpam', 'gleest', 'trounvick'. The last syllable always takes a coda (which
+    may be empty), the others with probability `coda_share`."""
+    n = rng.choices(range(1, len(syllables) + 1), weights=syllables)[0]
     word = ""
     for k in range(n):
-        word += rng.choice(ONSETS) + rng.choice(VOWELS)
-        if k == n - 1 or rng.random() < 0.5:
-            word += rng.choice(CODAS)
+        word += rng.choice(onsets) + rng.choice(vowels)
+        if k == n - 1 or rng.random() < coda_share:
+            word += rng.choice(codas)
     return word
 
 

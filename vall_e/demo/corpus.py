@@ -17,15 +17,13 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from vall_e.codecs.world import fit_world_codec
+from vall_e.data.listing import speaker_metadata
 from vall_e.data.synthetic import generate_corpus, speakers
 from vall_e.demo.harvard import TEST_LISTS, all_words, sentences
-from vall_e.emb.codes import read_codes
 from vall_e.emb.g2p import main as g2p_main
 from vall_e.emb.qnt import main as qnt_main
-from vall_e.text.symmap import read_phonemes
 
 FIT_CLIPS = 120  # ~120 clips hold the 20k frames the codebook fit samples: analysing more only costs time
 N_TARGETS = 8  # test sentences per voice; one more is its prompt
@@ -72,11 +70,13 @@ def fit_and_quantize(data: DemoData, n_codes: int, seed: int) -> None:
 
 def frames_per_token(data: DemoData) -> float:
     """The training corpus's mean audio frames per text token (BOS and EOS included, as the model
-    reads them): the text heads' position rate (`model.text_head_rate`)."""
+    reads them): the text heads' position rate (`model.text_head_rate`). From the speaker folders'
+    metadata cache, which the dataset reads next anyway."""
     frames = tokens = 0
-    for qnt in data.corpus.rglob("*.qnt.pt"):
-        frames += read_codes(qnt)[0].shape[0]
-        tokens += len(read_phonemes(qnt.with_name(qnt.name.replace(".qnt.pt", ".phn.txt")))) + 2
+    for folder in data.speaker_dirs(data.corpus / "synth"):
+        for entry in speaker_metadata(folder).values():
+            frames += entry["frames"]
+            tokens += entry["phones"]
     if not tokens:
         raise ValueError(f"{data.corpus}: no quantized utterances")
     return frames / tokens

@@ -216,64 +216,50 @@ class Column:
     wavs: list[Path]
 
 
-def synthesize_column(tts: TTS, name: str, texts: list[str], prompts: list[Tensor], settings: GenerationSettings,
-                      wav_dir: Path, tags: list[str], nar_levels: int | None = None,
-                      level0: list[Tensor] | None = None) -> tuple[Column, list[Tensor]]:
-    """One batched call: codes for every text (AR + NAR, or the NAR over given level-0 codes), decoded
-    with `nar_levels` NAR levels, written as wav files."""
-    if level0 is None:
-        codes = tts.generate_codes(texts, prompts, settings)
-    else:
-        ids = [tts.encode_text(t) for t in texts]
-        langs = torch.zeros(len(ids), dtype=torch.long)
-        codes = tts.generate_nar(ids, langs, prompts, level0, settings.nar, settings.max_nar_levels)
-    keep = codes if nar_levels is None else [c[:, :1 + nar_levels] for c in codes]
-    paths = []
-    for tag, wav in zip(tags, tts.decode(keep)):
-        path = wav_dir / f"{tag}_{name}.wav"
-        save_audio(path, wav if wav.numel() else torch.zeros(2400), tts.sample_rate)
-        paths.append(path)
-    return Column(name, paths), codes
-
-
-def decode_codes(tts: TTS, name: str, codes: list[Tensor], wav_dir: Path, tags: list[str]) -> Column:
+def write_column(tts: TTS, name: str, codes: list[Tensor], wav_dir: Path, tags: list[str]) -> Column:
+    """Decode codes and write them as `{tag}_{name}.wav` (an empty output as 0.1 s of silence)."""
     paths = []
     for tag, wav in zip(tags, tts.decode(codes)):
         path = wav_dir / f"{tag}_{name}.wav"
-        save_audio(path, wav, tts.sample_rate)
+        save_audio(path, wav if wav.numel() else torch.zeros(2400), tts.sample_rate)
         paths.append(path)
     return Column(name, paths)
 
 
 def run_synthesis(tts: TTS, untrained: TTS, items: list[TestItem], held: list[TestItem], args: argparse.Namespace,
                   wav_dir: Path) -> dict[str, list[Column]]:
-    """Every column of the report's tables."""
+    """Every column of the report's tables. The NAR runs for the levels a column decodes; the trained
+    model's test sentences get all 7, which the oracle table needs."""
+    levels = args.nar_levels
     settings = GenerationSettings(ar=replace(SamplingParams.ar_defaults(), temperature=args.ar_temperature,
                                              seed=args.seed),
                                   nar=replace(SamplingParams.nar_defaults(), temperature=0.0, seed=args.seed),
                                   input_prompt_length=1.5, split_sentences=False,
-                                  max_ar_steps=450, max_nar_levels=7)  # 450 steps: 6-12 s; the sentences take 2-3 s
+                                  max_ar_steps=450, max_nar_levels=levels)  # 450 steps: 6-12 s; the sentences take 2-3 s
     prompts = [tts.encode_reference(str(it.prompt), 1.5) for it in items]
     tags = [f"{i:02d}_{it.speaker}" for i, it in enumerate(items)]
     texts = [it.text for it in items]
-    levels = args.nar_levels
-    trained, codes = synthesize_column(tts, "trained", texts, prompts, settings, wav_dir, tags, levels)
-    control, _ = synthesize_column(tts, "trained_other_text", [it.other_text for it in items], prompts, settings,
-                                   wav_dir, tags, levels)
-    fresh, _ = synthesize_column(untrained, "untrained", texts, prompts, settings, wav_dir, tags, levels)
+    codes = tts.generate_codes(texts, prompts, replace(settings, max_nar_levels=7))
+    trained = write_column(tts, "trained", [c[:, :1 + levels] for c in codes], wav_dir, tags)
+    control = write_column(tts, "trained_other_text",
+                           tts.generate_codes([it.other_text for it in items], prompts, settings), wav_dir, tags)
+    fresh = write_column(untrained, "untrained", untrained.generate_codes(texts, prompts, settings), wav_dir, tags)
     true = [_codes(it.reference) for it in items]
-    oracle_nar, _ = synthesize_column(tts, "true_level0_model_nar", texts, prompts, settings, wav_dir, tags,
-                                      level0=[t[:, 0] for t in true])
+    ids = [tts.encode_text(t) for t in texts]
+    true_nar = tts.generate_nar(ids, torch.zeros(len(ids), dtype=torch.long), prompts, [t[:, 0] for t in true],
+                                settings.nar, 7)
+    level0 = (Column("model_ar_level0_only", trained.wavs) if levels == 0
+              else write_column(tts, "model_ar_level0_only", [c[:, :1] for c in codes], wav_dir, tags))
     columns = {"unseen": [trained, control, fresh, Column("other_sentence", [it.other_reference for it in items])],
-               "oracle": [decode_codes(tts, "codec_round_trip", true, wav_dir, tags),
-                          decode_codes(tts, "true_level0_only", [t[:, :1] for t in true], wav_dir, tags),
-                          oracle_nar, decode_codes(tts, "model_ar_model_nar", codes, wav_dir, tags),
-                          decode_codes(tts, "model_ar_level0_only", [c[:, :1] for c in codes], wav_dir, tags)]}
+               "oracle": [write_column(tts, "codec_round_trip", true, wav_dir, tags),
+                          write_column(tts, "true_level0_only", [t[:, :1] for t in true], wav_dir, tags),
+                          write_column(tts, "true_level0_model_nar", true_nar, wav_dir, tags),
+                          write_column(tts, "model_ar_model_nar", codes, wav_dir, tags), level0]}
     held_prompts = [tts.encode_reference(str(it.prompt), 1.5) for it in held]
     held_tags = [f"heldout_{i:02d}_{it.speaker}" for i, it in enumerate(held)]
-    held_col, _ = synthesize_column(tts, "trained", [it.text for it in held], held_prompts, settings, wav_dir,
-                                    held_tags, levels)
-    columns["heldout"] = [held_col, Column("other_sentence", [it.other_reference for it in held])]
+    held_codes = tts.generate_codes([it.text for it in held], held_prompts, settings)
+    columns["heldout"] = [write_column(tts, "trained", held_codes, wav_dir, held_tags),
+                          Column("other_sentence", [it.other_reference for it in held])]
     for i, it in enumerate(items):
         shutil.copy(it.reference, wav_dir / f"{tags[i]}_espeak.wav")
     return columns

@@ -266,6 +266,24 @@ def test_schedules_warmup_then_decay() -> None:
     assert one[-1] < 1e-4 and one.index(max(one)) == 30
 
 
+def test_time_clock_finishes_the_schedule_when_the_budget_ends(tmp_path: Path) -> None:
+    """A step count far beyond what the time budget allows: with `schedule_clock: time` the LR still
+    decays to its floor by the end, with the step clock it never leaves the peak."""
+    runs = {}
+    for clock in ("time", "steps"):
+        run_tiny(tmp_path / clock, tiny_builder(n=8, delay=0.03), **{
+            "trainer.iterations": 100_000, "trainer.max_minutes": 0.02, "trainer.save_frequency": 0,
+            "evaluation.frequency": 0, "hyperparameters.warmup_steps": 0, "hyperparameters.min_lr_ratio": 0.1,
+            "hyperparameters.schedule_clock": clock})
+        runs[clock] = [r["lr"] for r in records(tmp_path / clock) if "lr" in r]
+    timed, stepped = runs["time"], runs["steps"]
+    assert len(timed) >= 5 and all(b <= a for a, b in zip(timed, timed[1:]))
+    assert timed[-1] < 0.3 * 0.01 and timed[0] > 0.8 * 0.01
+    assert min(stepped) > 0.99 * 0.01
+    with pytest.raises(UserError, match="max_minutes"):
+        make_cfg(tmp_path, **{"hyperparameters.schedule_clock": "time"})
+
+
 def test_lr_command_rescales_schedule_and_prodigy_gets_d_coef() -> None:
     p = nn.Parameter(torch.zeros(3))
     opt = torch.optim.AdamW([p], lr=1e-3)

@@ -308,6 +308,7 @@ def _validate(cfg: Config) -> None:
         "inference.weight_dtype": (cfg.inference.weight_dtype, ("float32", "bfloat16", "float16")),
         "hyperparameters.scheduler": (cfg.hyperparameters.scheduler, ("constant", "cosine", "linear", "onecycle")),
         "hyperparameters.optimizer": (cfg.hyperparameters.optimizer.lower(), ("adamw", "sgd", "prodigy", "adamw8bit")),
+        "hyperparameters.schedule_clock": (cfg.hyperparameters.schedule_clock, ("steps", "time")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -315,6 +316,9 @@ def _validate(cfg: Config) -> None:
     for key, rng in (("dataset.phones_range", cfg.dataset.phones_range), ("dataset.duration_range", cfg.dataset.duration_range)):
         if len(rng) != 2 or rng[0] > rng[1]:
             raise UserError(f"config key {key!r} must be [min, max], got {rng!r}")
+    if cfg.hyperparameters.schedule_clock == "time" and not cfg.trainer.max_minutes:
+        raise UserError("hyperparameters.schedule_clock 'time' needs trainer.max_minutes (the budget the schedule "
+                        "is spread over)")
     _check_non_negative(cfg)
     cfg.model.networks()  # every check of the model (vall_e.config.model), before any data is read
 

@@ -54,6 +54,9 @@ class HyperparametersConfig:
     scheduler: str = _f("cosine", "constant | cosine | linear | onecycle")
     warmup_steps: int = _f(0, "linear warm-up steps")
     min_lr_ratio: float = _f(0.1, "cosine/linear schedules end at learning_rate * this")
+    schedule_clock: str = _f("steps", "steps | time: with `time` and trainer.max_minutes, the schedule's position is "
+                             "the larger of the steps done and the share of the time budget spent, so the "
+                             "schedule finishes when the budget ends it")
 
 
 @dataclass

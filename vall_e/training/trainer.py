@@ -660,6 +660,20 @@ class Trainer:
                 root.setLevel(self._log_saved[0])
                 root.propagate = self._log_saved[1]
 
+    def _schedule_position(self, control: Controller) -> int:
+        """The step the LR schedule is evaluated at. `schedule_clock: time` moves it by the share of
+        `trainer.max_minutes` spent as well, so a run that the time budget ends still finishes its
+        schedule (a plan sized from a step time measured up front is always a guess on a shared
+        machine). Rank 0's clock decides; every rank uses the same position."""
+        tr = self.cfg.trainer
+        if self.cfg.hyperparameters.schedule_clock != "time" or not tr.max_minutes:
+            return self.step
+        by_time = 0
+        if self.is_main:
+            spent = (time.monotonic() - self._t0) / (60 * tr.max_minutes)
+            by_time = int(min(1.0, spent) * tr.iterations)
+        return max(self.step, control.agree_max(by_time))
+
     def _loop(self) -> int:
         cfg, tr = self.cfg, self.cfg.trainer
         eval_freq = int(cfg.evaluation.frequency)
@@ -681,7 +695,8 @@ class Trainer:
             try:
                 while self.step < tr.iterations:
                     micro = [self._next_batch() for _ in range(self.ga)]
-                    results = {n: eng.train_step(micro, self.step) for n, eng in self.engines.items()}
+                    position = self._schedule_position(control)
+                    results = {n: eng.train_step(micro, position) for n, eng in self.engines.items()}
                     samples, tokens = self._count(micro)
                     self.samples += samples
                     self.tokens += tokens

@@ -542,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for suffix in (".wav", ".txt", ".jsonl"):  # left by a killed run
                 remove_stale_temps(out, suffix, recursive=True)
         total_h = sum(s.seconds for s in todo) / 3600
-        with tqdm(total=round(total_h, 4), unit="h", desc="transcribe", disable=args.quiet, file=sys.stderr,
+        with tqdm(total=total_h, unit="h", desc="transcribe", disable=args.quiet, file=sys.stderr,
                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.3f}/{total:.3f} h [{elapsed}<{remaining}]{postfix}",
                   dynamic_ncols=True) as bar:
             for chunk in _batches(todo, args.batch_size):
@@ -553,7 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     except UserError as e:
                         tqdm.write(f"skipped: {e}", file=sys.stderr)
                         stats["failed"] += 1
-                        bar.update(round(src.seconds / 3600, 6))
+                        bar.update(min(src.seconds / 3600, bar.total - bar.n))
                 if loaded:
                     process(loaded, whisper, cfg, language)
                 for p in loaded:
@@ -564,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     stats["kept"] += sum(r["end"] - r["start"] for r in rows)
                     for k, v in p.dropped.items():
                         dropped[k] = dropped.get(k, 0.0) + v
-                    bar.update(round(p.source.seconds / 3600, 6))
+                    bar.update(min(p.source.seconds / 3600, bar.total - bar.n))
                     bar.set_postfix_str(f"{stats['files'] + stats['failed'] - len(problems)}/{len(todo)} files, "
                                         f"{stats['segments']} segments")
     if out.is_dir() or sources:

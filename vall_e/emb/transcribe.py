@@ -26,13 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -40,8 +39,7 @@ import soxr
 import torch
 from tqdm import tqdm
 
-from vall_e.emb.segment import (Phrase, SegmentConfig, Utterance, chunk_phrases, find_phrases, plan_utterances,
-                                too_long)
+from vall_e.emb.segment import Phrase, SegmentConfig, Utterance, chunk_phrases, find_phrases, plan_utterances
 from vall_e.utils.audio import load_audio, save_audio
 from vall_e.utils.errors import UserError, run_main
 from vall_e.utils.io import atomic_write_text, remove_stale_temps
@@ -160,8 +158,10 @@ class Whisper:
                 out += [id_to_code[int(t)] for t in self.model.detect_language(feats).reshape(-1).tolist()]
         return out
 
-    def transcribe(self, clips: Sequence[np.ndarray], languages: Sequence[str]) -> list[list[Piece]]:
-        """Timestamped pieces of each clip (16 kHz mono), batched; longest clips first."""
+    def transcribe(self, clips: Sequence[np.ndarray], languages: Sequence[str],
+                   progress: Callable[[float], None] | None = None) -> list[list[Piece]]:
+        """Timestamped pieces of each clip (16 kHz mono), batched; longest clips first. `progress` is
+        called with the seconds of audio of each finished batch."""
         order = sorted(range(len(clips)), key=lambda k: -len(clips[k]))
         result: list[list[Piece]] = [[] for _ in clips]
         with torch.inference_mode(), _quiet():
@@ -178,6 +178,8 @@ class Whisper:
                 for row, k in enumerate(idx):
                     tokens = out.sequences[row, -n_new:].tolist()
                     result[k] = self._pieces(tokens, logprobs[row].float().tolist())
+                if progress is not None:
+                    progress(sum(len(clips[k]) for k in idx) / WHISPER_RATE)
         return result
 
     def _pieces(self, tokens: list[int], logprobs: list[float]) -> list[Piece]:
@@ -306,14 +308,15 @@ def _language_of(p: Planned, utt: Utterance) -> str:
     return p.chunk_language[0] if p.chunk_language else "en"
 
 
-def process(batch: list[Planned], whisper: Whisper, cfg: SegmentConfig, language: str | None) -> None:
+def process(batch: list[Planned], whisper: Whisper, cfg: SegmentConfig, language: str | None,
+            progress: Callable[[float], None] | None = None) -> None:
     """Transcribe and plan a batch of recordings in place: Whisper over every chunk of every recording
     at once, the plan per recording, then one more batched pass over the utterances whose edges are
     not Whisper's sentence ends."""
     jobs = [(p, c) for p in batch for c in chunk_phrases(p.phrases, cfg)]
     clips = [_clip(p.wav16, c[2], c[3]) for p, c in jobs]
     langs = [language or "en"] * len(clips) if language or not whisper.multilingual else whisper.detect(clips)
-    pieces = whisper.transcribe(clips, langs) if clips else []
+    pieces = whisper.transcribe(clips, langs, progress) if clips else []
     for (p, chunk), lang, ps in zip(jobs, langs, pieces):
         p.chunks.append(chunk)
         p.chunk_language.append(lang)
@@ -362,7 +365,8 @@ def write_outputs(out: Path, p: Planned) -> list[dict[str, Any]]:
                      "start": round(a / p.rate, 4), "end": round(b / p.rate, 4), "text": text, "language": lang,
                      "confidence": round(conf, 4)})
     p.dropped["no words recognized"] = no_text
-    summary = {"source": src.rel, "seconds": round(src.seconds, 3), "dropped": {k: round(v, 3) for k, v in p.dropped.items()}}
+    summary = {"source": src.rel, "seconds": round(src.seconds, 3),
+               "dropped": {k: round(v, 3) for k, v in p.dropped.items()}}
     atomic_write_text(record_path(out, src), "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                       for r in [{"summary": summary}] + rows))
     return rows
@@ -475,8 +479,10 @@ def _parser() -> argparse.ArgumentParser:
                    "float16, bfloat16")
     p.add_argument("--batch-size", type=int, default=16, help="clips decoded together (default 16)")
     p.add_argument("--sample-rate", type=int, default=0, help="rate of the written clips (default 0: the source's)")
-    p.add_argument("--min-seconds", type=float, default=d.min_seconds, help=f"shortest utterance (default {d.min_seconds:g})")
-    p.add_argument("--max-seconds", type=float, default=d.max_seconds, help=f"longest utterance (default {d.max_seconds:g})")
+    p.add_argument("--min-seconds", type=float, default=d.min_seconds,
+                   help=f"shortest utterance (default {d.min_seconds:g})")
+    p.add_argument("--max-seconds", type=float, default=d.max_seconds,
+                   help=f"longest utterance, at most 29 (default {d.max_seconds:g})")
     p.add_argument("--min-pause", type=float, default=d.min_pause,
                    help=f"shortest silence a cut may use, seconds (default {d.min_pause:g})")
     p.add_argument("--pad", type=float, default=d.pad, help=f"silence kept around an utterance (default {d.pad:g} s)")
@@ -545,7 +551,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tqdm(total=total_h, unit="h", desc="transcribe", disable=args.quiet, file=sys.stderr,
                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.3f}/{total:.3f} h [{elapsed}<{remaining}]{postfix}",
                   dynamic_ncols=True) as bar:
+            done_h = 0.0  # hours of the groups finished; within a group the bar follows Whisper's batches
+
+            def advance(seconds: float) -> None:
+                bar.update(max(0.0, min(seconds / 3600, done_h + 0.95 * group_h - bar.n)))
+
             for chunk in _batches(todo, args.batch_size):
+                group_h = sum(s.seconds for s in chunk) / 3600
                 loaded: list[Planned] = []
                 for src in chunk:
                     try:
@@ -553,9 +565,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     except UserError as e:
                         tqdm.write(f"skipped: {e}", file=sys.stderr)
                         stats["failed"] += 1
-                        bar.update(min(src.seconds / 3600, bar.total - bar.n))
                 if loaded:
-                    process(loaded, whisper, cfg, language)
+                    process(loaded, whisper, cfg, language, advance)
                 for p in loaded:
                     rows = write_outputs(out, p)
                     stats["files"] += 1
@@ -564,9 +575,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     stats["kept"] += sum(r["end"] - r["start"] for r in rows)
                     for k, v in p.dropped.items():
                         dropped[k] = dropped.get(k, 0.0) + v
-                    bar.update(min(p.source.seconds / 3600, bar.total - bar.n))
-                    bar.set_postfix_str(f"{stats['files'] + stats['failed'] - len(problems)}/{len(todo)} files, "
-                                        f"{stats['segments']} segments")
+                done_h += group_h
+                bar.update(max(0.0, min(done_h, bar.total) - bar.n))
+                bar.set_postfix_str(f"{stats['files'] + stats['failed'] - len(problems)}/{len(todo)} files, "
+                                    f"{stats['segments']} segments")
     if out.is_dir() or sources:
         rows = write_manifest(out)
     else:

@@ -52,7 +52,6 @@ MANIFEST = "manifest.jsonl"
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64", ".rf64"}
 UNSUPPORTED_SUFFIXES = {".m4a", ".aac", ".wma", ".mp4", ".webm", ".mkv", ".amr", ".ape", ".mov"}
 BOUNDARY_TOLERANCE = 0.3  # seconds: how far a Whisper segment boundary may lie from the pause it marks
-DIARIZE_EXTRA = "diarize"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,9 +520,9 @@ def _load(src: Source, cfg: SegmentConfig, rate: int) -> Planned:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.diarize:
-        raise UserError(f"--diarize: speaker diarization is not available (no [{DIARIZE_EXTRA}] extra): "
-                        "pyannote.audio, the maintained library for it, needs gated weights from the Hugging Face "
-                        "hub; put each speaker's recordings in a folder of their own instead")
+        raise UserError("--diarize: not available: splitting one recording by speaker needs pyannote.audio, whose "
+                        "models are gated on the Hugging Face hub (a token and accepted terms), so no extra installs "
+                        "it; put each speaker's recordings in a folder of their own")
     cfg = SegmentConfig(args.min_seconds, args.max_seconds, args.min_pause, args.pad, args.silence_db)
     cfg.check()
     if args.batch_size < 1:

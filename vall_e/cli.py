@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("vall_e.convert", "convert a published checkpoint (VALL-E X, Amphion) to model.safetensors"),
     "plot": ("vall_e.plot", "plot training metrics"),
     "data": ("vall_e.data.__main__", "dataset tools (hdf5, metadata, sample)"),
+    "transcribe": ("vall_e.emb.transcribe", "cut long recordings into transcribed utterances (Whisper)"),
     "qnt": ("vall_e.emb.qnt", "quantize audio files to codec codes"),
     "g2p": ("vall_e.emb.g2p", "phonemize transcripts"),
     "corpus": ("vall_e.data.synthetic", "generate an offline espeak-ng speech corpus"),

@@ -307,10 +307,10 @@ def report(results: dict[str, Any]) -> str:
                 continue
             extra = f", peak CUDA {r['peak_cuda_mb']:.0f} MB" if "peak_cuda_mb" in r else ""
             vs = f"  ({r['positions_per_s_vs_reference']:.2f}x the reference's)" if "positions_per_s_vs_reference" in r else ""
-            lines.append(f"{name:36} {r['params_m']:5.1f}M  {r['step_s_best']:6.2f} s/step  {r['positions_per_s']:6.0f} "
+            lines.append(f"{name:40} {r['params_m']:5.1f}M  {r['step_s_best']:6.2f} s/step  {r['positions_per_s']:6.0f} "
                          f"positions/s  peak RSS {r['peak_rss_mb']:.0f} MB{extra}{vs}")
         for name, r in tr.get("reference", {}).items():
-            lines.append(f"{'reference ' + name + ' (issue 16 table)':36} {r['params_m']:5.1f}M  {r['step_s']:6.2f} s/step  "
+            lines.append(f"{'reference ' + name + ' (issue 16 table)':40} {r['params_m']:5.1f}M  {r['step_s']:6.2f} s/step  "
                          f"{r['positions_per_s']:6.0f} positions/s  peak RSS {r['peak_rss_mb']:.0f} MB")
     cd = sec.get("codec")
     if cd and "error" not in cd:

@@ -145,12 +145,12 @@ def machine_info(ctx: Ctx) -> dict[str, Any]:
 
 
 def build_model(preset: str, ctx: Ctx, *, dropout: float = 0.0, ban_stop: bool = True, seed: int = 0,
-                train: bool = False, dtype: torch.dtype | None = None) -> Any:
+                train: bool = False, dtype: torch.dtype | None = None, **config: Any) -> Any:
     """An untrained ar+nar VALLE of `preset`, with 1024 codes x 8 levels (EnCodec-24kHz's layout).
 
     ban_stop: set the AR head's STOP bias to -1e4 so decoding runs exactly as long as asked. An
     untrained model would otherwise stop at random; this controls the length without touching
-    the engine.
+    the engine. `config`: more `VALLEConfig` fields (e.g. kv_heads, backbone).
     """
     from vall_e.config.model import resolve_dims
     from vall_e.models.valle import VALLE, VALLEConfig
@@ -159,7 +159,7 @@ def build_model(preset: str, ctx: Ctx, *, dropout: float = 0.0, ban_stop: bool =
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = VALLE(VALLEConfig(kind="ar+nar", d_model=d, n_heads=h, n_layers=n, n_text_tokens=N_TEXT,
-                                  n_codes=N_CODES, n_levels=N_LEVELS, dropout=dropout))
+                                  n_codes=N_CODES, n_levels=N_LEVELS, dropout=dropout, **config))
     if ban_stop:
         with torch.no_grad():
             model.ar_head.bias[model.config.stop_id] = -1e4

@@ -137,7 +137,8 @@ def _window(steps: list[float], token: int, half: int = 10) -> float:
 def _kv_bytes(model: Any, keys: int, batch: int = 1) -> int:
     c = model.config
     elt = next(model.parameters()).element_size()
-    return 2 * c.n_layers * batch * keys * c.d_model * elt
+    kv_width = c.d_model // c.n_heads * (c.kv_heads or c.n_heads)  # grouped-query attention: fewer kv heads
+    return 2 * c.n_layers * batch * keys * kv_width * elt
 
 
 def _step_bytes(model: Any, keys: int, batch: int = 1) -> int:
@@ -502,54 +503,129 @@ def batch(ctx: Ctx) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------- training
 
 
-def training(ctx: Ctx) -> dict[str, Any]:
-    """A few VALLE.forward + backward + AdamW steps on synthetic batches, per preset.
+# Issue 16's protocol, and the reference implementation's figures measured with it on this 2-core
+# machine (mrq/vall-e's own transformer and llama at the quarter preset; not re-run by this benchmark).
+TRAIN_PROTOCOL = {"preset": "quarter", "batch_size": 8, "n_text": 60, "prompt_frames": 225, "response_frames": 375,
+                  "dropout": 0.1, "optimizer": "AdamW lr 1e-4", "levels": [0, 3, 5, 7, 1, 2, 4, 6],
+                  "batch": "the same batch every step"}
+REFERENCE_TRAIN = {"transformer": {"params_m": 14.2, "step_s": 7.70, "positions_per_s": 686, "peak_rss_mb": 3070},
+                   "llama": {"params_m": 17.6, "step_s": 5.46, "positions_per_s": 967, "peak_rss_mb": 6320}}
 
-    tokens = text + response frames per sample (the trainer's count); positions = the whole
-    sequence (text, separators, prompt, response) that the backbone processes.
-    """
-    presets = ["tiny", "quarter"] if ctx.quick else ["tiny", "quarter", "half"]
-    B = 2 if ctx.quick else 4
-    steps = 2 if ctx.quick else 3
-    n_text, resp_frames = 60, 375
-    out: dict[str, Any] = {"batch_size": B, "timed_steps": steps, "n_text": n_text, "prompt_frames": PROMPT_FRAMES,
-                           "response_frames": resp_frames, "optimizer": "AdamW lr 1e-4",
-                           "precision": "bf16 autocast" if ctx.dtype == torch.bfloat16 else "fp32"}
+
+def _train_protocol(backbone: str, device: str, dtype: str, threads: int, steps: int,
+                    extra: dict[str, Any]) -> dict[str, Any]:
+    """One backbone under TRAIN_PROTOCOL, in its own process (so peak RSS is its own): a warm-up step,
+    then `steps` timed steps of VALLE.forward + backward + AdamW."""
+    torch.set_num_threads(threads)
+    ctx = Ctx(device=torch.device(device), dtype=getattr(torch, dtype), threads=threads, quick=False, codec="world",
+              log=print, compile=False)
+    P = TRAIN_PROTOCOL
+    B, n_text, n_prompt, n_resp = P["batch_size"], P["n_text"], P["prompt_frames"], P["response_frames"]
     g = torch.Generator().manual_seed(0)
     batch = {"text": [torch.randint(1, 256, (n_text,), generator=g) for _ in range(B)],
-             "prompt": [torch.randint(0, N_CODES, (PROMPT_FRAMES, N_LEVELS), generator=g) for _ in range(B)],
-             "resps": [torch.randint(0, N_CODES, (resp_frames, N_LEVELS), generator=g) for _ in range(B)],
-             "levels": torch.tensor([0, 3, 5, 7, 1, 2, 4, 6][:B])}
-    tokens = B * (n_text + resp_frames)
-    positions = B * (n_text + PROMPT_FRAMES + resp_frames + 4)
+             "prompt": [torch.randint(0, N_CODES, (n_prompt, N_LEVELS), generator=g) for _ in range(B)],
+             "resps": [torch.randint(0, N_CODES, (n_resp, N_LEVELS), generator=g) for _ in range(B)],
+             "levels": torch.tensor(P["levels"][:B])}
+    if ctx.cuda:
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    rss0 = rss_mb()
+    model = build_model(P["preset"], ctx, dropout=P["dropout"], ban_stop=False, train=True, backbone=backbone, **extra)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> float:
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.dtype == torch.bfloat16):
+            loss, _ = model(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    step()  # warm-up (allocates the optimizer state)
+    times = [timed(step, ctx.device)[0] for _ in range(steps)]
+    best = min(times)
+    positions = B * (n_text + n_prompt + n_resp + 4)
+    res = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "step_s": times, "step_s_best": best,
+           "tokens_per_s": B * (n_text + n_resp) / best, "positions_per_s": positions / best,
+           "rss_before_mb": rss0, "peak_rss_mb": rss_mb("VmHWM"), "config": extra}
+    if ctx.cuda:
+        res["peak_cuda_mb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**20
+    return res
+
+
+def training(ctx: Ctx) -> dict[str, Any]:
+    """Training speed and memory under issue 16's protocol (TRAIN_PROTOCOL), per backbone, each in a
+    fresh process, beside the reference's figures (REFERENCE_TRAIN).
+
+    tokens = text + response frames per sample (the trainer's count); positions = the whole sequence
+    (text, separators, prompt, response) that the backbone processes. The `_with_attention_dropout`
+    row is the default before issue 16 (attention dropout = dropout), for comparison.
+    """
+    import multiprocessing
+
+    steps = 2 if ctx.quick else 3
+    runs = {"transformer": ("transformer", {}), "llama": ("llama", {})}
+    if not ctx.quick:
+        runs["transformer_with_attention_dropout"] = ("transformer", {"attention_dropout": 0.1})
+    out: dict[str, Any] = {"protocol": TRAIN_PROTOCOL, "timed_steps": steps, "reference": REFERENCE_TRAIN,
+                           "precision": "bf16 autocast" if ctx.dtype == torch.bfloat16 else "fp32"}
+    spawn = multiprocessing.get_context("spawn")
+    for name, (backbone, extra) in runs.items():
+        with spawn.Pool(1) as pool:
+            out[name] = pool.apply(_train_protocol, (backbone, str(ctx.device), str(ctx.dtype).replace("torch.", ""),
+                                                     ctx.threads, steps, extra))
+        ref = REFERENCE_TRAIN.get(backbone)
+        if ref and not extra:
+            out[name]["positions_per_s_vs_reference"] = out[name]["positions_per_s"] / ref["positions_per_s"]
+        ctx.log(f"[train] {name}: {out[name]['step_s_best']:.2f} s/step, {out[name]['positions_per_s']:.0f} positions/s, "
+                f"peak RSS {out[name]['peak_rss_mb']:.0f} MB")
+    return out
+
+
+# ---------------------------------------------------------------------------------------- GQA
+
+
+def gqa(ctx: Ctx) -> dict[str, Any]:
+    """Grouped-query attention: AR tokens/s of the same preset with kv_heads = n_heads and n_heads / 4
+    at batch 1 and 16 (bare model, greedy; on a GPU through the static decode path when compiled),
+    interleaved rounds, best round each; plus the KV cache each holds at the end of the decode."""
+    from vall_e.config.model import resolve_dims
+
+    n = 150 if ctx.quick else 375
+    rounds = 2 if ctx.quick else 3
+    presets = ["quarter"] if ctx.quick else ["quarter", "half"]
+    sizes = [1, 16]
+    out: dict[str, Any] = {"tokens_per_sequence": n, "rounds": rounds, "batch_sizes": sizes}
+    inputs = {}
+    for b in sizes:
+        g = torch.Generator().manual_seed(b)
+        text = [torch.randint(1, 200, (int(torch.randint(40, 81, (1,), generator=g)),), generator=g) for _ in range(b)]
+        _, prompt = random_inputs(1, batch=b, seed=b)
+        inputs[b] = (_to(text, ctx.device), _to(prompt, ctx.device))
     for preset in presets:
-        _free()
-        if ctx.cuda:
-            torch.cuda.reset_peak_memory_stats(ctx.device)
-        reset_peak_rss()
-        rss0 = rss_mb()
-        model = build_model(preset, ctx, dropout=0.1, ban_stop=False, train=True)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step() -> float:
-            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.dtype == torch.bfloat16):
-                loss, _ = model(batch)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss.detach()
-
-        step()  # warm-up (allocates optimizer state)
-        times = [timed(step, ctx.device)[0] for _ in range(steps)]
-        best = min(times)
-        res = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "step_s_best": best,
-               "step_s_median": statistics.median(times), "tokens_per_s": tokens / best,
-               "positions_per_s": positions / best, "rss_before_mb": rss0, "peak_rss_mb": rss_mb("VmHWM")}
-        if ctx.cuda:
-            res["peak_cuda_mb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**20
+        _, h, _ = resolve_dims(preset)
+        models = {kv: build_model(preset, ctx, kv_heads=kv) for kv in (h, max(1, h // 4))}
+        runs: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+        for kv, m in models.items():
+            cached_decode(m, *inputs[1], 10, ctx.device)  # warm-up
+        for _ in range(rounds):
+            for b in sizes:
+                for kv, m in models.items():
+                    runs[(kv, b)].append(cached_decode(m, *inputs[b], n, ctx.device))
+        res: dict[str, Any] = {}
+        for (kv, b), rs in runs.items():
+            r = combine_decodes(rs)
+            total = r["prefill_s"] + sum(r["steps_s"])
+            m = models[kv]
+            res.setdefault(f"kv_heads_{kv}", {"params_m": sum(p.numel() for p in m.parameters()) / 1e6})[f"batch_{b}"] = {
+                "tokens_per_s": b * n / total, "ms_per_step": 1e3 * sum(r["steps_s"]) / len(r["steps_s"]),
+                "kv_cache_mb_at_end": _kv_bytes(m, r["prefix_len"] + n, b) / 2**20}
+        full, grouped = res[f"kv_heads_{h}"], res[f"kv_heads_{max(1, h // 4)}"]
+        for b in sizes:
+            grouped[f"batch_{b}"]["speedup_vs_kv_heads_n_heads"] = (grouped[f"batch_{b}"]["tokens_per_s"]
+                                                                    / full[f"batch_{b}"]["tokens_per_s"])
         out[preset] = res
-        del model, opt
-    _free()
+        del models
+        _free()
     return out
 
 

@@ -3,7 +3,7 @@
 
     python benchmarks/run.py [--quick] [--out benchmarks/results.json] [--threads 2]
                              [--device cpu|cuda] [--dtype float32|bfloat16] [--codec world|encodec]
-                             [--no-compile] [--sections bandwidth,ar,overhead,variants,nar,e2e,batch,train,codec]
+                             [--no-compile] [--sections bandwidth,ar,overhead,variants,nar,e2e,batch,gqa,train,codec]
 
 Every comparison is measured side by side in one run (cached vs full-recompute AR, batch 1 vs 16,
 decode time vs the memory bandwidth measured at the start). Sections that fail are recorded in the
@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # run from a checkout without installing
 
-SECTIONS = ("bandwidth", "ar", "overhead", "variants", "nar", "e2e", "batch", "train", "codec")
+SECTIONS = ("bandwidth", "ar", "overhead", "variants", "nar", "e2e", "batch", "gqa", "train", "codec")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -80,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "nar": lambda: S.nar(ctx),
         "e2e": lambda: S.end_to_end(ctx),
         "batch": lambda: S.batch(ctx),
+        "gqa": lambda: S.gqa(ctx),
         "train": lambda: S.training(ctx),
         "codec": lambda: S.codecs(ctx),
     }
@@ -152,10 +153,17 @@ def targets(sec: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
         note = (f"{b16['tokens_per_s']:.0f} vs {_g(eng, 1)['tokens_per_s']:.0f} tokens/s"
                 + (f"; a purely memory-bound step would allow {bw16:.1f}x" if bw16 else ""))
         add("batch 16 aggregate AR tokens/s vs batch 1 (engine)", b16["vs_batch_1"], ">= 6x", b16["vs_batch_1"] >= 6, note)
-    tq = sec.get("train", {}).get("quarter")
-    if tq:
-        add("quarter training tokens/s (peak RSS MB)", tq["tokens_per_s"], f"reported (peak RSS {tq['peak_rss_mb']:.0f} MB)",
-            None)
+    tr = sec.get("train", {})
+    tq, ref = tr.get("transformer"), tr.get("reference", {}).get("transformer")
+    if tq and ref:
+        note = "reference: issue 16's table (mrq/vall-e's transformer, quarter, same protocol, this machine; not re-run)"
+        v = tq["positions_per_s"] / ref["positions_per_s"]
+        add("quarter training positions/s vs the reference's transformer (issue 16 protocol)", v, ">= 1.5x", v >= 1.5,
+            note)
+        if ctx.device.type == "cpu":
+            v = tq["peak_rss_mb"]
+            add("quarter training peak RSS MB (issue 16 protocol)", v, f"<= 3100 (reference {ref['peak_rss_mb']})",
+                v <= 3100)
     return out
 
 
@@ -280,16 +288,30 @@ def report(results: dict[str, Any]) -> str:
             lines.append(f"profiled B={big} step ({prof['profile_keys']} keys): attention "
                          f"{100 * prof['profile_share_attention']:.0f}%, linears {100 * prof['profile_share_linears']:.0f}% "
                          "of op time")
+    gq = sec.get("gqa")
+    if gq and "error" not in gq:
+        head(f"grouped-query attention, AR tokens/s ({gq['tokens_per_sequence']} tokens per sequence, greedy)")
+        for preset in ("quarter", "half"):
+            for kv, r in gq.get(preset, {}).items():
+                lines.append(f"{preset:8} {kv:12} " + "   ".join(
+                    f"B={b.split('_')[1]}: {x['tokens_per_s']:7.1f} tok/s, KV {x['kv_cache_mb_at_end']:.0f} MB"
+                    + (f" ({x['speedup_vs_kv_heads_n_heads']:.2f}x)" if "speedup_vs_kv_heads_n_heads" in x else "")
+                    for b, x in r.items() if b.startswith("batch_")))
     tr = sec.get("train")
     if tr and "error" not in tr:
-        head(f"training, batch {tr['batch_size']} ({tr['precision']}, {tr['optimizer']})")
-        for preset in ("tiny", "quarter", "half"):
-            if preset in tr:
-                r = tr[preset]
-                extra = f", peak CUDA {r['peak_cuda_mb']:.0f} MB" if "peak_cuda_mb" in r else ""
-                lines.append(f"{preset:8} {r['params_m']:6.1f}M params  step {r['step_s_best']:.2f} s  "
-                             f"{r['tokens_per_s']:8.0f} tokens/s  {r['positions_per_s']:8.0f} positions/s  "
-                             f"peak RSS {r['peak_rss_mb']:.0f} MB (+{r['peak_rss_mb'] - r['rss_before_mb']:.0f}){extra}")
+        p = tr["protocol"]
+        head(f"training, {p['preset']}, batch {p['batch_size']} x ({p['n_text']} text, {p['prompt_frames']} prompt, "
+             f"{p['response_frames']} response), dropout {p['dropout']} ({tr['precision']}, {p['optimizer']})")
+        for name, r in tr.items():
+            if not isinstance(r, dict) or "step_s_best" not in r:
+                continue
+            extra = f", peak CUDA {r['peak_cuda_mb']:.0f} MB" if "peak_cuda_mb" in r else ""
+            vs = f"  ({r['positions_per_s_vs_reference']:.2f}x the reference's)" if "positions_per_s_vs_reference" in r else ""
+            lines.append(f"{name:40} {r['params_m']:5.1f}M  {r['step_s_best']:6.2f} s/step  {r['positions_per_s']:6.0f} "
+                         f"positions/s  peak RSS {r['peak_rss_mb']:.0f} MB{extra}{vs}")
+        for name, r in tr.get("reference", {}).items():
+            lines.append(f"{'reference ' + name + ' (issue 16 table)':40} {r['params_m']:5.1f}M  {r['step_s']:6.2f} s/step  "
+                         f"{r['positions_per_s']:6.0f} positions/s  peak RSS {r['peak_rss_mb']:.0f} MB")
     cd = sec.get("codec")
     if cd and "error" not in cd:
         head(f"codecs ({cd['audio_s']:.0f} s of audio)")

@@ -23,6 +23,9 @@ CASES = {
     "retnet": ("retnet", {}),
     "retnet-moe": ("retnet", {"experts": 4}),
     "bitnet": ("bitnet", {}),
+    # grouped-query attention (model.kv_heads): 2 key/value heads for 4 query heads
+    "transformer-gqa": ("transformer", {"kv_heads": 2}),
+    "llama-gqa": ("llama", {"kv_heads": 2}),
 }
 MOE_CASES = ["mixtral", "retnet-moe"]
 

@@ -271,3 +271,19 @@ def test_cli_bad_input(model_file, reference, tmp_path):
     trunc.write_bytes(model_file.read_bytes()[:1000])
     r = _cli("Hello.", reference, tmp_path / "x.wav", "--model", trunc)
     assert r.returncode == 2 and "trunc.safetensors" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_static_cache_engine_decodes_what_the_default_engine_decodes(tts, model_file, reference):
+    """The GPU decode path's engine (static cache, fixed-shape step; here on the CPU, eager, with the
+    stop check read back every 3 frames) gives the default engine's greedy codes, and stops the same."""
+    from vall_e.generation.tts import TTS
+
+    static = TTS.from_pretrained(model_file, device="cpu", static_cache=True)
+    static.sync_every = 3  # as on a GPU (SYNC_EVERY): rows that stop between checks must not change
+    assert static.ar_model.backbone.static_decode
+    prompt = tts.encode_reference(str(reference))
+    s = _settings(max_ar_steps=40, ar={"temperature": 0.0}, nar={"temperature": 0.0})
+    want = tts.generate_codes(TEXTS, [prompt] * 3, s)
+    got = static.generate_codes(TEXTS, [prompt] * 3, s)
+    assert [g.shape for g in got] == [w.shape for w in want]
+    assert all(torch.equal(g, w) for g, w in zip(got, want))

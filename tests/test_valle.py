@@ -83,6 +83,27 @@ def test_full_preset_parameter_count():
     assert 180e6 <= n <= 260e6, n
 
 
+def test_kv_heads_default_keeps_the_parameter_count_and_groups_shrink_the_cache():
+    """model.kv_heads defaults to n_heads: the presets build what they built before (qkv 3 d^2 per
+    layer); kv_heads = n_heads / 4 drops 2 x 3/4 d^2 per layer from the projection and shrinks the KV cache 4x."""
+    d, h, l = resolve_dims("quarter")
+    counts = {}
+    for kv in (0, h, h // 4):
+        with torch.device("meta"):
+            m = VALLE(VALLEConfig(d_model=d, n_heads=h, n_layers=l, n_text_tokens=256, kv_heads=kv))
+        counts[kv] = sum(p.numel() for p in m.backbone.parameters())
+        if kv == h // 4:
+            cache = m.backbone.new_cache(2, 10, torch.device("meta"), torch.float32)
+            assert cache.k_layers[0].shape == (2, h // 4, 10, d // h)
+    assert counts[0] == counts[h] == l * (16 * d * d + 5 * d) + 2 * d
+    assert counts[0] - counts[h // 4] == l * 2 * (d * d - d * d // 4)
+    assert VALLEConfig().kv_heads == 0
+    for bad, match in (({"kv_heads": 3}, "divide"), ({"kv_heads": 2, "backbone": "retnet"}, "retnet"),
+                       ({"n_heads": 4, "kv_heads": 2, "text_heads": 1, "d_model": 64}, "multiple")):
+        with pytest.raises(UserError, match=match):
+            VALLEConfig(**bad)
+
+
 def test_gelu_ffn_option_parameter_count():
     d, h, l = resolve_dims("full")
     with torch.device("meta"):
@@ -211,7 +232,10 @@ def test_split_kinds_train(kind):
 # ---------------------------------------------------------------- cached AR decoding
 
 
-@pytest.mark.parametrize("heads", [{}, {"text_heads": 1}], ids=["plain", "text_heads"])
+@pytest.mark.parametrize("heads", [{}, {"text_heads": 1},
+                                   {"kv_heads": 2, "text_heads": 2, "text_head_rate": 3.0, "ar_group": 1},
+                                   {"kv_heads": 1, "backbone": "llama"}],
+                         ids=["plain", "text_heads", "gqa_text_heads", "gqa_llama"])
 def test_cached_greedy_decoding_equals_full_recompute(heads):
     model = tiny(n_langs=2, **heads)
     g = torch.Generator().manual_seed(7)

@@ -46,6 +46,7 @@ BACKBONES: dict[str, str] = {
     "bitnet": "vall_e.models.backbones.bitnet:BitNetBackbone",
 }
 TEXT_HEAD_BACKBONES = ("transformer", "bitnet")  # our own attention: text heads and the `ffn` choice
+GQA_BACKBONES = ("transformer", "bitnet", "llama", "mixtral")  # attention with grouped key/value heads
 FFN_KINDS = ("swiglu", "gelu")
 
 # ----------------------------------------------------------------------------------- sizes
@@ -130,12 +131,17 @@ class ModelOptions:
     n_codes: int = setting(1024, "codes per level; the AR's STOP id equals this")
     n_text_tokens: int = setting(256, "text vocabulary size (must exceed the symbol map's largest id; id 0 is padding)")
     n_langs: int = setting(8, "language embedding entries (at least the data's language count)")
-    dropout: float = setting(0.1, "dropout while training")
+    dropout: float = setting(0.1, "dropout while training (both residual branches and inside the FFN)")
+    attention_dropout: float = setting(0.0, "dropout on the attention probabilities while training (transformer, "
+                                            "bitnet, llama, mixtral); on the CPU any value > 0 moves attention off "
+                                            "its fused kernel: ~3x the step time and memory (benchmarks/README.md)")
     p_ar: float = setting(0.0, "share of samples trained as AR (level 0) in an ar+nar network; 0 = 1/n_levels, "
                                "uniform over the levels as in the reference")
     text_loss_weight: float = setting(0.0, "weight of the next-phoneme loss on the text of AR samples "
                                            "(the reference uses 1)")
     max_positions: int = setting(8192, "longest sequence (text + prompt + response)")
+    kv_heads: int = setting(0, "key/value heads per layer (grouped-query attention: a smaller KV cache, for "
+                               "batched decoding); must divide n_heads; 0 = n_heads (plain multi-head attention)")
     text_heads: int = setting(0, "heads per layer through which prompt and response tokens read only the text "
                                  "(transformer, bitnet)")
     guided_attention: float = setting(0.0, "weight of a guided-attention loss (Tachibana et al. 2017) pulling the "
@@ -177,12 +183,23 @@ class VALLEConfig(StoredConfig, ModelOptions):
             raise UserError(f"model.ffn {self.ffn!r}: choose one of {', '.join(FFN_KINDS)}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout {self.dropout}: must be in [0, 1)")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise UserError(f"model.attention_dropout {self.attention_dropout}: must be in [0, 1)")
         if not 0.0 <= self.p_ar <= 1.0:
             raise UserError(f"model.p_ar {self.p_ar}: must be in [0, 1] (0 = 1/n_levels)")
         if self.text_loss_weight < 0:
             raise UserError(f"model.text_loss_weight {self.text_loss_weight}: must be >= 0")
         if not isinstance(self.text_heads, int) or not 0 <= self.text_heads < self.n_heads:
             raise UserError(f"model.text_heads {self.text_heads!r}: must be in 0..{self.n_heads - 1}")
+        kv = self.kv_heads
+        if not isinstance(kv, int) or isinstance(kv, bool) or kv < 0 or (kv and self.n_heads % kv):
+            raise UserError(f"model.kv_heads {kv!r}: must divide n_heads {self.n_heads} (0 = n_heads)")
+        if kv and kv != self.n_heads and self.backbone not in GQA_BACKBONES:
+            raise UserError(f"model.kv_heads: the {self.backbone} backbone has no grouped key/value heads "
+                            f"({', '.join(GQA_BACKBONES)} have)")
+        if kv and self.text_heads % (self.n_heads // kv):
+            raise UserError(f"model.text_heads {self.text_heads}: with kv_heads {kv} it must be a multiple of "
+                            f"n_heads / kv_heads = {self.n_heads // kv}")
         if self.text_heads and self.backbone not in TEXT_HEAD_BACKBONES:
             raise UserError(f"model.text_heads: the {self.backbone} backbone has no text heads "
                             f"({' and '.join(TEXT_HEAD_BACKBONES)} have)")

@@ -36,6 +36,7 @@ from vall_e.generation.constraints import DecodingConstraints
 from vall_e.generation.sampling import BeamSearch, SamplingParams, TokenSampler
 from vall_e.generation.settings import GenerationSettings
 from vall_e.models.backbones.kv_cache import KVCache
+from vall_e.models.backbones.transformer import DECODE_SDPA_BACKENDS
 from vall_e.models.model_file import load_exported
 from vall_e.models.vallex_checkpoint import is_foreign_checkpoint
 from vall_e.models.vallex_convert import load_foreign
@@ -56,6 +57,7 @@ ENGINE_DTYPES = (*DTYPES, "int8")  # what `TTS` accepts as its dtype (int8: dyna
 # The step limit allows a generous 3x slack before cutting a sequence off.
 FRAMES_PER_PHONEME_LIMIT = 20
 MIN_AR_STEPS = 75
+SYNC_EVERY = 8  # GPU decode path: frames between reads of "have all rows stopped?" (each read waits for the GPU)
 MAX_REFERENCE_SECONDS = 120.0  # a reference longer than this is refused from its header (never loaded)
 
 
@@ -159,13 +161,19 @@ class TTS:
     """A loaded model with its codec, symbol map and language map."""
 
     def __init__(self, models: dict[str, Any], meta: dict[str, Any], codec: Any, device: str = "cpu",
-                 dtype: str = "float32", compile: bool = False, decode_layout: bool = False) -> None:
+                 dtype: str = "float32", compile: bool = False, decode_layout: bool = False,
+                 static_cache: bool | None = None) -> None:
         """dtype: float32, bfloat16, float16, or int8 (CPU: every nn.Linear dynamically quantized to
         int8 weights, activations in float32; see benchmarks/README.md for where each wins).
         compile: run the AR decode step as a torch.compile'd graph (transformer backbone; needs a C++
         compiler on the CPU; the first decode compiles, which takes minutes on a small CPU).
         decode_layout: re-lay wide weight matrices for faster CPU decoding (`cpu_decode_layout`); it
         changes the given models' parameters, so only `from_pretrained` (which owns them) turns it on.
+        static_cache: the GPU decode path (transformer backbone): a static KV cache and a fixed-shape
+        step (`TransformerBackbone.decode_static`), compiled with mode="reduce-overhead" (a CUDA graph)
+        when `compile` is set, the one-query attention on explicitly chosen SDPA kernels, and the
+        all-rows-stopped check read back every SYNC_EVERY steps instead of every step. None (the
+        default) = on when `compile` is set on a CUDA device.
         """
         if dtype not in ENGINE_DTYPES and ALIASES.get(dtype) not in ENGINE_DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(ENGINE_DTYPES)}")
@@ -183,13 +191,25 @@ class TTS:
         elif decode_layout and self.device.type == "cpu":
             for m in self.models.values():
                 cpu_decode_layout(m)
+        if static_cache is None:
+            static_cache = compile and self.device.type == "cuda"
+        self.sync_every = SYNC_EVERY if static_cache and self.device.type == "cuda" else 1
         if compile:
             _check_compiler(self.device)
+        if compile or static_cache:
             for m in self.models.values():
-                if not hasattr(m.backbone, "compile_decode"):
-                    raise UserError(f"compile=True: the {m.config.backbone} backbone has no compiled decode step "
-                                    "(the transformer backbone has)")
-                m.backbone.compile_decode()
+                if not hasattr(m.backbone, "compile_decode") or self.quantized:
+                    raise UserError(f"compile/static_cache: the {m.config.backbone} backbone has no compiled decode "
+                                    "step (the transformer backbone has; float weights only)")
+                if static_cache:
+                    m.backbone.static_decode = True
+                    if self.device.type == "cuda":
+                        m.backbone.decode_backends = DECODE_SDPA_BACKENDS
+                    if compile:
+                        m.backbone.compile_decode(static=True, **({"mode": "reduce-overhead"}
+                                                                  if self.device.type == "cuda" else {}))
+                else:
+                    m.backbone.compile_decode()
         self.ar_model = self.models.get("ar+nar") or self.models.get("ar")
         self.nar_model = self.models.get("ar+nar") or self.models.get("nar")
         if self.ar_model is None or self.nar_model is None:
@@ -211,7 +231,8 @@ class TTS:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "auto", dtype: str = "float32",
-                        codec_device: str | None = None, compile: bool = False, vocoder: str | None = None) -> "TTS":
+                        codec_device: str | None = None, compile: bool = False, vocoder: str | None = None,
+                        static_cache: bool | None = None) -> "TTS":
         """Load an exported `model.safetensors`, or a training run through its YAML (its export, else
         its latest checkpoint), or a published checkpoint (VALL-E X's .pt, Amphion's .bin, hf://...;
         see `vall_e.models.vallex_convert`). The codec and G2P settings come from the model's metadata.
@@ -222,7 +243,7 @@ class TTS:
         if is_foreign_checkpoint(path):
             models, meta = load_foreign(path)
             return cls(models, meta, _with_vocoder(build_codec(meta["codec"]), meta, vocoder, codec_device),
-                       device=device, dtype=dtype, compile=compile, decode_layout=True)
+                       device=device, dtype=dtype, compile=compile, decode_layout=True, static_cache=static_cache)
         path = Path(path)
         if path.suffix in (".yaml", ".yml"):
             cfg = load_config(path)
@@ -243,7 +264,8 @@ class TTS:
         else:
             codec = build_codec(spec)
         codec = _with_vocoder(codec, meta, vocoder, codec_device)
-        return cls(models, meta, codec, device=device, dtype=dtype, compile=compile, decode_layout=True)
+        return cls(models, meta, codec, device=device, dtype=dtype, compile=compile, decode_layout=True,
+                   static_cache=static_cache)
 
     @property
     def sample_rate(self) -> int:
@@ -377,6 +399,7 @@ class TTS:
             history = torch.full((B, n_steps * G), -1, dtype=torch.long, device=dev)
             lengths = torch.zeros(B, dtype=torch.long, device=dev)
             done = torch.zeros(B, dtype=torch.bool, device=dev)
+            looped = torch.zeros(B, dtype=torch.bool, device=dev)  # rows the repeat guard stopped, not yet reported
             stop = torch.full((B,), self.stop_id, dtype=torch.long, device=dev)
             # The constraints read the whole history for the repetition penalty; the sampler reads
             # the last ras_window tokens of each row for repetition-aware sampling (the last columns
@@ -394,17 +417,21 @@ class TTS:
                     tokens = sampler.sample(frame_logits, past, lengths, penalized=True)
                     tokens = torch.where(done, stop, tokens)
                     tokens, looping = rules.finish(tokens, history, frame)
-                    if frame >= max_repeat_frames and bool((looping & ~done).any()):
-                        for i in (looping & ~done).nonzero().flatten().tolist():
-                            logger.warning("sample %d: one code repeated for %d frames; stopping it", i,
-                                           max_repeat_frames)
+                    if frame >= max_repeat_frames:
+                        looped |= looping & ~done
+                        if frame % self.sync_every == 0 and bool(looped.any()):  # a host sync: not every step on a GPU
+                            for i in looped.nonzero().flatten().tolist():
+                                logger.warning("sample %d: one code repeated for %d frames; stopping it", i,
+                                               max_repeat_frames)
+                            looped.zero_()
                     done |= tokens == self.stop_id
                     history[:, frame] = torch.where(done, torch.full_like(tokens, -1), tokens)
                     lengths += (~done).long()
                 group.append(tokens)
                 yield frame, tokens, done
                 frame += 1
-                if bool(done.all()) or frame > limit:
+                if frame > limit or (frame % self.sync_every == 0 and bool(done.all())):
+                    # rows that stopped between checks only fed STOP: their codes and lengths are final
                     return [history[i, : int(lengths[i])].clone() for i in range(B)]
             with torch.inference_mode():
                 slot = rules.forgotten_slot(step, prefix_len)

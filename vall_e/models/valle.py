@@ -137,8 +137,11 @@ class VALLE(nn.Module):
             extra.setdefault("ffn", c.ffn)
             if c.text_heads:
                 extra.setdefault("text_heads", c.text_heads)
+        if c.kv_heads and c.kv_heads != c.n_heads:
+            extra.setdefault("kv_heads", c.kv_heads)
         self.backbone = build_backbone(c.backbone, d_model=d, n_heads=c.n_heads, n_layers=c.n_layers,
                                        ffn_mult=c.ffn_mult, dropout=c.dropout, experts=c.experts,
+                                       attention_dropout=c.attention_dropout,
                                        max_positions=c.max_positions, **extra)
         if c.guided_attention > 0:
             self.backbone.collect_text_attention = True
@@ -434,6 +437,8 @@ class VALLE(nn.Module):
         x, valid = self._pad([self._prefix(text[i], lang[i], prompt[i]) for i in range(B)], left=True)
         P = x.shape[1]
         capacity = P + max_length
+        if getattr(self.backbone, "static_decode", False):  # a fixed-shape step: few capacities, few graphs
+            capacity = self.backbone.static_capacity(capacity)
         valid_buf = torch.zeros(B, capacity, dtype=torch.bool, device=self.device)
         valid_buf[:, :P] = valid
         causal = torch.ones(B, dtype=torch.bool, device=self.device)
@@ -470,8 +475,12 @@ class VALLE(nn.Module):
         if state.text_pos is not None:
             state.text_pos[:, state.length] = float((state.length - state.prefix) * self.config.ar_group)
             text_pos = state.text_pos[:, :K]
-        out = self.backbone(x, Mask(state.causal, state.valid[:, :K], None if state.text is None else state.text[:, :K],
-                                    text_pos), cache=state.cache, use_cache=True)
+        if getattr(state.cache, "static", False) and not torch.is_grad_enabled():  # the GPU decode path
+            out = self.backbone.decode_static(x, state.valid, state.cache, state.text, state.text_pos)
+        else:
+            out = self.backbone(x, Mask(state.causal, state.valid[:, :K],
+                                        None if state.text is None else state.text[:, :K], text_pos),
+                                cache=state.cache, use_cache=True)
         state.cache = out.cache
         state.length += 1
         logits = decode_linear(self.ar_head, out.hidden[:, -1])

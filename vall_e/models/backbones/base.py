@@ -78,7 +78,10 @@ class BackboneShape:
     """The arguments every backbone takes; each backbone's own options are keyword arguments beside it.
 
     d_model: width; n_heads, n_layers; ffn_mult: feed-forward width as a multiple of d_model;
-    dropout (training); experts: mixture-of-experts count (1 = a plain FFN; backbones without experts
+    kv_heads: key/value heads (grouped-query attention; 0 = n_heads, plain multi-head attention);
+    dropout (training: on both residual branches and inside the FFN); attention_dropout (training:
+    on the attention probabilities, which on the CPU forces attention off its fused kernel: 0 by
+    default, as in the reference's transformer); experts: mixture-of-experts count (1 = a plain FFN; backbones without experts
     refuse more); max_positions: the longest sequence (text + prompt + response).
     """
 
@@ -89,6 +92,20 @@ class BackboneShape:
     dropout: float = 0.0
     experts: int = 1
     max_positions: int = 8192
+    kv_heads: int = 0
+    attention_dropout: float = 0.0
+
+
+def check_kv_heads(n_heads: int, kv_heads: int, text_heads: int = 0) -> int:
+    """The key/value head count (0 = n_heads), checked: it must divide n_heads, and text heads must
+    fill whole groups (their keys are rotated by their own positions, so they cannot share a kv head
+    with ordinary heads)."""
+    kv = kv_heads or n_heads
+    if not 1 <= kv <= n_heads or n_heads % kv:
+        raise ValueError(f"kv_heads {kv_heads}: must divide n_heads {n_heads}")
+    if text_heads % (n_heads // kv):
+        raise ValueError(f"text_heads {text_heads} must be a multiple of n_heads / kv_heads = {n_heads // kv}")
+    return kv
 
 
 @dataclass

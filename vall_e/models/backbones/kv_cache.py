@@ -14,6 +14,11 @@ can only write a graph input in place when no other input aliases it. All sample
 (batched inference left-pads prompts so they end at the same slot; which slots are padding is the
 attention mask's business, not the cache's).
 
+`static=True` is the GPU decode path's cache (as in gpt-fast): the buffers are marked as static
+addresses for torch.compile, so a decode step captured as a CUDA graph may write them in place, and
+the write position is also kept on the device (`slot`, advanced in place), so a step needs no host
+value that changes from step to step. `TransformerBackbone.decode_static` uses it.
+
 Use from a backbone's forward, for the S new positions of this call:
 
     k_all, v_all = cache.update(layer_idx, k_new, v_new)   # writes at [length, length + S)
@@ -30,11 +35,17 @@ class KVCache:
     """Per-layer key/value buffers of a fixed capacity, written in place."""
 
     def __init__(self, n_layers: int, batch_size: int, n_heads: int, max_length: int, head_dim: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 static: bool = False) -> None:
         shape = (batch_size, n_heads, max_length, head_dim)
         self.k_layers = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v_layers = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.length = 0
+        self.static = static
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # == length, on the device
+        if static:
+            for t in self.k_layers + self.v_layers + [self.slot]:
+                torch._dynamo.mark_static_address(t)
 
     @property
     def max_length(self) -> int:
@@ -61,6 +72,8 @@ class KVCache:
     def advance(self, n: int) -> None:
         """Mark `n` more slots as filled (after all layers were updated for this call)."""
         self.length += n
+        if self.static:
+            self.slot.add_(n)  # in place on the device: no host sync
 
     def reorder(self, index: Tensor) -> None:
         """Keep/reorder batch rows (e.g. beam search, dropping finished samples): row i becomes old row index[i]."""
@@ -70,3 +83,4 @@ class KVCache:
     def reset(self) -> None:
         """Forget the contents (no reallocation); the buffers can be reused for a new prompt."""
         self.length = 0
+        self.slot.zero_()

@@ -23,7 +23,7 @@ from transformers.cache_utils import Cache
 
 from vall_e.utils.errors import UserError
 
-from .base import Backbone, BackboneOutput, BackboneShape, Mask
+from .base import Backbone, BackboneOutput, BackboneShape, Mask, check_kv_heads
 
 _ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 _ATTN = ("sdpa", "eager")
@@ -59,10 +59,10 @@ class HFBackbone(Backbone):
             intermediate_size=shape.ffn_mult * shape.d_model,
             num_hidden_layers=shape.n_layers,
             num_attention_heads=shape.n_heads,
-            num_key_value_heads=shape.n_heads,
+            num_key_value_heads=check_kv_heads(shape.n_heads, shape.kv_heads),
             hidden_act=hidden_act,
             max_position_embeddings=shape.max_positions,
-            attention_dropout=shape.dropout,
+            attention_dropout=shape.attention_dropout,
             rope_parameters=dict(_ROPE),
             bos_token_id=None,
             eos_token_id=None,

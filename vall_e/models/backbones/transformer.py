@@ -21,14 +21,22 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from vall_e.config.model import FFN_KINDS
 from vall_e.utils.errors import UserError
 
 from ..rows_linear import decode_linear
-from .base import Backbone, BackboneOutput, BackboneShape, Mask
+from .base import Backbone, BackboneOutput, BackboneShape, Mask, check_kv_heads
 from .kv_cache import KVCache
+
+
+# The one-query decode step's attention backends, in order (set as `decode_backends` on the GPU path):
+# a masked single query on cuDNN's attention measured ~45 ms a step on an H100, so it is left out;
+# flash takes no mask, so the memory-efficient kernel comes first.
+DECODE_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+STATIC_CAPACITY_STEP = 256  # a static cache's capacity is rounded up to this: one graph serves many lengths
 
 
 class RotaryEmbedding(nn.Module):
@@ -88,41 +96,58 @@ class Attention(nn.Module):
     """Multi-head self-attention with rotary positions. The first `text_heads` heads may be given
     their own mask (`text_mask`): in VALL-E, prompt and response tokens read only the text through
     them (see `Mask.text_head_bias`), which hands every frame the phonemes without having to learn
-    to pick them out of the audio first."""
+    to pick them out of the audio first.
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float, text_heads: int = 0) -> None:
+    kv_heads < n_heads is grouped-query attention: each key/value head serves n_heads / kv_heads
+    query heads, so the KV cache (what a batched decode step reads besides the weights) shrinks by
+    that factor. The fused projection's rows are [q (n_heads), k (kv_heads), v (kv_heads)] heads."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float, text_heads: int = 0, kv_heads: int = 0) -> None:
         super().__init__()
         self.n_heads = n_heads
+        self.kv_heads = kv_heads or n_heads
         self.head_dim = d_model // n_heads
         self.text_heads = text_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.qkv = nn.Linear(d_model, d_model + 2 * self.kv_heads * self.head_dim, bias=False)
         self.out = nn.Linear(d_model, d_model)
         self.dropout = dropout
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None, is_causal: bool,
                 cache: KVCache | None, layer_idx: int, text_mask: Tensor | None = None,
                 sink: list[Tensor] | None = None, sink_keys: int = 0) -> Tensor:
-        """cos/signed sin [B, 1, 1, S, Dh] (see `rotate`); attn_mask an additive float bias [B, 1, S, K] or None.
+        """cos/signed sin [B, 1 or H, 1, S, Dh] (see `rotate`); attn_mask an additive float bias [B, 1, S, K] or None.
         text_mask: the text heads' bias [B, 1, S, K]. sink: gets the text heads' attention over the
         first `sink_keys` keys, [B, text_heads, S, sink_keys] (for a guided-attention loss)."""
         B, S, D = x.shape
-        qkv = self.qkv(x).view(B, S, 3, self.n_heads, self.head_dim).transpose(1, 3)  # [B, H, 3, S, Dh]
-        q, k = rotate(qkv[:, :, :2], cos, sin).unbind(2)  # q and k rotated together
-        v = qkv[:, :, 2]
+        H, Hkv, Dh = self.n_heads, self.kv_heads, self.head_dim
+        if Hkv == H:
+            qkv = self.qkv(x).view(B, S, 3, H, Dh).transpose(1, 3)  # [B, H, 3, S, Dh]
+            q, k = rotate(qkv[:, :, :2], cos, sin).unbind(2)  # q and k rotated together
+            v = qkv[:, :, 2]
+        else:  # grouped: q heads, then kv heads; kv head j serves q heads j*g .. j*g + g - 1
+            qkv = self.qkv(x).view(B, S, H + 2 * Hkv, Dh).transpose(1, 2)  # [B, H + 2 Hkv, S, Dh]
+            cos, sin = cos[:, :, 0], sin[:, :, 0]  # [B, 1 or H, S, Dh]
+            if cos.shape[1] > 1:  # per-head phases (text heads): kv head j rotates like q head j*g
+                g = H // Hkv
+                cos, sin = torch.cat([cos, cos[:, ::g]], 1), torch.cat([sin, sin[:, ::g]], 1)
+            qk = rotate(qkv[:, : H + Hkv], cos, sin)
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
         p = self.dropout if self.training else 0.0
+        gqa = {"enable_gqa": True} if Hkv != H else {}
         if text_mask is None or not self.text_heads:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=p)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=p, **gqa)
         else:
-            t = self.text_heads
+            t, tk = self.text_heads, self.text_heads * Hkv // H  # text query heads, and the kv heads they read
             y = torch.cat([
-                F.scaled_dot_product_attention(q[:, :t], k[:, :t], v[:, :t], attn_mask=text_mask, dropout_p=p),
-                F.scaled_dot_product_attention(q[:, t:], k[:, t:], v[:, t:], attn_mask=attn_mask,
-                                               is_causal=is_causal, dropout_p=p)], dim=1)
+                F.scaled_dot_product_attention(q[:, :t], k[:, :tk], v[:, :tk], attn_mask=text_mask, dropout_p=p, **gqa),
+                F.scaled_dot_product_attention(q[:, t:], k[:, tk:], v[:, tk:], attn_mask=attn_mask,
+                                               is_causal=is_causal, dropout_p=p, **gqa)], dim=1)
             if sink is not None:
                 n = sink_keys
-                scores = q[:, :t] @ k[:, :t, :n].transpose(-1, -2) * self.head_dim ** -0.5 + text_mask[..., :n]
+                kt = k[:, :tk, :n].repeat_interleave(H // Hkv, 1) if Hkv != H else k[:, :t, :n]
+                scores = q[:, :t] @ kt.transpose(-1, -2) * self.head_dim ** -0.5 + text_mask[..., :n]
                 sink.append(scores.softmax(-1).nan_to_num(0.0))
         return self.out(y.transpose(1, 2).reshape(B, S, D))
 
@@ -137,6 +162,45 @@ def gelu_small(x: Tensor) -> Tensor:
     """
     half = x * 0.5
     return torch.addcmul(half, half, torch.erf(x * 0.7071067811865476))
+
+
+class _SwiGLUDown(torch.autograd.Function):
+    """down(dropout(silu(gate) * up)) for training, saving only the gate/up projection and the dropout
+    mask: the [.., hidden] product and its activation are recomputed in backward (two elementwise ops)
+    instead of being stored, which halves what a SwiGLU FFN keeps per layer for backward (the largest
+    share of a training step's activations once attention runs on its fused kernel)."""
+
+    @staticmethod
+    def forward(ctx, gate_up: Tensor, weight: Tensor, p: float) -> Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = F.silu(gate) * up
+        keep = None
+        if p > 0:
+            keep = torch.empty_like(h, dtype=torch.bool).bernoulli_(1 - p)
+            h = h.masked_fill_(~keep, 0.0).mul_(1 / (1 - p))
+        ctx.p = p
+        ctx.save_for_backward(gate_up, weight, keep)
+        return F.linear(h, weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        gate_up, weight, keep = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        # under autocast the forward's product ran in the autocast dtype (the gradient's): so does this
+        dh = (grad @ weight.to(grad.dtype)).to(gate_up.dtype)  # [.., hidden]
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            h = silu * up
+            if keep is not None:
+                h = h.masked_fill_(~keep, 0.0).mul_(1 / (1 - ctx.p))
+            grad_w = (grad.reshape(-1, grad.shape[-1]).t() @ h.reshape(-1, h.shape[-1]).to(grad.dtype)).to(weight.dtype)
+        if keep is not None:
+            dh = dh.masked_fill_(~keep, 0.0).mul_(1 / (1 - ctx.p))
+        d_up = dh * silu
+        d_gate = dh.mul_(up).mul_(sig * (1 + gate * (1 - sig)))  # d silu / d gate = sig (1 + gate (1 - sig))
+        return torch.cat([d_gate, d_up], dim=-1), grad_w, None
 
 
 class FeedForward(nn.Module):
@@ -162,6 +226,8 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "swiglu" and torch.is_grad_enabled() and type(self.down) is nn.Linear:
+            return _SwiGLUDown.apply(self.gate_up(x), self.down.weight, self.dropout.p if self.training else 0.0)
         if self.kind == "swiglu":
             gate, up = self.gate_up(x).chunk(2, dim=-1)
             h = F.silu(gate) * up
@@ -175,10 +241,10 @@ class Block(nn.Module):
     """Pre-norm residual block: x + Attn(LN(x)), then x + FFN(LN(x)), dropout on both branches."""
 
     def __init__(self, d_model: int, n_heads: int, ffn_mult: int, dropout: float, ffn: str = "swiglu",
-                 text_heads: int = 0) -> None:
+                 text_heads: int = 0, kv_heads: int = 0, attention_dropout: float = 0.0) -> None:
         super().__init__()
         self.attn_norm = nn.LayerNorm(d_model)
-        self.attn = Attention(d_model, n_heads, dropout, text_heads)
+        self.attn = Attention(d_model, n_heads, attention_dropout, text_heads, kv_heads)
         self.ffn_norm = nn.LayerNorm(d_model)
         self.ffn = FeedForward(d_model, ffn_mult, dropout, ffn)
         self.dropout = nn.Dropout(dropout)
@@ -210,6 +276,7 @@ class TransformerBackbone(Backbone):
             raise ValueError(f"d_model {d_model} must split into {n_heads} heads of even size")
         if not 0 <= text_heads < n_heads:
             raise ValueError(f"text_heads {text_heads}: must be in 0..{n_heads - 1} (n_heads - 1)")
+        self.kv_heads = check_kv_heads(n_heads, shape.kv_heads, text_heads)
         self.d_model, self.n_heads, self.n_layers, self.text_heads = d_model, n_heads, n_layers, text_heads
         self.collect_text_attention = False
         self.report_text_attention = False
@@ -217,8 +284,12 @@ class TransformerBackbone(Backbone):
         self.max_positions = shape.max_positions
         self.rotary = RotaryEmbedding(self.head_dim, rope_base)
         self._swap: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # see _rotation
-        self._compiled = None  # see compile_decode
-        self.layers = nn.ModuleList(Block(d_model, n_heads, shape.ffn_mult, shape.dropout, ffn, text_heads)
+        self._compiled = self._compiled_static = None  # see compile_decode
+        self.static_decode = False  # see decode_static
+        self.decode_backends: list | None = None  # SDPA backends of the one-query decode step (None = torch's choice)
+        self._static_pool: dict[tuple, KVCache] = {}
+        self.layers = nn.ModuleList(Block(d_model, n_heads, shape.ffn_mult, shape.dropout, ffn, text_heads, self.kv_heads,
+                                          shape.attention_dropout)
                                     for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
         self.gradient_checkpointing = False  # set by the trainer: recompute blocks in backward
@@ -234,7 +305,19 @@ class TransformerBackbone(Backbone):
                 nn.init.zeros_(p)
 
     def new_cache(self, batch_size: int, max_length: int, device: torch.device, dtype: torch.dtype) -> KVCache:
-        return KVCache(self.n_layers, batch_size, self.n_heads, max_length, self.head_dim, device, dtype)
+        """A KV cache of `max_length` slots; with `static_decode` set, the static one (see
+        `decode_static`), reused across decodes of the same shape so a captured graph keeps its addresses."""
+        if not self.static_decode:
+            return KVCache(self.n_layers, batch_size, self.kv_heads, max_length, self.head_dim, device, dtype)
+        key = (batch_size, max_length, torch.device(device), dtype)
+        cache = self._static_pool.get(key)
+        if cache is None:
+            if len(self._static_pool) >= 4:  # a few shapes at a time (batch sizes, length buckets)
+                self._static_pool.pop(next(iter(self._static_pool)))
+            cache = self._static_pool[key] = KVCache(self.n_layers, batch_size, self.kv_heads, max_length,
+                                                     self.head_dim, device, dtype, static=True)
+        cache.reset()
+        return cache
 
     @staticmethod
     def _bias(allowed: Tensor, dtype: torch.dtype) -> Tensor:
@@ -255,6 +338,8 @@ class TransformerBackbone(Backbone):
             raise ValueError("this backbone has text heads: pass mask.text (which tokens are text)")
         if S == 1 and cache is not None and not (self.training or torch.is_grad_enabled()):
             return self._decode_one(x, mask.valid, cache, mask.text, mask.text_pos)
+        if cache is not None and cache.static and S == 1:
+            raise ValueError("a static cache decodes through decode_static (eval, no autograd)")
 
         if S == 1:  # one new token: its position is the number of valid keys before it
             positions = (mask.valid.sum(-1, keepdim=True) - 1).clamp_min(0)
@@ -355,36 +440,101 @@ class TransformerBackbone(Backbone):
         return BackboneOutput(hidden=hidden, cache=cache, aux_loss=None)
 
     def _decode_layers(self, x: Tensor, rot: Tensor, bias: Tensor, k_layers: list[Tensor], v_layers: list[Tensor],
-                       start: int, rot_t: Tensor | None = None) -> Tensor:
+                       start: int | Tensor, rot_t: Tensor | None = None) -> Tensor:
         """The blocks and the final norm for one token: x [B, 1, D], rot [B, Dh, Dh], bias [B, 1 or H, 1, start + 1],
-        each layer's cache [B, H, capacity, Dh] (slot `start` is written here)."""
+        each layer's cache [B, Hkv, capacity, Dh] (slot `start` is written here). `start` as a Long[1]
+        tensor is the static step: the bias spans the whole capacity and every shape is fixed."""
         B, _, D = x.shape
-        H, Dh = self.n_heads, self.head_dim
+        H, Hkv, Dh = self.n_heads, self.kv_heads, self.head_dim
+        g = H // Hkv  # query heads per kv head: the group's queries are one head's query rows
+        if bias.shape[1] > 1:
+            bias = bias.view(B, Hkv, g, bias.shape[-1])
         x = x.view(B, D)  # one row per sample: 2-D products skip matmul's reshapes
         for i, layer in enumerate(self.layers):
             attn = layer.attn
-            qkv = decode_linear(attn.qkv, _norm(layer.attn_norm, x)).view(B, 3 * H, Dh)
-            qk = torch.bmm(qkv[:, : 2 * H], rot)  # rotated q and k of every head: [B, 2H, Dh]
+            qkv = decode_linear(attn.qkv, _norm(layer.attn_norm, x)).view(B, H + 2 * Hkv, Dh)
+            qk = torch.bmm(qkv[:, : H + Hkv], rot)  # rotated q and k of every head: [B, H + Hkv, Dh]
             if rot_t is not None:  # text heads' queries rotate by their own positions
                 t = self.text_heads
                 qk = torch.cat([torch.bmm(qkv[:, :t], rot_t), qk[:, t:]], 1)
             k_cache, v_cache = k_layers[i], v_layers[i]
-            k_cache.narrow(2, start, 1).copy_(qk[:, H:, None])
-            v_cache.narrow(2, start, 1).copy_(qkv[:, 2 * H:, None])
-            y = F.scaled_dot_product_attention(qk[:, :H, None], k_cache.narrow(2, 0, start + 1),
-                                               v_cache.narrow(2, 0, start + 1), attn_mask=bias)  # [B, H, 1, Dh]
-            x = x + decode_linear(attn.out, y.view(B, D))
+            if isinstance(start, Tensor):  # static: write at the device-side slot, attend over every slot
+                k_cache.index_copy_(2, start, qk[:, H:, None])
+                v_cache.index_copy_(2, start, qkv[:, H + Hkv:, None])
+                keys, values = k_cache, v_cache
+            else:
+                k_cache.narrow(2, start, 1).copy_(qk[:, H:, None])
+                v_cache.narrow(2, start, 1).copy_(qkv[:, H + Hkv:, None])
+                keys, values = k_cache.narrow(2, 0, start + 1), v_cache.narrow(2, 0, start + 1)
+            y = F.scaled_dot_product_attention(qk[:, :H].view(B, Hkv, g, Dh), keys, values,
+                                               attn_mask=bias)  # [B, Hkv, g, Dh]
+            x = x + decode_linear(attn.out, y.reshape(B, D))
             h = _norm(layer.ffn_norm, x)
             x = x + (_ffn(layer.ffn, h) if type(layer.ffn) is FeedForward else layer.ffn(h[:, None])[:, 0])
         return _norm(self.norm, x)[:, None]
 
-    def compile_decode(self, **options) -> None:
+    @staticmethod
+    def static_capacity(n: int) -> int:
+        """The static cache's capacity for `n` positions: rounded up to STATIC_CAPACITY_STEP."""
+        return -(-n // STATIC_CAPACITY_STEP) * STATIC_CAPACITY_STEP
+
+    def decode_static(self, x: Tensor, valid: Tensor, cache: KVCache, text: Tensor | None = None,
+                      text_pos: Tensor | None = None) -> BackboneOutput:
+        """The GPU decode path's step (as in gpt-fast): one new token per sample against a static
+        cache, with every shape fixed by the cache's capacity and no host value that changes per step,
+        so `compile_decode(static=True, mode="reduce-overhead")` can capture it as one CUDA graph.
+
+        x [B, 1, D]; valid, text Bool[B, capacity] and text_pos Float[B, capacity] over every slot
+        (the new token's slot, `cache.slot`, already filled in; later slots are not valid). Keys past
+        the filled ones are masked, not sliced, so attention reads the whole capacity: cheap on a GPU,
+        and what makes the step one fixed graph. Gives what `_decode_one` gives (tests: greedy codes equal).
+        """
+        if not cache.static:
+            raise ValueError("decode_static needs a static cache (set static_decode before new_cache)")
+        C, slot = cache.max_length, cache.slot
+        if valid.shape[1] != C:
+            raise ValueError(f"valid covers {valid.shape[1]} slots; the static cache has {C}")
+        if cache.length >= C:
+            raise RuntimeError(f"KV cache full: {cache.length + 1} positions needed, capacity {C}")
+        own = torch.arange(C, device=x.device)[None] == slot  # [1, C]: the new token's slot
+        positions = (valid.sum(-1) - 1).clamp_min(0)
+        rot = self._rotation(positions, C, x.dtype)
+        bias = self._bias((valid | own)[:, None, None, :], x.dtype)
+        rot_t = None
+        if self.text_heads:
+            text_keys = text & valid
+            text_keys = text_keys | (own & ~text_keys.any(-1, keepdim=True))
+            B, t = x.shape[0], self.text_heads
+            bias = torch.cat([self._bias(text_keys[:, None, None, :], x.dtype).expand(B, t, 1, C),
+                              bias.expand(B, self.n_heads - t, 1, C)], dim=1)
+            if text_pos is not None:
+                ct, st = self.rotary.signed(text_pos.index_select(1, slot), x.dtype)  # [B, 1, Dh]
+                rot_t = torch.diag_embed(ct[:, 0]) + self._swap[(x.device, x.dtype)] * st
+        layers = self._decode_layers if self._compiled_static is None else self._compiled_static
+        if self.decode_backends is None:
+            hidden = layers(x, rot, bias, cache.k_layers, cache.v_layers, slot, rot_t)
+        else:
+            with sdpa_kernel(self.decode_backends):
+                hidden = layers(x, rot, bias, cache.k_layers, cache.v_layers, slot, rot_t)
+        cache.advance(1)
+        return BackboneOutput(hidden=hidden, cache=cache, aux_loss=None)
+
+    def compile_decode(self, static: bool = False, **options) -> None:
         """Run the one-token decode step's layers as a `torch.compile`d graph (keyword options go to
         torch.compile). Dynamic shapes, so one graph serves every cache length; on the CPU inductor's
         C++ wrapper, which saves the Python wrapper's per-kernel cost, a large share of a small model's
         step (benchmarks/README.md, "Measurements behind code choices"). The KV cache keeps each layer
         in its own buffer, so the compiled graph writes the new key and value in place. The first
-        steps compile (minutes on a small CPU)."""
+        steps compile (minutes on a small CPU).
+
+        With `static=True` it compiles the static step (`decode_static`) instead, with fixed shapes
+        (one graph per batch size and capacity bucket), and sets `static_decode`; on a GPU pass
+        `mode="reduce-overhead"` to capture it as a CUDA graph."""
+        if static:
+            self.static_decode = True
+            options.setdefault("dynamic", False)
+            self._compiled_static = torch.compile(self._decode_layers, **options)
+            return
         options.setdefault("dynamic", True)
         if next(self.parameters()).device.type == "cpu":
             options["options"] = {"cpp_wrapper": True, **options.get("options", {})}

@@ -643,7 +643,7 @@ def _demo_items(data_dir: Any, frame_rate: float, per_speaker: int = 2, prompt_s
         raise UserError(f"{root}: no voice folders; pass --medusa-data, the output folder of `python -m vall_e.demo`")
     items = []
     for voice in voices:
-        texts = sorted(voice.glob("*.txt"))
+        texts = sorted(t for t in voice.glob("*.txt") if not t.name.endswith(".phn.txt"))
         for i in range(min(per_speaker, len(texts) - 1)):
             prompt = read_codes(texts[i + 1].with_name(texts[i + 1].name.replace(".txt", ".qnt.pt")))[0]
             items.append((texts[i].read_text().strip(), prompt[: int(prompt_seconds * frame_rate)]))

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from vall_e.generation.constraints import DecodingConstraints
-from vall_e.generation.sampling import PAD_ID, SamplingParams, TokenSampler
+from vall_e.generation.sampling import PAD_ID, SamplingParams, TokenSampler, apply_length_penalty
 
 
 def medusa_unsupported(model: Any, params: SamplingParams) -> str | None:
@@ -84,7 +84,7 @@ def medusa_steps(model: Any, text_ids: list[Tensor], langs: Tensor, prompts: lis
     M = rules.max_repeat_frames
     width = max(n_steps * G + (K + 2) * G, M, max(0, params.ras_window))
     hist = torch.full((B, width), PAD_ID, dtype=torch.long, device=dev)  # right-aligned: last frame at the end
-    codes = torch.full((B, limit + 2), PAD_ID, dtype=torch.long, device=dev)
+    codes = torch.full((B, limit + 3), PAD_ID, dtype=torch.long, device=dev)  # the last column: a bin
     lengths = torch.zeros(B, dtype=torch.long, device=dev)  # live frames per row
     frames = torch.zeros(B, dtype=torch.long, device=dev)  # frames taken per row (STOP and after included)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -127,18 +127,68 @@ def medusa_steps(model: Any, text_ids: list[Tensor], langs: Tensor, prompts: lis
         frames.add_(rows.long())
         done = torch.where(rows, now_done, done)
 
+    def greedy_block(block: Tensor) -> Tensor:
+        """The one-step loop's greedy picks [B, n] for the logits [B, n, V] of the next n frames, frame j's
+        conditioned on the frames before it being the drafted ones (the picks only count up to the first
+        frame that differs from its draft). Only for `fast`: no processor reads the history there, so
+        frame j's logits change only by its row's length."""
+        n = block.shape[1]
+        x = block.float()
+        lens = lengths[:, None] + torch.arange(n, device=dev)  # live frames before frame j (if none is STOP)
+        if params.length_penalty:
+            x = apply_length_penalty(x.flatten(0, 1), lens.flatten(), stop_id, params.length_penalty).view_as(x)
+        x = x.clone()
+        x[..., stop_id] = torch.where(lens < rules.floor[:, None], -torch.inf, x[..., stop_id])
+        best = x.argmax(-1)
+        best = torch.where((lens >= rules.caps[:, None]) | done[:, None], stop_id, best)
+        return torch.where((best == stop_id).long().cumsum(1) > 0, stop_id, best)  # after STOP only STOP
+
+    def commit_block(tokens: Tensor, counts: Tensor) -> None:
+        """Row b takes tokens[b, :counts[b]] as its next frames (`commit` for a block at once)."""
+        nonlocal hist, lengths, done
+        n = tokens.shape[1]
+        take = torch.arange(n, device=dev)[None] < counts[:, None]
+        stopped = take & (tokens == stop_id)
+        now_done = done[:, None] | (stopped.long().cumsum(1) > 0)  # done after frame j
+        live = take & ~now_done
+        value = torch.where(now_done, PAD_ID, tokens)
+        hist = torch.cat([hist, value], 1).gather(1, torch.arange(width, device=dev)[None] + counts[:, None])
+        pos = torch.where(live, lengths[:, None] + live.long().cumsum(1) - 1, codes.shape[1] - 1)
+        codes.scatter_(1, pos, torch.where(live, tokens, PAD_ID))
+        lengths = lengths + live.long().sum(1)
+        frames.add_(counts)
+        done = done | stopped.any(1)
+
+    def fast() -> bool:
+        """Whether this step can verify greedily in a few batched ops: no history-reading processor,
+        and no row near the repeat guard (its trailing run of one code + this step's frames < M)."""
+        if not greedy or rules.needs_history or sampler.banned_ids:
+            return False
+        last = hist[:, -1:]
+        run = ((hist == last) & (last != PAD_ID)).flip(1).long().cumprod(1).sum(1)
+        return int(torch.where(done, 0, run).max()) + (K + 1) * G < M
+
     while not bool(done.all()):
         bounds[0], bounds[1] = int(frames.min()), int(frames.max()) + (K + 1) * G
+        batched = fast()
         # 1. the next step: the correction a row was left with, or picked from the AR's logits
         x0 = pending.clone()
         pick = ~has_pending
-        for g in range(G):
-            if bool(pick.any()):
-                tok = draw(target(logits if G == 1 else logits[:, g]))
-                tok = torch.where(done, stop, tok)
-                x0[:, g] = torch.where(pick, tok, x0[:, g])
-                commit(tok, pick)
-                yield int(frames.max()) - 1, tok, done
+        if batched and bool(pick.any()):
+            tok = greedy_block(logits.view(B, G, -1))
+            x0 = torch.where(pick[:, None], tok, x0)
+            before = frames.clone()
+            commit_block(tok, torch.where(pick, G, 0))
+            for g in range(G if B == 1 else 0):
+                yield int(before[0]) + g, tok[:, g], done
+        elif not batched:
+            for g in range(G):
+                if bool(pick.any()):
+                    tok = draw(target(logits if G == 1 else logits[:, g]))
+                    tok = torch.where(done, stop, tok)
+                    x0[:, g] = torch.where(pick, tok, x0[:, g])
+                    commit(tok, pick)
+                    yield int(frames.max()) - 1, tok, done
         if bool(done.all()):
             break
         # 2. drafts from the heads
@@ -162,7 +212,20 @@ def medusa_steps(model: Any, text_ids: list[Tensor], langs: Tensor, prompts: lis
         verifying = ~done
         accepted = torch.zeros(B, dtype=torch.long, device=dev)
         has_pending = torch.zeros(B, dtype=torch.bool, device=dev)
-        for i in range(1, K + 1):
+        if batched:  # greedy: every frame's pick at once, then the longest matching prefix per row
+            picks = greedy_block(v_logits[:, :K].reshape(B, K * G, -1))
+            match = (picks == drafts.view(B, K * G)).long().cumprod(1).sum(1)  # frames accepted
+            accepted = torch.where(was_live, match // G, 0)
+            has_pending = was_live & (match < K * G)
+            # the rejected group is completed from the same logits: it becomes the next step
+            end = torch.where(has_pending, (accepted + 1) * G, torch.where(was_live, K * G, 0))
+            pending = torch.where(has_pending[:, None], picks.view(B, K, G).gather(
+                1, accepted.clamp(max=K - 1).view(B, 1, 1).expand(B, 1, G))[:, 0], pending)
+            before = frames.clone()
+            commit_block(picks, end)
+            for j in range(int(end[0]) if B == 1 else 0):
+                yield int(before[0]) + j, picks[:, j], done
+        for i in range(1, K + 1 if not batched else 1):
             if not bool(verifying.any()):
                 break
             rejected = torch.zeros(B, dtype=torch.bool, device=dev)

@@ -268,3 +268,20 @@ def test_unsupported_settings_decode_one_step_at_a_time():
     texts, langs, prompts = inputs(1)
     tts.generate_ar(texts, langs, prompts, SamplingParams(temperature=0.0, max_ar_context=5), [20], 150, [2])
     assert tts.ar_stats == {}
+
+
+def test_medusa_only_adds_heads_to_weights_trained_without_them():
+    """`trainer.medusa_only` loads an AR's weights that have no heads: the heads start as its AR head."""
+    from vall_e.models.weights import load_model_weights
+    from vall_e.training.trainer import Trainer
+
+    trained = tiny(K=0)
+    with torch.no_grad():
+        trained.ar_head.weight.add_(1.0)
+    weights = trained.state_dict()
+    model = tiny(K=2)
+    completed = Trainer._with_heads(model, weights, medusa_only=True)
+    load_model_weights(model, completed, strict=True, source="test")
+    for head in model.medusa_heads:
+        assert torch.equal(head.out.weight, trained.ar_head.weight) and not head.block.weight.any()
+    assert Trainer._with_heads(model, weights, medusa_only=False) is weights  # strict loading would then refuse

@@ -699,3 +699,156 @@ def variants(ctx: Ctx) -> dict[str, Any]:
         out[preset] = res
         _free()
     return out
+
+
+# ---------------------------------------------------------------------------------------- medusa
+
+
+def _demo_items(data_dir: Any, frame_rate: float, per_speaker: int = 2, prompt_seconds: float = 1.5
+                ) -> list[tuple[str, torch.Tensor]]:
+    """(text, prompt codes) pairs from a demo run's held-out Harvard sentences (`DIR/unseen/unseen/<voice>`):
+    each sentence with the first `prompt_seconds` of the next sentence of its voice as the prompt."""
+    from pathlib import Path
+
+    from vall_e.emb.codes import read_codes
+    from vall_e.utils.errors import UserError
+
+    root = Path(data_dir) / "unseen" / "unseen"
+    voices = sorted(d for d in root.glob("*") if d.is_dir()) if root.is_dir() else []
+    if not voices:
+        raise UserError(f"{root}: no voice folders; pass --medusa-data, the output folder of `python -m vall_e.demo`")
+    items = []
+    for voice in voices:
+        texts = sorted(t for t in voice.glob("*.txt") if not t.name.endswith(".phn.txt"))
+        for i in range(min(per_speaker, len(texts) - 1)):
+            prompt = read_codes(texts[i + 1].with_name(texts[i + 1].name.replace(".txt", ".qnt.pt")))[0]
+            items.append((texts[i].read_text().strip(), prompt[: int(prompt_seconds * frame_rate)]))
+    return items
+
+
+def _verify_cost(ctx: Ctx, K: int, keys: int = 600) -> dict[str, Any]:
+    """Quarter preset (untrained: speed depends on shapes), batch 1, `keys` cache positions: the time of
+    one AR step, of one verification pass over K + 1 positions, and of the K heads on one row."""
+    from vall_e.config.model import resolve_dims
+    from vall_e.generation.tts import cpu_decode_layout
+    from vall_e.models.valle import VALLE, VALLEConfig
+
+    d, h, n = resolve_dims("quarter")
+    torch.manual_seed(0)
+    model = VALLE(VALLEConfig(kind="ar+nar", d_model=d, n_heads=h, n_layers=n, n_text_tokens=256, n_codes=N_CODES,
+                              n_levels=N_LEVELS, dropout=0.0, medusa_heads=K)).to(ctx.device, ctx.dtype).eval()
+    if ctx.device.type == "cpu":
+        cpu_decode_layout(model)
+    text, prompt = random_inputs(60, PROMPT_FRAMES)
+    with torch.inference_mode():
+        _, state = model.ar_prefill(text, None, prompt, max_length=keys + 4 * (K + 1) * 40)
+        tok = torch.zeros(1, dtype=torch.long, device=ctx.device)
+        while state.length < keys:
+            _, state = model.ar_step(tok, state)
+        steps = torch.zeros(1, dtype=torch.long, device=ctx.device)
+        t_step, t_verify, t_heads = [], [], []
+        for _ in range(40):  # interleaved, best of 40; each call is undone so the context stays `keys`
+            L = state.length
+            t, _ = timed(lambda: model.ar_step(tok, state), ctx.device)
+            t_step.append(t)
+            model.ar_rollback(state, L)
+            t, _ = timed(lambda: model.ar_verify(tok.repeat(1, K + 1), state, steps), ctx.device)
+            t_verify.append(t)
+            model.ar_rollback(state, L)
+            t, _ = timed(lambda: model.medusa_logits(state.hidden), ctx.device)
+            t_heads.append(t)
+    out = {"keys": keys, "step_ms": min(t_step) * 1e3, "verify_ms": min(t_verify) * 1e3, "heads_ms": min(t_heads) * 1e3}
+    out["pass_over_step"] = (out["verify_ms"] + out["heads_ms"]) / out["step_ms"]
+    return out
+
+
+def medusa(ctx: Ctx, model_path: Any, data_dir: Any, earlier: dict[str, Any]) -> dict[str, Any]:
+    """Medusa decoding against one-step decoding on a trained model with trained heads (the demo's),
+    batch 1, interleaved item by item (plain, then Medusa, same text and prompt), best of the rounds
+    per item: AR frames/s, steps kept per verification pass, and for greedy whether the codes are
+    identical. Then the quarter preset's cost of a verification pass against a step, and the quarter
+    end-to-end RTF at 10 s that the demo's acceptance would give, against the single-step floor
+    computed from this results file's `ar`, `nar`, `bandwidth` and `e2e` sections."""
+    from dataclasses import replace
+
+    from vall_e.generation.sampling import SamplingParams
+    from vall_e.generation.tts import TTS
+    from vall_e.utils.errors import UserError
+
+    if not model_path:
+        raise UserError("the medusa section needs --medusa-model: a model file with trained Medusa heads "
+                        "(see README, 'Medusa heads')")
+    tts = TTS.from_pretrained(model_path, device=str(ctx.device))
+    cfg = tts.ar_model.config
+    if not cfg.medusa_heads:
+        raise UserError(f"{model_path}: the model has no Medusa heads (model.medusa_heads=0)")
+    items = _demo_items(data_dir, tts.codec.frame_rate, per_speaker=1 if ctx.quick else 2)
+    rounds = 1 if ctx.quick else 2
+    out: dict[str, Any] = {"model": str(model_path), "medusa_heads": cfg.medusa_heads, "ar_group": cfg.ar_group,
+                           "d_model": cfg.d_model, "n_layers": cfg.n_layers, "items": len(items), "rounds": rounds,
+                           "batch": 1, "threads": ctx.threads}
+    modes = {"greedy": SamplingParams(temperature=0.0, seed=0),
+             "sampling": SamplingParams.ar_defaults(seed=0)}
+    for mode, params in modes.items():
+        best: dict[tuple[int, bool], float] = {}
+        frames: dict[tuple[int, bool], int] = {}
+        passes = kept = 0
+        identical = True
+        for r in range(rounds):
+            for i, (text, prompt) in enumerate(items):
+                ids = [tts.encode_text(text)]
+                steps = tts._step_limits(ids, 0)
+                floors = [int(1.0 * len(ids[0]))]
+                codes = {}
+                for on in (False, True):  # interleaved: the same item with and without the heads
+                    p = replace(params, medusa=on, seed=r)
+                    t, c = timed(lambda: tts.generate_ar(ids, torch.zeros(1, dtype=torch.long), [prompt], p, steps,
+                                                         150, floors), ctx.device)
+                    codes[on] = c[0]
+                    best[i, on] = min(best.get((i, on), float("inf")), t)
+                    frames[i, on] = int(c[0].shape[0])
+                    if on:
+                        passes += tts.ar_stats["passes"]
+                        kept += tts.ar_stats["steps"]
+                if mode == "greedy":
+                    identical &= bool(torch.equal(codes[False], codes[True]))
+        row: dict[str, Any] = {}
+        for on, name in ((False, "plain"), (True, "medusa")):
+            n = sum(frames[i, on] for i in range(len(items)))
+            s = sum(best[i, on] for i in range(len(items)))
+            row[name] = {"frames": n, "seconds": s, "frames_per_s": n / s}
+        row["speedup"] = row["medusa"]["frames_per_s"] / row["plain"]["frames_per_s"]
+        row["steps_per_pass"] = kept / max(passes, 1)  # AR steps (groups of ar_group frames) per forward pass
+        row["frames_per_pass"] = row["steps_per_pass"] * cfg.ar_group
+        if mode == "greedy":
+            row["identical_codes"] = identical
+        out[mode] = row
+        ctx.log(f"[medusa] {mode}: {row['steps_per_pass']:.2f} steps per pass, speedup {row['speedup']:.2f}x")
+    del tts
+    _free()
+
+    cost = _verify_cost(ctx, cfg.medusa_heads)
+    out["quarter_pass_cost"] = cost
+    e2e = _g(earlier.get("e2e", {}).get("seconds", {}), 10)
+    qbw = earlier.get("ar", {}).get("quarter", {}).get("bandwidth")
+    n10 = _g(earlier.get("nar", {}).get("quarter", {}), 10)
+    gemm = earlier.get("bandwidth", {}).get("gemm_gflops")
+    if e2e:
+        ar_s = e2e["stages_s"]["generate_ar"]
+        proj = {}
+        for mode in modes:
+            ar_speedup = out[mode]["steps_per_pass"] / cost["pass_over_step"]
+            proj[mode] = {"ar_speedup": ar_speedup, "rtf": (e2e["total_s"] - ar_s + ar_s / ar_speedup) / e2e["audio_s"]}
+        out["quarter_e2e_10s"] = {"measured_rtf_one_step": e2e["rtf"], "projected_with_heads": proj,
+                                  "note": "projection: the e2e section's 10 s run with its AR time divided by the "
+                                          "demo's steps per pass over the quarter's pass/step cost (the quarter "
+                                          "model is untrained, so its own heads would accept nothing)"}
+        if qbw and n10 and gemm:
+            floor = (qbw["bound_ms_per_token_mean"] * e2e["ar_frames"] / 1e3 + n10["gflop"] / gemm
+                     + sum(v for k, v in e2e["stages_s"].items() if k not in ("generate_ar", "generate_nar")))
+            out["quarter_e2e_10s"]["single_step_floor_rtf"] = floor / e2e["audio_s"]
+    return out
+
+
+def _g(d: dict, k: Any) -> Any:
+    return d.get(k, d.get(str(k)))

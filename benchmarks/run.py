@@ -4,6 +4,7 @@
     python benchmarks/run.py [--quick] [--out benchmarks/results.json] [--threads 2]
                              [--device cpu|cuda] [--dtype float32|bfloat16] [--codec world|encodec]
                              [--no-compile] [--sections bandwidth,ar,overhead,variants,nar,e2e,batch,gqa,train,codec]
+                             [--merge] [--medusa-model FILE --medusa-data DIR]
 
 Every comparison is measured side by side in one run (cached vs full-recompute AR, batch 1 vs 16,
 decode time vs the memory bandwidth measured at the start). Sections that fail are recorded in the
@@ -24,7 +25,8 @@ from typing import Any, Callable, Sequence
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # run from a checkout without installing
 
-SECTIONS = ("bandwidth", "ar", "overhead", "variants", "nar", "e2e", "batch", "gqa", "train", "codec")
+SECTIONS = ("bandwidth", "ar", "overhead", "variants", "nar", "e2e", "batch", "gqa", "train", "codec", "medusa")
+DEFAULT_SECTIONS = SECTIONS[:-1]  # medusa needs a trained model with heads (--medusa-model)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -38,7 +40,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="codec of the end-to-end section: the offline WORLD codec or the tiny EnCodec")
     ap.add_argument("--no-compile", action="store_true",
                     help="skip the torch.compile rows (each compiles a decode step: minutes on a small CPU)")
-    ap.add_argument("--sections", default=",".join(SECTIONS),
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other sections of an existing --out file (replace only the ones run now)")
+    ap.add_argument("--medusa-model", type=Path, default=None,
+                    help="medusa section: a model file with trained Medusa heads (e.g. the demo's, see README)")
+    ap.add_argument("--medusa-data", type=Path, default=None,
+                    help="medusa section: the demo's output folder (its held-out sentences and prompts)")
+    ap.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
                     help=f"comma-separated subset of {','.join(SECTIONS)}")
     return ap.parse_args(argv)
 
@@ -65,6 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx = Ctx(device=torch.device(args.device), dtype=DTYPES[args.dtype], threads=args.threads, quick=args.quick,
               codec=args.codec, log=lambda m: print(m, file=sys.stderr, flush=True), compile=not args.no_compile)
     results: dict[str, Any] = {"machine": machine_info(ctx), "sections": {}, "section_seconds": {}}
+    if args.merge and args.out.exists():  # keep what earlier runs measured; this run's machine info goes per section
+        kept = json.loads(args.out.read_text())
+        machine = results["machine"]
+        results = {**kept, "sections": dict(kept.get("sections", {})), "section_seconds": dict(kept.get("section_seconds", {}))}
+        results.setdefault("section_machine", {})
+        for name in sections:
+            results["section_machine"][name] = machine
 
     def save() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -83,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "gqa": lambda: S.gqa(ctx),
         "train": lambda: S.training(ctx),
         "codec": lambda: S.codecs(ctx),
+        "medusa": lambda: S.medusa(ctx, args.medusa_model, args.medusa_data, results["sections"]),
     }
     for name in [s for s in SECTIONS if s in sections]:
         ctx.log(f"[{name}] load average {load_average()}")
@@ -94,7 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["sections"][name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
             ctx.log(f"[{name}] failed: {type(e).__name__}: {e}")
         results["section_seconds"][name] = time.perf_counter() - t0
-        results["machine"]["load_average_end"] = load_average()
+        results.setdefault("section_load_average_end", {})[name] = load_average()
+        if not args.merge:
+            results["machine"]["load_average_end"] = load_average()
         results["targets"] = targets(results["sections"], ctx)
         save()
     print(report(results))
@@ -164,6 +182,20 @@ def targets(sec: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
             v = tq["peak_rss_mb"]
             add("quarter training peak RSS MB (issue 16 protocol)", v, f"<= 3100 (reference {ref['peak_rss_mb']})",
                 v <= 3100)
+    md = sec.get("medusa", {})
+    if "greedy" in md:
+        g = md["greedy"]
+        add("Medusa, demo model: AR steps per verification pass (greedy)", g["steps_per_pass"], ">= 2.0",
+            g["steps_per_pass"] >= 2.0, f"identical codes: {g['identical_codes']}")
+        add("Medusa, demo model: AR frames/s vs one-step decoding (greedy)", g["speedup"], ">= 1.6x", g["speedup"] >= 1.6)
+        s_ = md["sampling"]
+        add("Medusa, demo model: speed-up with sampling (T=0.95)", s_["speedup"], "reported", None,
+            f"{s_['steps_per_pass']:.2f} steps per pass")
+        q = md.get("quarter_e2e_10s", {})
+        if "single_step_floor_rtf" in q:
+            v = q["projected_with_heads"]["sampling"]["rtf"]
+            add("quarter end-to-end RTF 10 s with heads (projected)", v,
+                f"< single-step floor {q['single_step_floor_rtf']:.2f}", v < q["single_step_floor_rtf"], q["note"])
     return out
 
 
@@ -322,6 +354,26 @@ def report(results: dict[str, Any]) -> str:
             elif r:
                 lines.append(f"{name:13} encode {r['encode_x_realtime']:7.1f}x real time   decode "
                              f"{r['decode_x_realtime']:7.1f}x real time  ({r['device']})")
+    md = sec.get("medusa")
+    if md and "error" not in md:
+        head(f"Medusa decoding, batch 1 ({md['medusa_heads']} heads, ar_group {md['ar_group']}, {md['items']} "
+             f"demo sentences, interleaved with one-step decoding)")
+        for mode in ("greedy", "sampling"):
+            r = md.get(mode)
+            if r:
+                same = f"  identical codes: {r['identical_codes']}" if "identical_codes" in r else ""
+                lines.append(f"{mode:9} {r['steps_per_pass']:.2f} steps ({r['frames_per_pass']:.2f} frames) per pass  "
+                             f"{r['plain']['frames_per_s']:7.1f} -> {r['medusa']['frames_per_s']:7.1f} frames/s  "
+                             f"{r['speedup']:.2f}x{same}")
+        c = md.get("quarter_pass_cost")
+        if c:
+            lines.append(f"quarter: a step {c['step_ms']:.2f} ms, a {md['medusa_heads'] + 1}-position pass "
+                         f"{c['verify_ms']:.2f} ms + heads {c['heads_ms']:.2f} ms ({c['pass_over_step']:.2f}x a step)")
+        q = md.get("quarter_e2e_10s")
+        if q:
+            lines.append(f"quarter 10 s RTF: one step {q['measured_rtf_one_step']:.2f}, projected with heads "
+                         + ", ".join(f"{m} {v['rtf']:.2f}" for m, v in q["projected_with_heads"].items())
+                         + (f"; single-step floor {q['single_step_floor_rtf']:.2f}" if "single_step_floor_rtf" in q else ""))
     tg = results.get("targets") or []
     if tg:
         head("targets")

@@ -150,6 +150,10 @@ class ModelOptions:
     text_head_rate: float = setting(0.0, "text heads' aligned positions: audio frames per text token (e.g. the "
                                          "corpus mean); 0 = the shared positions")
     ar_group: int = setting(1, "VALL-E 2 grouped code modeling: level-0 codes the AR reads and predicts per step")
+    medusa_heads: int = setting(0, "Medusa-style heads (0-4) on the AR's last hidden state proposing the steps "
+                                   "t+2..t+1+K, verified in one forward pass (exact decoding, faster); 0 = off")
+    medusa_loss_weight: float = setting(1.0, "weight of the Medusa heads' loss (head k's cross-entropy counts "
+                                             "0.8**(k-1) of it)")
     backbone_extra: dict[str, Any] = setting({}, "more keyword options for the backbone (e.g. rope_base)")
 
 
@@ -213,6 +217,12 @@ class VALLEConfig(StoredConfig, ModelOptions):
                             "model.text_heads >= 1")
         if not isinstance(self.ar_group, int) or isinstance(self.ar_group, bool) or not 1 <= self.ar_group <= 8:
             raise UserError(f"model.ar_group {self.ar_group!r}: must be an integer in 1..8")
+        if not isinstance(self.medusa_heads, int) or isinstance(self.medusa_heads, bool) or not 0 <= self.medusa_heads <= 4:
+            raise UserError(f"model.medusa_heads {self.medusa_heads!r}: must be an integer in 0..4")
+        if self.medusa_heads and not self.has_ar:
+            raise UserError(f"model.medusa_heads: a {self.kind} network has no AR to put the heads on")
+        if not self.medusa_loss_weight >= 0:
+            raise UserError(f"model.medusa_loss_weight {self.medusa_loss_weight}: must be >= 0")
         if not isinstance(self.backbone_extra, dict):
             raise UserError(f"model.backbone_extra {self.backbone_extra!r}: must be a mapping")
 
@@ -271,7 +281,8 @@ class ModelConfig(ModelOptions, _KindAndSize):
             raise UserError(f"model.n_langs={self.n_langs} is too small for the data's {n_langs} languages")
         d, h, l = self.dims()
         shared = {f.name: getattr(self, f.name) for f in fields(ModelOptions)}
-        return {kind: VALLEConfig(kind=kind, d_model=d, n_heads=h, n_layers=l, **copy.deepcopy(shared))
+        return {kind: VALLEConfig(kind=kind, d_model=d, n_heads=h, n_layers=l,
+                                  **{**copy.deepcopy(shared), **({"medusa_heads": 0} if kind == "nar" else {})})
                 for kind in PIPELINES[self.kind]}
 
     @property

@@ -94,6 +94,8 @@ class TrainerConfig:
     load_states: bool = _f(True, "restore optimizer, scheduler and sampler states on resume")
     strict_loading: bool = _f(True, "require every weight to match when loading")
     restart_step_count: bool = _f(False, "reset the step and token counters after loading")
+    medusa_only: bool = _f(False, "train only the Medusa heads (model.medusa_heads) on a trained AR: the rest is "
+                                  "frozen, and heads missing from the loaded weights start as the AR head")
     weight_dtype: str = _f("float32", "float32 | bfloat16 | float16: mixed-precision compute dtype")
     amp: bool = _f(True, "autocast to weight_dtype (weights stay fp32) when weight_dtype is not float32")
     activation_checkpointing: bool = _f(False, "recompute activations in backward to save memory")

@@ -65,9 +65,13 @@ class DecodingConstraints:
         """Whether `process` reads the rows' history (the repetition penalty is on)."""
         return self.params.repetition_penalty != 1.0
 
-    def process(self, logits: Tensor, history: Tensor | None, lengths: Tensor, frame: int) -> Tensor:
+    def process(self, logits: Tensor, history: Tensor | None, lengths: Tensor, frame: int,
+                last_frame: int | None = None) -> Tensor:
         """Steps 1-4 on float32 logits [R, V]: `history` [R, t] (pad_id = empty), `lengths` [R] frames
-        generated per row, `frame` the frame about to be picked (it skips the checks no row needs)."""
+        generated per row, `frame` the frame about to be picked (it skips the checks no row needs); when
+        rows are at different frames (Medusa decoding), `frame` is the smallest and `last_frame` the
+        largest."""
+        last_frame = frame if last_frame is None else last_frame
         p = self.params
         x = apply_repetition_penalty(logits.float(), history, p.repetition_penalty, p.repetition_penalty_decay,
                                      self.pad_id)
@@ -75,7 +79,7 @@ class DecodingConstraints:
         if frame < self.floor_frames:  # too early to stop: ban STOP for the rows below their floor
             x = x.clone()
             x[:, self.stop_id] = torch.where(lengths < self.floor, -torch.inf, x[:, self.stop_id])
-        if frame >= self.min_cap:  # a row at its cap can only stop
+        if last_frame >= self.min_cap:  # a row at its cap can only stop
             capped = (lengths >= self.caps).unsqueeze(-1)
             only_stop = torch.full_like(x, -torch.inf)
             only_stop[:, self.stop_id] = 0.0

@@ -146,7 +146,9 @@ class SamplingParams:
     length**alpha. ras_window/ras_ratio: VALL-E 2 repetition-aware sampling (window 0 = off; paper
     defaults 10 / 0.1; it only differs from plain sampling when a filter is on). max_ar_context:
     how many recent response frames the AR attends to (<= 0 = all; `DecodingConstraints` applies
-    it). seed None = drawn from torch's global RNG. Bounds: `SAMPLING_RANGES`.
+    it). seed None = drawn from torch's global RNG. medusa: decode with the model's Medusa heads when
+    it has them (`model.medusa_heads`; greedy output identical, sampling the same distribution, see
+    `vall_e.generation.speculative`). Bounds: `SAMPLING_RANGES`.
     """
 
     temperature: float = 1.0
@@ -166,6 +168,7 @@ class SamplingParams:
     max_ar_context: int = -1
     dynamic_temperature_mode: str = "pmax"
     seed: int | None = None
+    medusa: bool = True
 
     def __post_init__(self) -> None:
         check_fields(self, "sampling", SAMPLING_RANGES)
@@ -657,6 +660,35 @@ class TokenSampler:
             tokens = self._draw(filtered, 0)
         self.step += 1
         return tokens
+
+    def distribution(self, logits: Tensor, history: Tensor | None = None) -> Tensor:
+        """The probabilities [B, V] with which `sample(logits, history, penalized=True)` returns each
+        token of an AR step (steps 3-9, the repetition-aware fallback as the mixture it draws from):
+        one-hot for greedy decoding. Exact speculative sampling accepts and resamples against it.
+        Not for mirostat, whose state depends on the draws (ValueError)."""
+        if self.mirostat is not None:
+            raise ValueError("mirostat has no stateless distribution")
+        p = self.params
+        x = ban_tokens(logits.float(), self.banned_ids)
+        if p.greedy:
+            return torch.zeros_like(x).scatter_(-1, x.argmax(-1, keepdim=True), 1.0)
+        filtered = self.filter(x)
+        temperature = (dynamic_temperature(filtered, p.temperature, p.min_temperature, p.dynamic_temperature_mode)
+                       if p.dynamic else p.temperature)
+        probs = apply_temperature(filtered, temperature).softmax(-1)
+        if p.uses_ras and self._filters and history is not None and history.numel() > 0:
+            # a draw of a token seen too often in the window is replaced by a draw from the unfiltered
+            # distribution: P(x) = pf(x) (1 - r(x)) + (sum_y pf(y) r(y)) pu(x)
+            full = apply_temperature(x, temperature).softmax(-1)
+            history = history.to(device=x.device, dtype=torch.long)
+            valid, dist = _distances(history, self.pad_id)
+            recent = valid & (dist <= p.ras_window) & (history >= 0) & (history < x.shape[-1])
+            counts = torch.zeros(x.shape[0], x.shape[-1] + 1, device=x.device)
+            counts.scatter_add_(1, torch.where(recent, history, x.shape[-1]), recent.float())
+            repeated = (counts[:, :-1] >= p.ras_window * p.ras_ratio - 1e-6).float()
+            moved = (probs * repeated).sum(-1, keepdim=True)
+            probs = probs * (1 - repeated) + moved * full
+        return probs
 
     def reorder(self, index: Tensor) -> None:
         """Follow the caller's batch: row r now holds old row index[r] (reorder, drop or repeat)."""

@@ -35,6 +35,7 @@ from vall_e.data.prompts import trim_or_repeat
 from vall_e.generation.constraints import DecodingConstraints
 from vall_e.generation.sampling import BeamSearch, SamplingParams, TokenSampler
 from vall_e.generation.settings import GenerationSettings
+from vall_e.generation.speculative import medusa_steps, medusa_unsupported
 from vall_e.models.backbones.kv_cache import KVCache
 from vall_e.models.backbones.transformer import DECODE_SDPA_BACKENDS
 from vall_e.models.model_file import load_exported
@@ -143,6 +144,18 @@ def _reorder_cache(cache: Any, index: Tensor) -> Any:
     raise TypeError(f"cannot reorder a cache of type {type(cache).__name__}")
 
 
+def _inference_mode(steps: Iterator[Any]) -> Iterator[Any]:
+    """Run a generator's every step under inference mode (a generator's body runs at each `next`, outside
+    the caller's `with`), returning its value."""
+    while True:
+        with torch.inference_mode():
+            try:
+                item = next(steps)
+            except StopIteration as end:
+                return end.value
+        yield item
+
+
 def _with_vocoder(codec: Any, meta: dict[str, Any], vocoder: str | None, device: str | None) -> Any:
     """The codec, decoding through Vocos when asked (or when the model's default is Vocos).
     vocoder: "encodec", "vocos" (charactr/vocos-encodec-24khz from the hub or its cache), or a folder
@@ -225,6 +238,7 @@ class TTS:
         if frontend_spec:
             self.frontend = build_frontend(json.loads(frontend_spec))
         cfg = self.ar_model.config
+        self.ar_stats: dict[str, float] = {}  # the last AR decode's Medusa counts (`medusa_steps`)
         self.n_levels = cfg.n_levels
         self.stop_id = cfg.n_codes
 
@@ -382,8 +396,21 @@ class TTS:
         A model with `ar_group` G > 1 (VALL-E 2's grouped code modeling) gives the logits of G frames
         per forward step; they are sampled one frame after another, so the repetition penalty, the
         STOP floor, the caps and the repeat guard see every frame as with G = 1, and the G sampled
-        codes (STOP after a row ends) are fed back as the next step's input."""
+        codes (STOP after a row ends) are fed back as the next step's input.
+
+        A model with Medusa heads (`model.medusa_heads`, and `params.medusa` on) decodes through
+        `vall_e.generation.speculative.medusa_steps` instead: several steps per forward pass, the same
+        greedy codes and the same sampling distribution; `self.ar_stats` then holds its counts."""
         G = self.ar_model.config.ar_group
+        self.ar_stats: dict[str, float] = {}
+        why_not = medusa_unsupported(self.ar_model, params)
+        if why_not is None:
+            rules = DecodingConstraints(params, self.stop_id, max_steps, min_steps, max_repeat_frames, group=G,
+                                        device=self.device)
+            return (yield from _inference_mode(medusa_steps(self.ar_model, text_ids, langs, prompts, params, rules,
+                                                            self.stop_id, self.device, self.ar_stats)))
+        if getattr(self.ar_model.config, "medusa_heads", 0) and params.medusa:
+            logger.info("decoding one AR step at a time: %s", why_not)
         with torch.inference_mode():
             model = self.ar_model
             B = len(text_ids)

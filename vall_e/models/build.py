@@ -31,6 +31,17 @@ def freeze_params(model: nn.Module, prefixes: list[str], name: str = "") -> int:
     return count
 
 
+def freeze_all_but_medusa(model: nn.Module) -> int:
+    """`trainer.medusa_only`: train only the Medusa heads on a trained AR (the backbone, embeddings and
+    the other heads frozen). Returns how many tensors stay trainable."""
+    heads = [p for n, p in model.named_parameters() if n.startswith("medusa_heads.")]
+    if not heads:
+        raise UserError("trainer.medusa_only needs Medusa heads to train: set model.medusa_heads (1-4)")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("medusa_heads."))
+    return len(heads)
+
+
 def build_models(model_cfg: ModelConfig, n_text_tokens: int | None = None, n_langs: int | None = None,
                  bnb_cfg: Any = None) -> dict[str, nn.Module]:
     """Build the network(s) described by `cfg.model`, with `cfg.bitsandbytes` layer swaps and

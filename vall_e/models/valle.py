@@ -43,9 +43,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vall_e.config.model import KINDS, TEXT_HEAD_BACKBONES, VALLEConfig
+from vall_e.utils.errors import UserError
 
 from .backbones import build_backbone
 from .backbones.base import BackboneOutput, Mask
+from .backbones.kv_cache import KVCache
 from .rows_linear import decode_linear
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,20 @@ class LevelEmbedding(nn.Module):
         return self.table(codes.long() + self.offsets[:L]).sum(-2)
 
 
+class MedusaHead(nn.Module):
+    """One Medusa-1 head: a residual SiLU block, then a projection to the AR's outputs. The block starts
+    at zero and the projection as a copy of the AR head (`VALLE.init_medusa_from_ar`), so an untrained
+    head proposes what the AR head would, and training only has to learn the shift in time."""
+
+    def __init__(self, d_model: int, n_out: int) -> None:
+        super().__init__()
+        self.block = nn.Linear(d_model, d_model)
+        self.out = nn.Linear(d_model, n_out)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.out(h + F.silu(self.block(h)))
+
+
 @dataclass
 class ARState:
     """Incremental AR decoding state (mutated in place by `ar_step`)."""
@@ -83,6 +99,7 @@ class ARState:
     text: Tensor | None = None  # Bool[B, capacity]: which slots hold text (models with text heads)
     text_pos: Tensor | None = None  # Float[B, capacity]: text heads' positions (text_head_rate > 0)
     prefix: int = 0  # slots of the (left-padded) prefix
+    hidden: Tensor | None = None  # [B, d]: the last position's hidden state (what Medusa heads read)
 
 
 class _Targets:
@@ -130,6 +147,9 @@ class VALLE(nn.Module):
             self.nar_emb = LevelEmbedding(c.n_levels - 1, c.n_codes, d)  # input levels 0..n_levels-2
             self.level_emb = nn.Embedding(c.n_levels - 1, d)  # row k-1 = target level k
             self.nar_heads = nn.ModuleList(nn.Linear(d, c.n_codes) for _ in range(c.n_levels - 1))
+        if c.medusa_heads and c.has_ar:  # head k proposes the step after next + k - 1 (see MedusaHead)
+            self.medusa_heads = nn.ModuleList(MedusaHead(d, c.ar_group * (c.n_codes + 1))
+                                              for _ in range(c.medusa_heads))
         if c.text_loss_weight > 0 and c.has_ar:  # the text loss is next-token, so only AR samples have one
             self.text_head = nn.Linear(d, c.n_text_tokens)
         extra = dict(c.backbone_extra)
@@ -146,6 +166,7 @@ class VALLE(nn.Module):
         if c.guided_attention > 0:
             self.backbone.collect_text_attention = True
         self._init_embeddings_and_heads()
+        self.init_medusa_from_ar()
         logger.info("VALL-E %s (%s, d=%d, heads=%d, layers=%d): %.2fM parameters", c.kind, c.backbone,
                     c.d_model, c.n_heads, c.n_layers, self.num_parameters() / 1e6)
 
@@ -160,6 +181,26 @@ class VALLE(nn.Module):
         with torch.no_grad():
             self.text_emb.weight[0].zero_()
         nn.init.normal_(self.sep, std=0.02)
+
+    @torch.no_grad()
+    def init_medusa_from_ar(self) -> None:
+        """Start every Medusa head as the AR head (its residual block at zero): also used when heads are
+        added to an AR trained without them (`trainer.medusa_only`)."""
+        for head in getattr(self, "medusa_heads", ()):
+            nn.init.zeros_(head.block.weight)
+            nn.init.zeros_(head.block.bias)
+            head.out.weight.copy_(self.ar_head.weight)
+            head.out.bias.copy_(self.ar_head.bias)
+
+    def medusa_logits(self, h: Tensor) -> Tensor:
+        """Hidden states [..., d] -> the heads' logits [..., K, n_codes + 1] ([..., K, G, n_codes + 1]
+        with `ar_group` G > 1): head k (0-based) proposes the step k + 2 after the hidden's position."""
+        heads = getattr(self, "medusa_heads", None)
+        if heads is None:
+            raise ValueError("this model has no Medusa heads (model.medusa_heads=0)")
+        out = torch.stack([decode_linear(head.out, h + F.silu(head.block(h))) for head in heads], -2)
+        G = self.config.ar_group
+        return out if G == 1 else out.unflatten(-1, (G, -1))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -304,6 +345,11 @@ class VALLE(nn.Module):
         ce, top1, top10 = self._response_loss(out.hidden, resp_t, tok_level)
         values: dict[str, Tensor] = {"nll": ce.mean()}
         loss, per_sample = self._total_loss(values, ce, out, resp_t, text_t, batch["text"])
+        if hasattr(self, "medusa_heads") and bool((levels == 0).any()):
+            medusa = self._medusa_loss(out.hidden, resp_t, tok_level, values)
+            loss = loss + self.config.medusa_loss_weight * medusa
+            per_sample = per_sample + self.config.medusa_loss_weight * medusa.detach()
+            values["loss"] = loss
         stats = self._stats(values, ce, top1, top10, tok_level)
         return (per_sample if reduction == "none" else loss), stats
 
@@ -339,6 +385,32 @@ class VALLE(nn.Module):
             top1[idx] = top[:, 0] == t
             top10[idx] = (top == t[:, None]).any(-1)
         return ce, top1, top10
+
+    def _medusa_loss(self, h: Tensor, resp_t: "_Targets", tok_level: Tensor, values: dict[str, Tensor]) -> Tensor:
+        """Sum over heads k = 1..K of 0.8**(k-1) x the cross-entropy of head k at each AR position
+        against the target k steps after the AR head's (Medusa-1's weighting); positions whose
+        shifted target is past the sequence's STOP are left out. Adds `medusa{k}.nll/.acc`."""
+        c, dev, G = self.config, self.device, self.config.ar_group
+        ar = (tok_level == 0).nonzero().squeeze(1)  # AR targets: per sample in position order, G slots each
+        sample, pos, target, sub = (t[ar] for t in (resp_t.sample, resp_t.pos, resp_t.target, resp_t.sub))
+        h_tok = h[sample.to(dev), pos.to(dev)]
+        total = h.new_zeros(())
+        for k, head in enumerate(self.medusa_heads, start=1):
+            shift = k * G
+            if len(ar) <= shift:
+                break
+            keep = (sample[shift:] == sample[:-shift]).nonzero().squeeze(1).to(dev)
+            if len(keep) == 0:
+                continue
+            logits = head(h_tok[keep]).float()
+            if G > 1:
+                logits = logits.view(len(keep), G, -1)[torch.arange(len(keep), device=dev), sub[keep.cpu()].to(dev)]
+            t = target[shift:][keep.cpu()].to(dev)
+            ce = F.cross_entropy(logits, t)
+            total = total + 0.8 ** (k - 1) * ce
+            values[f"medusa{k}.nll"] = ce.detach()
+            values[f"medusa{k}.acc"] = (logits.argmax(-1) == t).float().mean()
+        return total
 
     def _total_loss(self, values: dict[str, Tensor], ce: Tensor, out: BackboneOutput, resp_t: "_Targets",
                     text_t: "_Targets | None", text: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -456,7 +528,7 @@ class VALLE(nn.Module):
         logits = self.ar_head(out.hidden[:, -1])
         if self.config.ar_group > 1:
             logits = logits.view(B, self.config.ar_group, -1)
-        return logits, ARState(out.cache, valid_buf, P, causal, text_buf, pos_buf, P)
+        return logits, ARState(out.cache, valid_buf, P, causal, text_buf, pos_buf, P, out.hidden[:, -1])
 
     def ar_step(self, tokens: Tensor, state: ARState) -> tuple[Tensor, ARState]:
         """Feed one response frame per sample (Long[B] level-0 codes, or STOP) and get the logits for
@@ -483,10 +555,63 @@ class VALLE(nn.Module):
                                 cache=state.cache, use_cache=True)
         state.cache = out.cache
         state.length += 1
-        logits = decode_linear(self.ar_head, out.hidden[:, -1])
+        state.hidden = out.hidden[:, -1]
+        logits = decode_linear(self.ar_head, state.hidden)
         if self.config.ar_group > 1:
             logits = logits.view(logits.shape[0], self.config.ar_group, -1)
         return logits, state
+
+    def ar_verify(self, tokens: Tensor, state: ARState, steps: Tensor) -> tuple[Tensor, Tensor]:
+        """Feed S response steps per sample in one forward pass (a chosen step and the Medusa heads'
+        proposals after it): tokens Long[B, S] (Long[B, S, G] with `ar_group` G > 1). `steps` Long[B]:
+        response steps each sample has kept so far (its text heads' positions; rows of a batch keep
+        different counts). Returns the AR logits after each fed step, [B, S, n_codes + 1] ([B, S, G,
+        n_codes + 1]), and the hidden states [B, S, d]. The cache holds all S; `ar_rollback` drops the
+        rejected ones."""
+        self._require("ar")
+        B, S = tokens.shape[:2]
+        L = state.length
+        if L + S > state.valid.shape[1]:
+            raise RuntimeError(f"AR decoding ran past its capacity of {state.valid.shape[1]} positions")
+        tokens = tokens.to(self.device).long()
+        x = self._ar_embed(tokens) if self.config.ar_group > 1 else self.ar_emb(tokens)
+        state.valid[:, L:L + S] = True
+        text_pos = None
+        if state.text_pos is not None:
+            offsets = torch.arange(S, device=self.device)
+            state.text_pos[:, L:L + S] = ((steps.to(self.device)[:, None] + offsets) * self.config.ar_group).float()
+            text_pos = state.text_pos[:, :L + S]
+        out = self.backbone(x, Mask(state.causal, state.valid[:, :L + S],
+                                    None if state.text is None else state.text[:, :L + S], text_pos),
+                            cache=state.cache, use_cache=True)
+        state.cache = out.cache
+        state.length = L + S
+        logits = self.ar_head(out.hidden)
+        if self.config.ar_group > 1:
+            logits = logits.unflatten(-1, (self.config.ar_group, -1))
+        return logits, out.hidden
+
+    @staticmethod
+    def ar_rollback(state: ARState, length: int, hidden: Tensor | None = None) -> None:
+        """Forget every cache slot from `length` on (the rejected proposals of `ar_verify`), so the next
+        step writes there; `hidden` [B, d] becomes the state's last hidden state."""
+        if length > state.length:
+            raise ValueError(f"cannot roll the AR cache forward ({state.length} -> {length})")
+        cache = state.cache
+        if isinstance(cache, KVCache):
+            cache.length = length
+        elif hasattr(cache, "crop"):  # transformers' DynamicCache (llama, mixtral)
+            cache.crop(length)
+            for attr in ("vall_e_length",):  # the llama backbone's own length counter
+                if hasattr(cache, attr):
+                    setattr(cache, attr, length)
+        else:
+            raise UserError(f"Medusa decoding needs a KV cache it can roll back; the {type(cache).__name__} "
+                            "of this backbone cannot (use a transformer, bitnet, llama or mixtral backbone)")
+        state.valid[:, length:state.length] = False
+        state.length = length
+        if hidden is not None:
+            state.hidden = hidden
 
     @torch.no_grad()
     def text_alignment(self, text: Tensor, lang: Tensor | int, prompt: Tensor, codes0: Tensor) -> Tensor:

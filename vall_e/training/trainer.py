@@ -34,7 +34,7 @@ from vall_e.config import parse_config
 from vall_e.data import VALLEDataset, make_dataloader
 from vall_e.generation.settings import settings_from_config
 from vall_e.generation.tts import TTS
-from vall_e.models.build import build_models, model_config_dict
+from vall_e.models.build import build_models, freeze_all_but_medusa, model_config_dict
 from vall_e.models.model_file import read_export, write_export
 from vall_e.models.weights import flat_weights, load_model_weights, split_weights
 from vall_e.text.languages import LanguageMap
@@ -333,18 +333,43 @@ class Trainer:
                      "codec": dict(parts.meta.get("codec") or {})}
 
     def _load_weights(self, start: _Start) -> None:
-        """The exported model file's or the checkpoint's weights into the networks."""
+        """The exported model file's or the checkpoint's weights into the networks. With
+        trainer.medusa_only, Medusa heads the weights lack start as the AR head, and only the heads train."""
         strict = self.cfg.trainer.strict_loading
+        medusa_only = self.cfg.trainer.medusa_only
+        loaded: dict[str, dict[str, torch.Tensor]] = {}
         if start.export_weights is not None:
             source = str(self.run_dir / "model.safetensors")
             for n, m in self.models.items():
                 if n not in start.export_weights:
                     raise UserError(f"{source}: has no network {n!r}")
-                load_model_weights(m, start.export_weights[n], strict, source)
+                loaded[n] = self._with_heads(m, start.export_weights[n], medusa_only)
+                load_model_weights(m, loaded[n], strict, source)
         if start.weights is not None and start.step_dir is not None:
             per_model = split_weights(start.weights, list(self.models))
             for n, m in self.models.items():
-                load_model_weights(m, per_model[n], strict, str(start.step_dir / "model.safetensors"))
+                loaded[n] = self._with_heads(m, per_model[n], medusa_only)
+                load_model_weights(m, loaded[n], strict, str(start.step_dir / "model.safetensors"))
+        if medusa_only:
+            if not loaded:
+                raise UserError("trainer.medusa_only trains heads on a trained AR: start from its export "
+                                "(trainer.load_state_dict=true) or a checkpoint of the run")
+            for n, m in self.models.items():
+                if getattr(m.config, "has_ar", False):
+                    freeze_all_but_medusa(m)
+
+    @staticmethod
+    def _with_heads(model: nn.Module, weights: dict[str, torch.Tensor], medusa_only: bool) -> dict[str, torch.Tensor]:
+        """`weights`, completed with the model's freshly initialised Medusa heads (copies of its AR head)
+        when trainer.medusa_only adds heads to an AR trained without them."""
+        if not medusa_only or not hasattr(model, "medusa_heads") or any(k.startswith("medusa_heads.") for k in weights):
+            return weights
+        head = {k: v for k, v in weights.items() if k.startswith("ar_head.")}
+        if head:
+            model.ar_head.load_state_dict({k.removeprefix("ar_head."): v for k, v in head.items()})
+        model.init_medusa_from_ar()
+        logger.info("Medusa heads start as the AR head (not in the loaded weights)")
+        return {**weights, **{k: v for k, v in model.state_dict().items() if k.startswith("medusa_heads.")}}
 
     def _log_sizes(self) -> None:
         if self.is_main:

@@ -600,6 +600,7 @@ class VALLE(nn.Module):
         cache = state.cache
         if isinstance(cache, KVCache):
             cache.length = length
+            cache.slot.fill_(length)  # the static (GPU) path's write position lives on the device
         elif hasattr(cache, "crop"):  # transformers' DynamicCache (llama, mixtral)
             cache.crop(length)
             for attr in ("vall_e_length",):  # the llama backbone's own length counter

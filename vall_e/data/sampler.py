@@ -142,7 +142,10 @@ class LengthBucketSampler(Sampler[list[ItemKey]]):
             items = np.sort(items)
             pool = n or 1
         # sort by cost inside each pool (stable: ties keep the shuffled order)
-        items = items[np.lexsort((self.costs[items], np.arange(n) // pool))]
+        c = self.costs[items]
+        key = (np.arange(n, dtype=np.int64) // pool) * (int(c.max(initial=0)) + 1) + c  # (pool, cost) in one int64
+        items = items[np.argsort(key, kind="stable")]
+        del c, key
         if self.frames_per_batch > 0:
             costs = self.costs[items]
             ends: list[int] = []

@@ -200,7 +200,7 @@ def held_out_mask(table: UtteranceTable, fraction: float, keep: int = 1) -> np.n
         return out
     spk = table.speaker_of
     h = table.hashes().astype(np.float64)  # the float ranking `_hash01` uses (ties broken by key order)
-    order = np.lexsort((np.arange(n), h, spk))
+    order = np.lexsort((h, spk))  # stable: equal hashes stay in key order
     counts = np.bincount(spk, minlength=len(table.speaker_names))
     first = np.concatenate([[0], np.cumsum(counts)[:-1]])
     rank = np.empty(n, dtype=np.int64)

@@ -98,8 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "batch": lambda: S.batch(ctx),
         "train": lambda: S.training(ctx),
         "codec": lambda: S.codecs(ctx),
-        "data": lambda: S.data(ctx, args.data_utterances or (100_000 if args.quick else 1_000_000), args.data_dir,
-                               results["sections"].get("train")),
+        "data": lambda: _data_runs(results["sections"].get("data"), S.data(
+            ctx, args.data_utterances or (100_000 if args.quick else 1_000_000), args.data_dir,
+            results["sections"].get("train"))),
     }
     for name in [s for s in SECTIONS if s in sections]:
         ctx.log(f"[{name}] load average {load_average()}")
@@ -117,6 +118,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report(results))
     ctx.log(f"wrote {args.out}")
     return 0
+
+
+def _data_runs(old: dict[str, Any] | None, run: dict[str, Any]) -> dict[str, Any]:
+    """The data section keeps one run per scale (`runs[utterances]`), so a 10M run does not drop the 1M one."""
+    runs = dict((old or {}).get("runs", {})) if old and "error" not in old else {}
+    runs[str(run["build"]["utterances"])] = run
+    return {"runs": dict(sorted(runs.items(), key=lambda kv: int(kv[0])))}
 
 
 def _jsonable(x: Any) -> Any:
@@ -170,7 +178,9 @@ def targets(sec: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
         note = (f"{b16['tokens_per_s']:.0f} vs {_g(eng, 1)['tokens_per_s']:.0f} tokens/s"
                 + (f"; a purely memory-bound step would allow {bw16:.1f}x" if bw16 else ""))
         add("batch 16 aggregate AR tokens/s vs batch 1 (engine)", b16["vs_batch_1"], ">= 6x", b16["vs_batch_1"] >= 6, note)
-    dt = sec.get("data", {}).get("summary")
+    druns = sec.get("data", {}).get("runs", {})
+    dlast = druns[max(druns, key=int)] if druns else {}
+    dt = dlast.get("summary")
     if dt:
         n = dt["utterances"]
         scale = "" if n >= 10_000_000 else f" (measured at {n / 1e6:g}M; the target is stated for 10M)"
@@ -178,7 +188,7 @@ def targets(sec: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
             dt["open_filter_sampler_s_max"] <= 30 if n >= 10_000_000 else None)
         add("dataset peak RSS per rank, MB" + scale, dt["peak_rss_mb_max"], "<= 1536 MB",
             dt["peak_rss_mb_max"] <= 1536 if n >= 10_000_000 else None)
-    rd = sec.get("data", {}).get("read")
+    rd = next((r["read"] for _, r in sorted(druns.items(), key=lambda kv: -int(kv[0])) if "read" in r), None)
     if rd and "batches_read_per_quarter_step" in rd:
         add("random batches read per quarter training step", rd["batches_read_per_quarter_step"], ">= 1",
             rd["batches_read_per_quarter_step"] >= 1, f"{rd['batches_per_s']:.1f} batches/s of {rd['mean_batch_items']:.0f}, "
@@ -331,8 +341,7 @@ def report(results: dict[str, Any]) -> str:
             elif r:
                 lines.append(f"{name:13} encode {r['encode_x_realtime']:7.1f}x real time   decode "
                              f"{r['decode_x_realtime']:7.1f}x real time  ({r['device']})")
-    da = sec.get("data")
-    if da and "error" not in da:
+    for da in (sec.get("data") or {}).get("runs", {}).values():
         b = da["build"]
         head(f"dataset index, {b['utterances']} utterances ({b['hours']:.0f} h) in {b['speakers']} speaker folders"
              + ("" if b["codes_written"] else ", codes not written (sparse file)"))

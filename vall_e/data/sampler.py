@@ -99,27 +99,38 @@ class LengthBucketSampler(Sampler[list[ItemKey]]):
             items = items[self.costs[items] <= self.frames_per_batch]
         return items
 
-    def _pack(self, costs: np.ndarray, lo: int, hi: int, out: list[int]) -> None:
-        """Batch ends for items lo..hi (sorted by cost, ascending): the greedy frame-budget packing
-        (an item joins while max cost x count stays within the budget and the cap allows)."""
-        c = costs[lo:hi].tolist()
+    def _pack(self, costs: np.ndarray, pool: int) -> np.ndarray:
+        """Batch ends of the greedy frame-budget packing of items sorted by cost (ascending) inside each
+        pool of `pool` items: an item joins while max cost x count stays within the budget and the cap
+        allows. Every possible batch start's end is found at once (a vectorised binary search; the
+        batch [s, e) costs c[e-1] * (e - s), which grows with e), then the chain of starts is walked."""
+        n = len(costs)
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
         budget = self.frames_per_batch
-        cap = self.max_batch_size or 1 << 62
-        s, n = 0, len(c)
-        while s < n:
-            # the batch [s, e): c ascending, so its cost is c[e-1] * (e - s), growing with e
-            e = min(n, s + cap, s + max(1, budget // max(1, c[s])))
-            if c[e - 1] * (e - s) > budget:  # binary search the last fitting end
-                good, bad = s + 1, e
-                while bad - good > 1:
-                    mid = (good + bad) // 2
-                    if c[mid - 1] * (mid - s) <= budget:
-                        good = mid
-                    else:
-                        bad = mid
-                e = good
-            out.append(lo + e)
-            s = e
+        s = np.arange(n, dtype=np.int64)
+        c = costs.astype(np.int64)
+        hi = np.minimum((s // pool + 1) * pool, n)
+        if self.max_batch_size:
+            hi = np.minimum(hi, s + self.max_batch_size)
+        hi = np.minimum(hi, s + np.maximum(1, budget // np.maximum(1, c)))
+        lo = s + 1  # one item always fits (longer ones were filtered out)
+        open_ = np.nonzero(lo < hi)[0]
+        while len(open_):
+            l, h = lo[open_], hi[open_]
+            mid = (l + h + 1) // 2
+            ok = c[mid - 1] * (mid - open_) <= budget
+            lo[open_] = np.where(ok, mid, l)
+            hi[open_] = np.where(ok, h, mid - 1)
+            open_ = open_[lo[open_] < hi[open_]]
+        ends: list[int] = []
+        for start in range(0, n, pool):  # the chain of batch starts, one pool (a short list) at a time
+            nxt = (lo[start:start + pool] - start).tolist()
+            stop, e = len(nxt), 0
+            while e < stop:
+                e = nxt[e]
+                ends.append(start + e)
+        return np.asarray(ends, dtype=np.int64)
 
     def global_batches(self, epoch: int) -> "Batches":
         """All ranks' batches of an epoch, in order, before sharding (deterministic)."""
@@ -147,11 +158,7 @@ class LengthBucketSampler(Sampler[list[ItemKey]]):
         items = items[np.argsort(key, kind="stable")]
         del c, key
         if self.frames_per_batch > 0:
-            costs = self.costs[items]
-            ends: list[int] = []
-            for lo in range(0, n, pool):
-                self._pack(costs, lo, min(n, lo + pool), ends)
-            end = np.asarray(ends, dtype=np.int64)
+            end = self._pack(self.costs[items], pool)
             start = np.concatenate([[0], end[:-1]]).astype(np.int64) if len(end) else end
         else:
             start = np.concatenate([np.arange(lo, min(n, lo + pool), self.batch_size) for lo in range(0, n, pool)]) \

@@ -198,18 +198,19 @@ def held_out_mask(table: UtteranceTable, fraction: float, keep: int = 1) -> np.n
     out = np.zeros(n, dtype=bool)
     if fraction <= 0 or n == 0:
         return out
-    spk = table.speaker_of
     h = table.hashes().astype(np.float64)  # the float ranking `_hash01` uses (ties broken by key order)
-    order = np.lexsort((h, spk))  # stable: equal hashes stay in key order
-    counts = np.bincount(spk, minlength=len(table.speaker_names))
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(n) - first[spk[order]]
+    counts = np.bincount(table.speaker_of, minlength=len(table.speaker_names))
     n_val = np.minimum(np.floor(counts * fraction + 0.5).astype(np.int64), np.maximum(0, counts - keep))
-    out = rank < n_val[spk]
+    firsts = {}
+    for sid in range(len(table.speaker_names)):  # O(speakers) loops, each a sort of one speaker's hashes
+        if counts[sid] == 0:
+            continue
+        rows = table.speaker_rows(sid)
+        ranked = rows[np.argsort(h[rows], kind="stable")]
+        out[ranked[: n_val[sid]]] = True
+        firsts[sid] = ranked[0]
     if not out.any():
         spare = [(int(counts[s]), name, s) for s, name in enumerate(table.speaker_names) if counts[s] > keep]
         if spare:
-            s = max(spare)[2]
-            out[order[first[s]]] = True
+            out[firsts[max(spare)[2]]] = True
     return out

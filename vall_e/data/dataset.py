@@ -98,6 +98,10 @@ def peek_codec_spec(cfg: Any) -> dict[str, Any] | None:
     return None
 
 
+def _row_dtype(n: int) -> Any:
+    return np.int32 if n < 2**31 else np.int64
+
+
 class _Rows(Sequence):
     """A read-only sequence of `Utterance`s made on demand from table rows (no per-row objects kept)."""
 
@@ -214,14 +218,15 @@ class VALLEDataset(Dataset):
         train = table("training")
         if d.validation:
             pool = table("validation") if split == "val" else train
-            targets = np.arange(len(pool), dtype=np.int64)
+            targets = np.arange(len(pool), dtype=_row_dtype(len(pool)))
         else:
             out = held_out_mask(train, float(d.validation_fraction), keep=max(1, int(d.min_utterances)))
             if split == "train":
                 pool = train.subset(~out) if out.any() else train
-                targets = np.arange(len(pool), dtype=np.int64)
+                targets = np.arange(len(pool), dtype=_row_dtype(len(pool)))
             else:
-                pool, targets = train, np.nonzero(out)[0].astype(np.int64)
+                pool, targets = train, np.nonzero(out)[0].astype(_row_dtype(len(train)))
+            del out
         if not len(targets) and split == "train":
             raise UserError("no training utterances: dataset.training lists no speaker folder with .qnt.pt + "
                             ".phn.txt pairs inside dataset.duration_range / phones_range")
@@ -230,7 +235,7 @@ class VALLEDataset(Dataset):
         self.utterances: Sequence[Utterance] = _Rows(pool, targets)
         self.pool: Sequence[Utterance] = _Rows(pool)
 
-        levels = int(pool.levels.min()) if len(pool) else None
+        levels = pool.min_levels()
         if levels is not None and levels < self.n_levels:
             raise UserError(f"the data has {levels} code levels but model.n_levels is {self.n_levels}")
 
@@ -287,8 +292,10 @@ class VALLEDataset(Dataset):
         if len(pool):
             np.maximum.at(spk_max, pool.speaker_of, pool.frames.astype(np.int64))
         prompt_cost = np.minimum(trim_max, spk_max) if trim_max else spk_max
-        self.costs: np.ndarray = (pool.frames[targets].astype(np.int64) + pool.phones[targets]
-                                  + prompt_cost[spk_of_target])
+        whole = len(targets) == len(pool)  # targets = every row: no gathered copies
+        fr = pool.frames if whole else pool.frames[targets]
+        ph = pool.phones if whole else pool.phones[targets]
+        self.costs: np.ndarray = fr.astype(np.int64) + ph + prompt_cost[spk_of_target]
 
     # ----- epochs under sample_type -----
     def _draw(self, name: str, members: Sequence[int] | np.ndarray, k: int) -> int:

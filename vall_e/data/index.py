@@ -176,6 +176,14 @@ class SplitFile:
             self._arrays[name] = a
         return a
 
+    def read(self, name: str) -> np.ndarray:
+        """A whole column read into memory (no mapping left behind: for columns copied anyway)."""
+        m = self._maps[name]
+        if 0 in m.shape:
+            return np.zeros(m.shape, dtype=m.dtype)
+        return np.fromfile(self.path, dtype=np.dtype(m.dtype), count=int(np.prod(m.shape)),
+                           offset=m.offset).reshape(m.shape)
+
     def codes(self, row: int) -> np.ndarray:
         off = self.col("code_offsets")
         a, b = int(off[row]), int(off[row + 1])

@@ -34,14 +34,14 @@ class UtteranceTable:
     """Rows in key order; folder f owns rows [starts[f], starts[f+1])."""
 
     def __init__(self, split: str, folders: list[Folder], starts: np.ndarray, frames: np.ndarray,
-                 phones: np.ndarray, levels: np.ndarray, rows: np.ndarray, files: Sequence[Any] = (),
+                 phones: np.ndarray, levels: np.ndarray | None, rows: np.ndarray, files: Sequence[Any] = (),
                  utts: list[Utterance] | None = None, frame_rate: float = 75.0) -> None:
         self.split, self.folders, self.files, self.utts = split, folders, list(files), utts
         self.starts = np.asarray(starts, dtype=np.int64)
         self.frames = np.asarray(frames, dtype=np.int32)
         self.phones = np.asarray(phones, dtype=np.int32)
-        self.levels = np.asarray(levels, dtype=np.int32)
-        self.rows = np.asarray(rows, dtype=np.int64)  # row in its SplitFile (-1 without one)
+        self.levels = None if levels is None else np.asarray(levels, dtype=np.int32)  # per row, listings only
+        self.rows = np.asarray(rows)  # row in its SplitFile (-1 without one)
         self.frame_rate = frame_rate
         self.folder_of = np.repeat(np.arange(len(folders), dtype=np.int32), np.diff(self.starts))
         names = sorted({f.speaker for f in folders})
@@ -52,6 +52,14 @@ class UtteranceTable:
 
     def __len__(self) -> int:
         return len(self.frames)
+
+    def min_levels(self) -> int | None:
+        """The fewest code levels of any utterance (an index stores one count per file)."""
+        if not len(self):
+            return None
+        if self.levels is not None:
+            return int(self.levels.min())
+        return min(self.files[f.source].levels for f in self.folders)
 
     @property
     def speaker_of(self) -> np.ndarray:
@@ -100,37 +108,48 @@ class UtteranceTable:
                                 "`python -m vall_e.data yaml=CONFIG --action hdf5`")
             chosen.setdefault(name, (p, by_name[name]))
         folders: list[Folder] = []
-        parts_rows, parts_frames, parts_phones, counts = [], [], [], []
+        parts_rows, counts = [], []
         dr = d.duration_range if validate else None
         pr = d.phones_range if validate else None
+        cols: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for name in sorted(chosen, key=idx.folder_order_key):
             p, (k, j) = chosen[name]
             sf = files[k]
+            if k not in cols:  # whole columns read once (not mapped: they are copied into the table anyway)
+                cols[k] = (sf.read("frames"), sf.read("phones"))
             a, b = int(sf.folder_start[j]), int(sf.folder_start[j + 1])
-            fr = np.asarray(sf.col("frames")[a:b], dtype=np.int32)
-            ph = np.asarray(sf.col("phones")[a:b], dtype=np.int32)
-            keep = np.ones(b - a, dtype=bool)
-            if dr is not None:
-                dur = fr / frame_rate
-                keep &= (dur >= dr[0]) & (dur <= dr[1])
-            if pr is not None:
-                keep &= (ph >= pr[0]) & (ph <= pr[1])
-            n = int(keep.sum())
-            if n < max(min_utterances, 1):
+            rows = np.arange(a, b, dtype=np.int64)
+            if dr is not None or pr is not None:
+                fr, ph = cols[k][0][a:b], cols[k][1][a:b]
+                keep = np.ones(b - a, dtype=bool)
+                if dr is not None:
+                    dur = fr / frame_rate
+                    keep &= (dur >= dr[0]) & (dur <= dr[1])
+                if pr is not None:
+                    keep &= (ph >= pr[0]) & (ph <= pr[1])
+                rows = rows[keep]
+            if len(rows) < max(min_utterances, 1):
                 continue
             group, folder = speaker_parts(p)
             folders.append(Folder(str(p), group, folder, speaker_key(p, d.speaker_name_format),
                                   language_of(group, d.speaker_languages, d.language), source=k))
-            parts_rows.append(np.arange(a, b, dtype=np.int64)[keep] if n < b - a else np.arange(a, b, dtype=np.int64))
-            parts_frames.append(fr[keep] if n < b - a else fr)
-            parts_phones.append(ph[keep] if n < b - a else ph)
-            counts.append(n)
-        cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dtype=dt))
+            parts_rows.append(rows)
+            counts.append(len(rows))
         starts = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))])
-        levels = np.repeat(np.array([files[f.source].levels for f in folders], dtype=np.int32), counts) \
-            if folders else np.zeros(0, dtype=np.int32)
-        return cls(split, folders, starts, cat(parts_frames, np.int32), cat(parts_phones, np.int32), levels,
-                   cat(parts_rows, np.int64), files=files, frame_rate=frame_rate)
+        n = int(starts[-1])
+        frames = np.empty(n, dtype=np.int32)
+        phones = np.empty(n, dtype=np.int32)
+        big = max((len(sf) for sf in files), default=0) >= 2**31
+        rows_all = np.empty(n, dtype=np.int64 if big else np.int32)
+        at = 0
+        for f, rows in zip(folders, parts_rows):
+            fr, ph = cols[f.source]
+            frames[at:at + len(rows)] = fr[rows]
+            phones[at:at + len(rows)] = ph[rows]
+            rows_all[at:at + len(rows)] = rows
+            at += len(rows)
+        del cols, parts_rows
+        return cls(split, folders, starts, frames, phones, None, rows_all, files=files, frame_rate=frame_rate)
 
     def subset(self, keep: np.ndarray) -> "UtteranceTable":
         """The rows where the boolean mask `keep` is set (empty folders dropped), order kept."""
@@ -141,7 +160,8 @@ class UtteranceTable:
         starts = np.concatenate([[0], np.cumsum(counts[live])])
         utts = [u for u, k in zip(self.utts, keep.tolist()) if k] if self.utts is not None else None
         return UtteranceTable(self.split, [self.folders[i] for i in live], starts, self.frames[keep],
-                              self.phones[keep], self.levels[keep], self.rows[keep], self.files, utts,
+                              self.phones[keep], None if self.levels is None else self.levels[keep], self.rows[keep],
+                              self.files, utts,
                               self.frame_rate)
 
     # ----- rows -----
@@ -162,7 +182,7 @@ class UtteranceTable:
         frames = int(self.frames[i])
         return Utterance(id=uid, dir=f.dir, key=f"{self.split}/{f.group}/{f.name}/{uid}", speaker=f.speaker,
                          group=f.group, language=f.language, frames=frames, phones=int(self.phones[i]),
-                         duration=frames / self.frame_rate, levels=int(self.levels[i]), row=i)
+                         duration=frames / self.frame_rate, levels=self.files[f.source].levels, row=i)
 
     def hashes(self) -> np.ndarray:
         """uint64 key hashes (the held-out ranking): stored in an index, else computed from the keys."""
@@ -170,9 +190,15 @@ class UtteranceTable:
             return np.array([int.from_bytes(hashlib.blake2b(u.key.encode("utf-8"), digest_size=8).digest(), "little")
                              for u in self.utts], dtype=np.uint64)
         out = np.empty(len(self), dtype=np.uint64)
+        by_file: dict[int, list[int]] = {}
         for fi, f in enumerate(self.folders):
-            a, b = int(self.starts[fi]), int(self.starts[fi + 1])
-            out[a:b] = self.files[f.source].col("hash")[self.rows[a:b]]
+            by_file.setdefault(f.source, []).append(fi)
+        for k, fis in by_file.items():
+            col = self.files[k].read("hash")
+            for fi in fis:
+                a, b = int(self.starts[fi]), int(self.starts[fi + 1])
+                out[a:b] = col[self.rows[a:b]]
+            del col
         return out
 
     def speaker_rows(self, speaker: int) -> np.ndarray:

@@ -659,8 +659,9 @@ def data(ctx: Ctx, utterances: int = 1_000_000, workdir: str | None = None,
         gen = ["generate", str(tmp), "--utterances", str(utterances)] + (["--sparse-codes"] if sparse else [])
         out["build"] = run(*gen)
         d = str(tmp)
+        ranks = range(1) if utterances >= 5_000_000 else range(2)  # the ranks' work is the same: one at 10M
         out["open"] = {f"rank{r}_of_2": run("measure", d, "--what", "open", "--rank", str(r), "--world-size", "2")
-                       for r in range(2)}
+                       for r in ranks}
         out["open"]["speaker_sampling"] = run("measure", d, "--what", "open", "--sample-type", "speaker")
         out["open"]["frame_budget_3000"] = run("measure", d, "--what", "open", "--frames-per-batch", "3000")
         out["state"] = run("measure", d, "--what", "state", "--rank", "1", "--world-size", "2",
@@ -674,8 +675,10 @@ def data(ctx: Ctx, utterances: int = 1_000_000, workdir: str | None = None,
                 out["read"]["quarter_step_batch_size"] = (train or {}).get("batch_size")
                 out["read"]["batches_read_per_quarter_step"] = out["read"]["batches_per_s"] * step
         worst = max(v["total_s"] for v in out["open"].values())
+        worst_cpu = max(v["total_cpu_s"] for v in out["open"].values())
         rss = max(v["peak_rss_mb"] for v in out["open"].values())
-        out["summary"] = {"utterances": utterances, "open_filter_sampler_s_max": worst, "peak_rss_mb_max": rss,
+        out["summary"] = {"utterances": utterances, "open_filter_sampler_s_max": worst,
+                          "open_filter_sampler_cpu_s_max": worst_cpu, "peak_rss_mb_max": rss,
                           "targets_stated_for": "10M utterances: <= 30 s, <= 1536 MB per rank"}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -184,8 +184,10 @@ def targets(sec: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
     if dt:
         n = dt["utterances"]
         scale = "" if n >= 10_000_000 else f" (measured at {n / 1e6:g}M; the target is stated for 10M)"
+        cpu = dt.get("open_filter_sampler_cpu_s_max")
         add("dataset open + filter + sampler per rank, s" + scale, dt["open_filter_sampler_s_max"], "<= 30 s",
-            dt["open_filter_sampler_s_max"] <= 30 if n >= 10_000_000 else None)
+            dt["open_filter_sampler_s_max"] <= 30 if n >= 10_000_000 else None,
+            f"{cpu:.1f} s of CPU time (wall time includes waiting for the other jobs on the machine)" if cpu else None)
         add("dataset peak RSS per rank, MB" + scale, dt["peak_rss_mb_max"], "<= 1536 MB",
             dt["peak_rss_mb_max"] <= 1536 if n >= 10_000_000 else None)
     rd = next((r["read"] for _, r in sorted(druns.items(), key=lambda kv: -int(kv[0])) if "read" in r), None)
@@ -348,6 +350,7 @@ def report(results: dict[str, Any]) -> str:
         lines.append(f"build (synthetic, written directly) {b['build_s']:.1f} s, {b['bytes_written'] / 2**30:.2f} GiB")
         for name, r in da["open"].items():
             lines.append(f"{name:18} open+index {r['open_index_s']:.2f} s  sampler epoch {r['sampler_epoch_s']:.2f} s  "
+                         f"(CPU {r.get('total_cpu_s', float('nan')):.2f} s)  "
                          f"peak RSS {r['peak_rss_mb']:.0f} MB (imports {r['rss_after_imports_mb']:.0f})")
         st = da.get("state", {})
         if st:

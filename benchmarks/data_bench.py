@@ -114,8 +114,6 @@ def _open(d: Path, rank: int, world: int, sample_type: str, frames_per_batch: in
 
 def measure(d: Path, what: str, rank: int, world: int, sample_type: str, frames_per_batch: int,
             batches: int) -> dict[str, Any]:
-    import numpy as np
-
     import vall_e.data.collate  # noqa: F401 - imports (torch, h5py) are not the index's cost
 
     base = _maxrss_mb()
@@ -157,7 +155,6 @@ def measure(d: Path, what: str, rank: int, world: int, sample_type: str, frames_
                    resumes_exactly=[k.index for k in got] == [k.index for k in want])
     if sample_type != "path":
         res["epoch_items_s"] = _timed(lambda: ds.epoch_items(1))
-    del np
     return res
 
 

@@ -21,15 +21,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import h5py
 import numpy as np
 from tqdm import tqdm
 
-from vall_e.data.listing import (DEFAULT_FRAME_RATE, METADATA_NAME, PHN_SUFFIX, QNT_SUFFIX, language_of, resolve_dir, speaker_key,
-                                 speaker_parts, utterance_ids)
 from vall_e.data import index as idx
+from vall_e.data.listing import (DEFAULT_FRAME_RATE, METADATA_NAME, PHN_SUFFIX, QNT_SUFFIX, language_of, resolve_dir,
+                                 speaker_key, speaker_parts, utterance_ids)
 from vall_e.emb.codes import read_codes
 from vall_e.text.languages import LanguageMap
 from vall_e.text.symmap import Symmap, corpus_symmap, read_phonemes

@@ -134,8 +134,9 @@ class _SpeakerRanges(Mapping):
         rows = self.table.speaker_rows(sid)
         if self.targets is None or not len(rows):
             return rows
-        lo = int(np.searchsorted(self.targets, rows[0]))
-        hi = int(np.searchsorted(self.targets, rows[-1], side="right"))
+        as_t = self.targets.dtype.type  # a value of another dtype would convert the whole array per call
+        lo = int(np.searchsorted(self.targets, as_t(rows[0])))
+        hi = int(np.searchsorted(self.targets, as_t(rows[-1]), side="right"))
         cand = np.arange(lo, hi, dtype=np.int64)
         t = self.table  # targets between a speaker's first and last row may belong to other speakers' folders
         return cand[t.folder_speaker[t.folder_of[self.targets[cand]]] == sid]

@@ -107,6 +107,9 @@ class LengthBucketSampler(Sampler[list[ItemKey]]):
         n = len(costs)
         if n == 0:
             return np.zeros(0, dtype=np.int64)
+        step = pool * max(1, (1 << 20) // pool)  # whole pools, about a million items at a time: bounded memory
+        if n > step:
+            return np.concatenate([lo + self._pack(costs[lo:lo + step], pool) for lo in range(0, n, step)])
         budget = self.frames_per_batch
         s = np.arange(n, dtype=np.int64)
         c = costs.astype(np.int64)

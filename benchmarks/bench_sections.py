@@ -4,14 +4,17 @@ JSON-able dict. Models are untrained: speed depends on shapes, not on weights.
 from __future__ import annotations
 
 import gc
+import json
+import os
 import statistics
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
 from bench_common import (N_CODES, N_LEVELS, PROMPT_FRAMES, TEXT_PER_SECOND, Ctx, backbone_bytes, best_of,
-                          build_codec_for, build_model, build_tts, compiler_available, random_inputs, reference_input,
+                          build_codec_for, build_model, build_tts, compiler_available, load_average, random_inputs, reference_input,
                           reset_peak_rss, rss_mb, settings_for_frames, speech, summarize, sync, text_for_seconds, timed,
                           tiny_encodec, world_codec)
 
@@ -852,3 +855,61 @@ def medusa(ctx: Ctx, model_path: Any, data_dir: Any, earlier: dict[str, Any]) ->
 
 def _g(d: dict, k: Any) -> Any:
     return d.get(k, d.get(str(k)))
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def data(ctx: Ctx, utterances: int = 1_000_000, workdir: str | None = None,
+         train: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The dataset index at scale (issue 18): build, open + filter + sampler, peak RSS per rank,
+    random batch reads, sampler state save/restore. Each measurement is a fresh process
+    (benchmarks/data_bench.py), so its peak RSS is one rank's; the data goes to a temporary folder
+    (`workdir`, default the system's) and is deleted afterwards."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    script = str(Path(__file__).resolve().parent / "data_bench.py")
+    sparse = utterances > 2_000_000  # real random codes would need ~6.6 GB per million utterances
+    tmp = Path(tempfile.mkdtemp(prefix="vall_e_data_bench_", dir=workdir))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
+
+    def run(*args: str) -> dict[str, Any]:
+        p = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env)
+        if p.returncode:
+            raise RuntimeError(f"data_bench.py {' '.join(args)} failed: {p.stderr.strip()[-2000:]}")
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    out: dict[str, Any] = {"load_average_start": load_average(), "disk_free_gb": shutil.disk_usage(tmp).free / 1e9}
+    try:
+        ctx.log(f"[data] generating {utterances} utterances in {tmp}" + (" (sparse codes)" if sparse else ""))
+        gen = ["generate", str(tmp), "--utterances", str(utterances)] + (["--sparse-codes"] if sparse else [])
+        out["build"] = run(*gen)
+        d = str(tmp)
+        ranks = range(1) if utterances >= 5_000_000 else range(2)  # the ranks' work is the same: one at 10M
+        out["open"] = {f"rank{r}_of_2": run("measure", d, "--what", "open", "--rank", str(r), "--world-size", "2")
+                       for r in ranks}
+        out["open"]["speaker_sampling"] = run("measure", d, "--what", "open", "--sample-type", "speaker")
+        out["open"]["frame_budget_3000"] = run("measure", d, "--what", "open", "--frames-per-batch", "3000")
+        out["state"] = run("measure", d, "--what", "state", "--rank", "1", "--world-size", "2",
+                           "--frames-per-batch", "3000")
+        if not sparse:
+            out["read"] = run("measure", d, "--what", "read", "--rank", "0", "--world-size", "2",
+                              "--batches", "200" if not ctx.quick else "50")
+            step = (train or {}).get("transformer", {}).get("step_s_best")  # the train section's quarter preset
+            if step:
+                out["read"]["quarter_step_s"] = step
+                out["read"]["quarter_step_batch_size"] = (train or {}).get("protocol", {}).get("batch_size")
+                out["read"]["batches_read_per_quarter_step"] = out["read"]["batches_per_s"] * step
+        worst = max(v["total_s"] for v in out["open"].values())
+        worst_cpu = max(v["total_cpu_s"] for v in out["open"].values())
+        rss = max(v["peak_rss_mb"] for v in out["open"].values())
+        out["summary"] = {"utterances": utterances, "open_filter_sampler_s_max": worst,
+                          "open_filter_sampler_cpu_s_max": worst_cpu, "peak_rss_mb_max": rss,
+                          "targets_stated_for": "10M utterances: <= 30 s, <= 1536 MB per rank"}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    out["load_average_end"] = load_average()
+    return out

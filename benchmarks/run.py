@@ -5,6 +5,7 @@
                              [--device cpu|cuda] [--dtype float32|bfloat16] [--codec world|encodec]
                              [--no-compile] [--sections bandwidth,ar,overhead,variants,nar,e2e,batch,gqa,train,codec]
                              [--merge] [--medusa-model FILE --medusa-data DIR]
+                             [--sections data --data-utterances 1000000 --data-dir /tmp]
 
 Every comparison is measured side by side in one run (cached vs full-recompute AR, batch 1 vs 16,
 decode time vs the memory bandwidth measured at the start). Sections that fail are recorded in the
@@ -25,8 +26,10 @@ from typing import Any, Callable, Sequence
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # run from a checkout without installing
 
-SECTIONS = ("bandwidth", "ar", "overhead", "variants", "nar", "e2e", "batch", "gqa", "train", "codec", "medusa")
-DEFAULT_SECTIONS = SECTIONS[:-1]  # medusa needs a trained model with heads (--medusa-model)
+SECTIONS = ("bandwidth", "ar", "overhead", "variants", "nar", "e2e", "batch", "gqa", "train", "codec", "data",
+            "medusa")
+# not by default: data writes a 6 GB synthetic dataset (1M utterances), medusa needs a trained model with heads
+DEFAULT_SECTIONS = SECTIONS[:-2]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -48,6 +51,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="medusa section: the demo's output folder (its held-out sentences and prompts)")
     ap.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
                     help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--data-utterances", type=int, default=None,
+                    help="data section: synthetic utterances (default 1000000, 100000 with --quick; 10000000 = the "
+                         "paper's scale, written with sparse codes)")
+    ap.add_argument("--data-dir", default=None, help="data section: where the synthetic dataset is written "
+                                                     "(deleted afterwards; default the system's temporary folder)")
     return ap.parse_args(argv)
 
 
@@ -99,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": lambda: S.training(ctx),
         "codec": lambda: S.codecs(ctx),
         "medusa": lambda: S.medusa(ctx, args.medusa_model, args.medusa_data, results["sections"]),
+        "data": lambda: _data_runs(results["sections"].get("data"), S.data(
+            ctx, args.data_utterances or (100_000 if args.quick else 1_000_000), args.data_dir,
+            results["sections"].get("train"))),
     }
     for name in [s for s in SECTIONS if s in sections]:
         ctx.log(f"[{name}] load average {load_average()}")
@@ -118,6 +129,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report(results))
     ctx.log(f"wrote {args.out}")
     return 0
+
+
+def _data_runs(old: dict[str, Any] | None, run: dict[str, Any]) -> dict[str, Any]:
+    """The data section keeps one run per scale (`runs[utterances]`), so a 10M run does not drop the 1M one."""
+    runs = dict((old or {}).get("runs", {})) if old and "error" not in old else {}
+    runs[str(run["build"]["utterances"])] = run
+    return {"runs": dict(sorted(runs.items(), key=lambda kv: int(kv[0])))}
 
 
 def _jsonable(x: Any) -> Any:
@@ -196,6 +214,23 @@ def targets(sec: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
             v = q["projected_with_heads"]["sampling"]["rtf"]
             add("quarter end-to-end RTF 10 s with heads (projected)", v,
                 f"< single-step floor {q['single_step_floor_rtf']:.2f}", v < q["single_step_floor_rtf"], q["note"])
+    druns = sec.get("data", {}).get("runs", {})
+    dlast = druns[max(druns, key=int)] if druns else {}
+    dt = dlast.get("summary")
+    if dt:
+        n = dt["utterances"]
+        scale = "" if n >= 10_000_000 else f" (measured at {n / 1e6:g}M; the target is stated for 10M)"
+        cpu = dt.get("open_filter_sampler_cpu_s_max")
+        add("dataset open + filter + sampler per rank, s" + scale, dt["open_filter_sampler_s_max"], "<= 30 s",
+            dt["open_filter_sampler_s_max"] <= 30 if n >= 10_000_000 else None,
+            f"{cpu:.1f} s of CPU time (wall time includes waiting for the other jobs on the machine)" if cpu else None)
+        add("dataset peak RSS per rank, MB" + scale, dt["peak_rss_mb_max"], "<= 1536 MB",
+            dt["peak_rss_mb_max"] <= 1536 if n >= 10_000_000 else None)
+    rd = next((r["read"] for _, r in sorted(druns.items(), key=lambda kv: -int(kv[0])) if "read" in r), None)
+    if rd and "batches_read_per_quarter_step" in rd:
+        add("random batches read per quarter training step", rd["batches_read_per_quarter_step"], ">= 1",
+            rd["batches_read_per_quarter_step"] >= 1, f"{rd['batches_per_s']:.1f} batches/s of {rd['mean_batch_items']:.0f}, "
+            f"cold page cache, rank 0 of 2")
     return out
 
 
@@ -374,6 +409,24 @@ def report(results: dict[str, Any]) -> str:
             lines.append(f"quarter 10 s RTF: one step {q['measured_rtf_one_step']:.2f}, projected with heads "
                          + ", ".join(f"{m} {v['rtf']:.2f}" for m, v in q["projected_with_heads"].items())
                          + (f"; single-step floor {q['single_step_floor_rtf']:.2f}" if "single_step_floor_rtf" in q else ""))
+    for da in (sec.get("data") or {}).get("runs", {}).values():
+        b = da["build"]
+        head(f"dataset index, {b['utterances']} utterances ({b['hours']:.0f} h) in {b['speakers']} speaker folders"
+             + ("" if b["codes_written"] else ", codes not written (sparse file)"))
+        lines.append(f"build (synthetic, written directly) {b['build_s']:.1f} s, {b['bytes_written'] / 2**30:.2f} GiB")
+        for name, r in da["open"].items():
+            lines.append(f"{name:18} open+index {r['open_index_s']:.2f} s  sampler epoch {r['sampler_epoch_s']:.2f} s  "
+                         f"(CPU {r.get('total_cpu_s', float('nan')):.2f} s)  "
+                         f"peak RSS {r['peak_rss_mb']:.0f} MB (imports {r['rss_after_imports_mb']:.0f})")
+        st = da.get("state", {})
+        if st:
+            lines.append(f"sampler state: save {st['save_s'] * 1e3:.2f} ms ({st['state_bytes']} bytes), restore to first "
+                         f"batch {st['restore_to_first_batch_s']:.2f} s, resumes exactly: {st['resumes_exactly']}")
+        rd = da.get("read")
+        if rd:
+            lines.append(f"random batch reads (cold cache): {rd['batches_per_s']:.1f} batches/s, {rd['items_per_s']:.0f} "
+                         f"items/s" + (f"; {rd['batches_read_per_quarter_step']:.0f} batches per quarter training step"
+                                       if "batches_read_per_quarter_step" in rd else ""))
     tg = results.get("targets") or []
     if tg:
         head("targets")

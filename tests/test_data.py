@@ -153,24 +153,31 @@ def test_missing_speaker_folder_is_a_user_error(corpus: Path) -> None:
 # HDF5
 # ----------------------------------------------------------------------------------------------
 
-def test_hdf5_matches_folder_and_holds_symmap(corpus: Path) -> None:
+@pytest.mark.parametrize("version", [1, 2])
+def test_hdf5_matches_folder_and_holds_symmap(corpus: Path, version: int) -> None:
     cfg = cfg_of(corpus)
     folder = VALLEDataset(cfg, "train")
-    path = h5fmt.build_hdf5(cfg, progress=False)
+    path = h5fmt.build_hdf5(cfg, progress=False, version=version)
     assert path == cfg.hdf5_path and path.is_file()
     with h5fmt.open_hdf5(path) as f:
+        assert int(f.attrs["version"]) == version
         assert h5fmt.read_symmap(f) == folder.symmap
         assert h5fmt.read_languages(f).to_dict() == {"en": 0, "de": 1}
         assert h5fmt.read_codec_spec(f)["n_levels"] == 8
-        g = f["training/grpA/alice/utt0"]
-        assert g["audio"].dtype.name == "int16" and g["audio"].shape == (75, 8)
-        assert g["text"].dtype.name == "int16"
-        assert g.attrs["speaker"] == "grpA_alice" and g.attrs["group"] == "grpA" and g.attrs["language"] == "en"
-        assert g.attrs["duration"] == pytest.approx(1.0)
-        assert json.loads(g.attrs["phonemes"]) == read_phonemes(corpus.parent / "grpA/alice/utt0.phn.txt")
+        if version == 1:
+            g = f["training/grpA/alice/utt0"]
+            assert g["audio"].dtype.name == "int16" and g["audio"].shape == (75, 8)
+            assert g["text"].dtype.name == "int16"
+            assert g.attrs["speaker"] == "grpA_alice" and g.attrs["group"] == "grpA" and g.attrs["language"] == "en"
+            assert g.attrs["duration"] == pytest.approx(1.0)
+            assert json.loads(g.attrs["phonemes"]) == read_phonemes(corpus.parent / "grpA/alice/utt0.phn.txt")
+        else:
+            assert f["training/codes"].dtype.name == "int16" and f["training/codes"].shape[1] == 8
+            assert [n.decode() for n in f["training/folders/name"][()]] == ["grpA/alice", "grpA/bob", "grpB/carol"]
     h5 = VALLEDataset(cfg_of(corpus, **{"dataset.use_hdf5": "true"}), "train")
+    assert h5.format_version == version
     assert [u.key for u in h5.utterances] == [u.key for u in folder.utterances]
-    assert h5.costs == folder.costs
+    assert h5.costs.tolist() == folder.costs.tolist()
     assert h5.codec_spec == folder.codec_spec and folder.codec_spec["name"] == "test"
     assert folder.codec_spec["frame_rate"] == 75.0 and folder.codec_spec["n_levels"] == 8
     for i in range(len(folder)):
@@ -281,7 +288,7 @@ def test_items_shapes_and_dtypes(corpus: Path) -> None:
         assert it["prompt"].dtype == torch.long and it["prompt"].dim() == 2 and it["prompt"].shape[1] == 8
         assert it["lang"] == (1 if u.group == "grpB" else 0)
         assert it["frames"] == u.frames and it["speaker"] == u.speaker
-        assert it["text"].shape[0] + it["prompt"].shape[0] + it["resps"].shape[0] <= ds.costs[i]
+        assert it["text"].shape[0] + it["prompt"].shape[0] + it["resps"].shape[0] <= int(ds.costs[i])
     assert torch.equal(ds[3]["prompt"], ds[3]["prompt"])  # an index alone is deterministic
     # n_levels cuts the levels
     ds4 = VALLEDataset(cfg_of(corpus, **{"model.n_levels": "4"}), "train")
@@ -391,7 +398,7 @@ def test_held_out_validation_split(corpus: Path) -> None:
     assert vk and not (tk & vk) and len(tk | vk) == 18
     assert len(vk) == 3  # round(6 * 0.2) = 1 per speaker
     assert {u.key for u in VALLEDataset(cfg, "val").utterances} == vk  # stable
-    assert val.sample_type == "path" and val.epoch_items(0) == list(range(len(val)))
+    assert val.sample_type == "path" and val.epoch_items(0).tolist() == list(range(len(val)))
     # validation prompts come from the speaker's training utterances, never the target
     for i in range(len(val)):
         it = val[i]
@@ -429,7 +436,7 @@ def test_sample_types(corpus: Path) -> None:
             per_spk.setdefault(ds.utterances[i].speaker, []).append(i)
     for spk, drawn in per_spk.items():
         assert sorted(drawn) == sorted(ds.speaker_items[spk])  # without replacement over 6 epochs
-    assert ds.epoch_items(7) == ds.epoch_items(7)
+    assert ds.epoch_items(7).tolist() == ds.epoch_items(7).tolist()
     g = VALLEDataset(cfg_of(corpus, **{"dataset.sample_type": "group", "dataset.validation_fraction": "0"}), "train")
     for epoch in range(4):
         items = g.epoch_items(epoch)
@@ -437,7 +444,7 @@ def test_sample_types(corpus: Path) -> None:
     a_spk = [g.utterances[i].speaker for e in range(4) for i in g.epoch_items(e) if g.utterances[i].group == "grpA"]
     assert sorted(a_spk) == ["grpA_alice"] * 2 + ["grpA_bob"] * 2
     p = VALLEDataset(cfg_of(corpus, **{"dataset.sample_type": "path"}), "train")
-    assert p.epoch_items(0) == list(range(len(p)))
+    assert p.epoch_items(0).tolist() == list(range(len(p)))
 
 
 # ----------------------------------------------------------------------------------------------

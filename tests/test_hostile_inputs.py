@@ -652,7 +652,7 @@ def test_tampered_hdf5_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFix
 
     y = make_corpus(tmp_path, n=3)
     cfg = load_config(y, {"dataset.use_hdf5": "true", "dataset.validation_fraction": "0"})
-    build_hdf5(cfg, progress=False)
+    build_hdf5(cfg, progress=False, version=1)  # the version-1 reader; the index: test_data_index
     good = (tmp_path / "data.h5").read_bytes()
     for kind in H5_KINDS:
         (tmp_path / "data.h5").write_bytes(good)
@@ -1039,7 +1039,7 @@ def h5_corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
 
     root = tmp_path_factory.mktemp("h5prop")
     y = make_corpus(root, n=3)
-    build_hdf5(load_config(y, {"dataset.validation_fraction": "0"}), progress=False)
+    build_hdf5(load_config(y, {"dataset.validation_fraction": "0"}), progress=False, version=1)
     return y, (root / "data.h5").read_bytes()
 
 

@@ -2,7 +2,9 @@
 
 * summary (default): what data the config names, what is prepared, and what to run next;
 * metadata: write each speaker folder's `metadata.json` (frames, phonemes) and report the filters;
-* hdf5: build `{cfg_path}/{dataset.hdf5_name}` (atomically);
+* hdf5: build `{cfg_path}/{dataset.hdf5_name}` (atomically), format version 2 (a columnar index read by
+  memory map); `--shards N --workers K` spreads it over N shard files written by K processes;
+  `--format-version 1` writes the older one-group-per-utterance layout;
 * symmap: write `{cfg_path}/symmap.json` from all the data's phonemes and the phoneme inventory of its
   languages (the folder mode's map);
 * sample: build the loaders and print the shapes of two batches of each split.
@@ -57,8 +59,14 @@ def _summary(cfg: Any, yaml_hint: str) -> None:
             todo.append(f"python -m vall_e.data {yaml_hint} --action hdf5")
         else:
             with f:
-                n = sum(len(spk) for split in ("training", "validation") if split in f
-                        for grp in f[split].values() for spk in grp.values())
+                if int(f.attrs.get("version", 1)) >= 2:
+                    from vall_e.data.index import open_splits
+
+                    n = sum(len(sf) for split in ("training", "validation")
+                            for sf in open_splits(h5, f, split, h5fmt.FORMAT))
+                else:
+                    n = sum(len(spk) for split in ("training", "validation") if split in f
+                            for grp in f[split].values() for spk in grp.values())
             print(f"hdf5: {h5} ({n} utterances, {h5.stat().st_size / 2**20:.1f} MiB)"
                   f"{'' if d.use_hdf5 else '; not used (dataset.use_hdf5=false)'}")
     else:
@@ -120,6 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description="Prepare and inspect datasets (pass yaml=CONFIG and key=value overrides).")
     parser.add_argument("--action", choices=ACTIONS, default="summary",
                         help="summary (default) | metadata | hdf5 | symmap | sample")
+    parser.add_argument("--shards", type=int, default=1, help="hdf5: number of shard files (default 1)")
+    parser.add_argument("--workers", type=int, default=1, help="hdf5: processes writing shards (default 1)")
+    parser.add_argument("--format-version", type=int, default=h5fmt.VERSION, choices=(1, h5fmt.VERSION),
+                        help=f"hdf5: dataset format version (default {h5fmt.VERSION})")
     parser.add_argument("--yaml", default=None, help=argparse.SUPPRESS)
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg, args = parse_config(argv, parser)
@@ -129,8 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.action == "metadata":
         _metadata(cfg)
     elif args.action == "hdf5":
-        path = build_hdf5(cfg)
-        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+        path = build_hdf5(cfg, shards=args.shards, workers=args.workers, version=args.format_version)
+        size = sum(p.stat().st_size for p in [path, *path.parent.glob(f"{path.stem}.shard-*-of-*{path.suffix}")])
+        print(f"wrote {path}" + (f" and {args.shards} shards" if args.shards > 1 else "") + f" ({size / 2**20:.1f} MiB)")
     elif args.action == "symmap":
         _symmap(cfg)
     elif args.action == "sample":

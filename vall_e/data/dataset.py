@@ -17,16 +17,20 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from vall_e.data import hdf5 as h5fmt
+from vall_e.data import index as idx
 from vall_e.data.listing import DEFAULT_FRAME_RATE, QNT_SUFFIX, Utterance, list_split, resolve_dir, utterance_ids
 from vall_e.data.prompts import max_prompt_length, prompt_length, sample_prompt, trim
 from vall_e.data.sampler import ItemKey, item_seed
+from vall_e.data.table import UtteranceTable, held_out_mask
 from vall_e.emb.codes import load_codes, read_codes
 from vall_e.text.symmap import Symmap, check_stress_of, corpus_symmap, read_phonemes
 from vall_e.utils.errors import UserError
@@ -94,12 +98,70 @@ def peek_codec_spec(cfg: Any) -> dict[str, Any] | None:
     return None
 
 
+def _row_dtype(n: int) -> Any:
+    return np.int32 if n < 2**31 else np.int64
+
+
+class _Rows(Sequence):
+    """A read-only sequence of `Utterance`s made on demand from table rows (no per-row objects kept)."""
+
+    def __init__(self, table: UtteranceTable, rows: np.ndarray | None = None) -> None:
+        self.table, self.rows = table, rows
+
+    def __len__(self) -> int:
+        return len(self.table) if self.rows is None else len(self.rows)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        i = int(i)
+        if not -n <= i < n:
+            raise IndexError(i)
+        i %= n
+        return self.table.utterance(i if self.rows is None else int(self.rows[i]))
+
+
+class _SpeakerRanges(Mapping):
+    """speaker -> the indices (into pool rows or targets) of its utterances, from the folders' ranges."""
+
+    def __init__(self, table: UtteranceTable, targets: np.ndarray | None = None) -> None:
+        self.table, self.targets = table, targets
+        self._ids = {s: i for i, s in enumerate(table.speaker_names)}
+
+    def rows(self, speaker: str) -> np.ndarray:
+        sid = self._ids[speaker]
+        rows = self.table.speaker_rows(sid)
+        if self.targets is None or not len(rows):
+            return rows
+        as_t = self.targets.dtype.type  # a value of another dtype would convert the whole array per call
+        lo = int(np.searchsorted(self.targets, as_t(rows[0])))
+        hi = int(np.searchsorted(self.targets, as_t(rows[-1]), side="right"))
+        cand = np.arange(lo, hi, dtype=np.int64)
+        t = self.table  # targets between a speaker's first and last row may belong to other speakers' folders
+        return cand[t.folder_speaker[t.folder_of[self.targets[cand]]] == sid]
+
+    def __getitem__(self, speaker: str) -> list[int]:
+        if speaker not in self._ids:
+            raise KeyError(speaker)
+        return self.rows(speaker).tolist()
+
+    def __iter__(self):
+        return iter(s for s in self.table.speaker_names if len(self.rows(s)))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 class VALLEDataset(Dataset):
     """Items: {text, lang, prompt, resps, speaker, path, key, frames, index, epoch, position}.
 
     `text` LongTensor ids with <s> ... </s>; `lang` int; `prompt` LongTensor [Tp, L];
     `resps` LongTensor [T, L] (L cut to model.n_levels). `len()` is the number of utterances;
-    `epoch_items(epoch)` is what one epoch visits under `sample_type`.
+    `epoch_items(epoch)` is what one epoch visits under `sample_type`. The utterances are held as an
+    `UtteranceTable` (`self.pool`'s rows, `self.targets` = the rows this split serves), so a
+    version-2 index of millions of utterances opens in seconds; `utterances` / `pool` give
+    `Utterance` views.
     """
 
     def __init__(self, cfg: Any, split: str = "train", symmap: Any = None, languages: Any = None,
@@ -118,14 +180,20 @@ class VALLEDataset(Dataset):
         self.n_levels = int(cfg.model.n_levels)
         self._h5 = None
         self._h5_pid = -1
+        self.format_version = 0  # 0 = folders
 
         meta = {}
+        files: dict[str, list[Any]] = {}
         codec_spec: dict[str, Any] = {}
         if self.use_hdf5:
             f = h5fmt.open_hdf5(self.hdf5_path)
             try:
+                self.format_version = int(f.attrs.get("version", 1))
                 for s in ("training", "validation"):
-                    meta[s] = h5fmt.hdf5_metadata(f, s, getattr(d, s), cfg.cfg_path)
+                    if self.format_version >= 2:
+                        files[s] = idx.open_splits(self.hdf5_path, f, s, h5fmt.FORMAT) if getattr(d, s) else []
+                    else:
+                        meta[s] = h5fmt.hdf5_metadata(f, s, getattr(d, s), cfg.cfg_path)
                 file_symmap = h5fmt.read_symmap(f)
                 file_languages = h5fmt.read_languages(f)
                 codec_spec = h5fmt.read_codec_spec(f)
@@ -135,27 +203,40 @@ class VALLEDataset(Dataset):
             codec_spec = peek_codec_spec(cfg) or {}
         self.frame_rate = float(frame_rate or codec_spec.get("frame_rate") or DEFAULT_FRAME_RATE)
 
-        def listing(s: str, validate: bool | None = None, min_utterances: int | None = None) -> list[Utterance]:
-            return list_split(cfg, s, validate=validate, frame_rate=self.frame_rate,
-                              metadata=meta.get(s) if self.use_hdf5 else None, min_utterances=min_utterances)
+        def table(s: str, validate: bool | None = None, min_utterances: int | None = None) -> UtteranceTable:
+            if validate is None:
+                validate = bool(d.validate) and s == "training"
+            if min_utterances is None:
+                min_utterances = d.min_utterances if s == "training" else 0
+            if self.format_version >= 2:
+                return UtteranceTable.from_index(s, files[s], getattr(d, s), cfg, validate=validate,
+                                                 min_utterances=min_utterances, frame_rate=self.frame_rate,
+                                                 where=str(self.hdf5_path))
+            return UtteranceTable.from_utterances(s, list_split(
+                cfg, s, validate=validate, frame_rate=self.frame_rate, metadata=meta.get(s) if self.use_hdf5 else None,
+                min_utterances=min_utterances), self.frame_rate)
 
-        train = listing("training")
+        train = table("training")
         if d.validation:
-            val = listing("validation")
-            targets, pool = (train, train) if split == "train" else (val, val)
+            pool = table("validation") if split == "val" else train
+            targets = np.arange(len(pool), dtype=_row_dtype(len(pool)))
         else:
-            out = held_out(train, float(d.validation_fraction), keep=max(1, int(d.min_utterances)))
+            out = held_out_mask(train, float(d.validation_fraction), keep=max(1, int(d.min_utterances)))
             if split == "train":
-                targets = pool = [u for u in train if u.key not in out]
+                pool = train.subset(~out) if out.any() else train
+                targets = np.arange(len(pool), dtype=_row_dtype(len(pool)))
             else:
-                targets, pool = [u for u in train if u.key in out], train
-        if not targets and split == "train":
+                pool, targets = train, np.nonzero(out)[0].astype(_row_dtype(len(train)))
+            del out
+        if not len(targets) and split == "train":
             raise UserError("no training utterances: dataset.training lists no speaker folder with .qnt.pt + "
                             ".phn.txt pairs inside dataset.duration_range / phones_range")
-        self.utterances: list[Utterance] = list(targets)
-        self.pool: list[Utterance] = list(pool)
+        self.table = pool
+        self.targets = targets
+        self.utterances: Sequence[Utterance] = _Rows(pool, targets)
+        self.pool: Sequence[Utterance] = _Rows(pool)
 
-        levels = min((u.levels for u in (*self.pool, *self.utterances)), default=None)
+        levels = pool.min_levels()
         if levels is not None and levels < self.n_levels:
             raise UserError(f"the data has {levels} code levels but model.n_levels is {self.n_levels}")
 
@@ -164,6 +245,7 @@ class VALLEDataset(Dataset):
         self.codec_spec: dict[str, Any] = dict(codec_spec)
 
         # symbols: an explicit map (a checkpoint's) > the HDF5's > {cfg_path}/symmap.json
+        self._remap: np.ndarray | None = None
         if self.use_hdf5:
             self.file_symmap = file_symmap
             if symmap is not None and symmap.stress != file_symmap.stress:
@@ -173,64 +255,75 @@ class VALLEDataset(Dataset):
             self.symmap = symmap if symmap is not None else file_symmap
             self.languages = languages if languages is not None else file_languages
             self._reencode = self.symmap != file_symmap
+            if self._reencode and self.format_version >= 2:  # file id -> id in the map in use (-1: unknown)
+                self._remap = np.array([self.symmap._ids.get(t, -1) for t in file_symmap.symbols], dtype=np.int64)
+                for sp in (0, 1, 2):  # <pad>, <s>, </s> keep their ids
+                    self._remap[sp] = sp
         else:
             if symmap is None:  # one map for every split: built from all the data, unfiltered
                 every = {u.key: u for s in ("training", "validation")
-                         for u in listing(s, validate=False, min_utterances=0)}
+                         for u in list_split(cfg, s, validate=False, frame_rate=self.frame_rate, min_utterances=0)}
                 symmap = load_symmap(cfg, [every[k] for k in sorted(every)])
             self.symmap = symmap
             self._reencode = False
             self.languages = languages if languages is not None else h5fmt.dataset_languages(cfg)
-        for lang in sorted({u.language for u in self.pool}):
+        for lang in sorted({f.language for f in pool.folders}):
             if languages is None:
                 self.languages.add(lang)  # e.g. speaker_languages changed after the HDF5 was built
             else:  # a checkpoint's map: its ids must not move
                 self.languages.id(lang, source="the given language map (dataset.speaker_languages)")
 
-        # speakers -> pool indices (prompt candidates); groups -> speakers
-        self.pool_index = {u.key: i for i, u in enumerate(self.pool)}
-        self.speaker_pool: dict[str, list[int]] = {}
-        for i, u in enumerate(self.pool):
-            self.speaker_pool.setdefault(u.speaker, []).append(i)
-        self.speaker_items: dict[str, list[int]] = {}
-        for i, u in enumerate(self.utterances):
-            self.speaker_items.setdefault(u.speaker, []).append(i)
-        self.speakers = sorted(self.speaker_items)
+        # speakers -> pool rows (prompt candidates) and target indices; groups -> speakers
+        self.speaker_pool = _SpeakerRanges(pool)
+        self.speaker_items = _SpeakerRanges(pool, targets)
+        spk_of_target = pool.speaker_of[targets]
+        present = np.unique(spk_of_target)
+        self.speakers = [pool.speaker_names[i] for i in present.tolist()]
         self.groups: dict[str, list[str]] = {}
-        for spk in self.speakers:
-            self.groups.setdefault(self.utterances[self.speaker_items[spk][0]].group, []).append(spk)
+        first_target = np.full(len(pool.speaker_names), -1, dtype=np.int64)
+        first_target[spk_of_target[::-1]] = np.arange(len(targets) - 1, -1, -1)
+        for sid, spk in zip(present.tolist(), self.speakers):
+            row = int(targets[first_target[sid]])
+            self.groups.setdefault(pool.folders[int(pool.folder_of[row])].group, []).append(spk)
+        self._lang_of_folder = None
 
         # costs for the bucketing sampler: an upper bound on text + prompt + response length
         trim_max = max_prompt_length(self.prompt_duration, self.frame_rate)
-        spk_max = {s: max(self.pool[i].frames for i in idx) for s, idx in self.speaker_pool.items()}
-        self.costs = [u.frames + u.phones + (min(trim_max, spk_max[u.speaker]) if trim_max else spk_max[u.speaker])
-                      for u in self.utterances]
+        spk_max = np.zeros(len(pool.speaker_names), dtype=np.int64)
+        if len(pool):
+            np.maximum.at(spk_max, pool.speaker_of, pool.frames.astype(np.int64))
+        prompt_cost = np.minimum(trim_max, spk_max) if trim_max else spk_max
+        whole = len(targets) == len(pool)  # targets = every row: no gathered copies
+        fr = pool.frames if whole else pool.frames[targets]
+        ph = pool.phones if whole else pool.phones[targets]
+        self.costs: np.ndarray = fr.astype(np.int64) + ph + prompt_cost[spk_of_target]
 
     # ----- epochs under sample_type -----
-    def _draw(self, name: str, members: Sequence[int], k: int) -> int:
+    def _draw(self, name: str, members: Sequence[int] | np.ndarray, k: int) -> int:
         """The k-th draw without replacement (reshuffled every len(members) draws) from `members`."""
         n = len(members)
         cycle, pos = divmod(k, n)
-        order = list(members)
-        random.Random(f"vall_e.draw:{self.seed}:{name}:{cycle}").shuffle(order)
-        return order[pos]
+        h = hashlib.blake2b(f"vall_e.draw:{self.seed}:{name}:{cycle}".encode("utf-8"), digest_size=8).digest()
+        order = np.random.Generator(np.random.PCG64(int.from_bytes(h, "little"))).permutation(n)
+        return int(members[int(order[pos])])
 
-    def epoch_items(self, epoch: int) -> list[int]:
+    def epoch_items(self, epoch: int) -> np.ndarray:
         """The indices one epoch visits: every utterance (path), one per speaker, or one per group."""
         if self.sample_type == "path":
-            return list(range(len(self.utterances)))
+            return np.arange(len(self.targets), dtype=np.int64)
         if self.sample_type == "speaker":
-            return [self._draw(f"spk:{s}", self.speaker_items[s], epoch) for s in self.speakers]
+            return np.array([self._draw(f"spk:{s}", self.speaker_items.rows(s), epoch) for s in self.speakers],
+                            dtype=np.int64)
         out = []
         for g, spks in sorted(self.groups.items()):
             n = len(spks)
             spk = spks[self._draw(f"grp:{g}", range(n), epoch)]
-            out.append(self._draw(f"spk:{spk}", self.speaker_items[spk], epoch // n))
-        return out
+            out.append(self._draw(f"spk:{spk}", self.speaker_items.rows(spk), epoch // n))
+        return np.array(out, dtype=np.int64)
 
     # ----- reading -----
     def __len__(self) -> int:
-        return len(self.utterances)
+        return len(self.targets)
 
     def _file(self):
         if self._h5 is None or self._h5_pid != os.getpid():
@@ -243,12 +336,36 @@ class VALLEDataset(Dataset):
         state["_h5"], state["_h5_pid"] = None, -1  # h5py handles are per process
         return state
 
-    def codes(self, utt: Utterance) -> Tensor:
-        """LongTensor [T, L] of an utterance (levels cut to model.n_levels)."""
+    def _n_codes(self) -> int:
+        n_codes = self.codec_spec.get("n_codes", 1024)
+        return n_codes if isinstance(n_codes, int) and not isinstance(n_codes, bool) else 1024
+
+    def codes(self, utt: Utterance | int) -> Tensor:
+        """LongTensor [T, L] of an utterance or pool row (levels cut to model.n_levels)."""
+        if isinstance(utt, (int, np.integer)):
+            row = int(utt)
+            utt = None
+        else:
+            row = -1
+        if self.format_version >= 2:
+            if row < 0:
+                raise TypeError("a version-2 dataset reads codes by pool row")
+            t = self.table
+            sf = t.files[t.folders[int(t.folder_of[row])].source]
+            arr = sf.codes(int(t.rows[row]))
+            where = f"{sf.path}:{sf.split} row {int(t.rows[row])}"
+            if arr.size:
+                lo, hi = int(arr.min()), int(arr.max())
+                if lo < 0 or hi >= self._n_codes():
+                    raise UserError(f"{where}: codes must lie in [0, {self._n_codes()}), found [{lo}, {hi}]")
+            if arr.shape[0] != int(t.frames[row]):
+                raise UserError(f"{where}: has {arr.shape[0]} frames, the index says {int(t.frames[row])}; "
+                                "rebuild it with `python -m vall_e.data yaml=CONFIG --action hdf5`")
+            return torch.from_numpy(arr.astype(np.int64))[:, : self.n_levels]
+        if utt is None:
+            utt = self.table.utterance(row)
         if self.use_hdf5:
-            n_codes = self.codec_spec.get("n_codes", 1024)
-            n_codes = n_codes if isinstance(n_codes, int) and not isinstance(n_codes, bool) else 1024
-            codes = torch.from_numpy(h5fmt.read_array(self._file(), utt.key, "audio", ndim=2, n_values=n_codes)
+            codes = torch.from_numpy(h5fmt.read_array(self._file(), utt.key, "audio", ndim=2, n_values=self._n_codes())
                                      .astype("int64"))
             if codes.shape[1] < self.n_levels:
                 raise UserError(f"{self.hdf5_path}:{utt.key}/audio: has {codes.shape[1]} code levels, "
@@ -260,8 +377,27 @@ class VALLEDataset(Dataset):
                             f"{codes.shape[0]} frames, the metadata says {utt.frames}; rebuild the metadata")
         return codes[:, : self.n_levels]
 
-    def text(self, utt: Utterance) -> Tensor:
-        """LongTensor of symbol ids with <s> and </s> (one id per word boundary)."""
+    def _text_v2(self, row: int) -> Tensor:
+        t = self.table
+        sf = t.files[t.folders[int(t.folder_of[row])].source]
+        arr = sf.text(int(t.rows[row])).astype(np.int64)
+        where = f"{sf.path}:{sf.split} row {int(t.rows[row])}"
+        n = len(self.file_symmap)
+        if arr.size == 0 or int(arr.min()) < 0 or int(arr.max()) >= n:
+            raise UserError(f"{where}: text ids must be a non-empty list in [0, {n})")
+        if self._remap is not None:
+            arr = self._remap[arr]
+            if (arr < 0).any():
+                bad = self.file_symmap.symbols[int(sf.text(int(t.rows[row]))[np.nonzero(arr < 0)[0][0]])]
+                raise UserError(f"unknown phoneme {bad!r} in {where} (not in the symbol map)")
+        return torch.from_numpy(arr)
+
+    def text(self, utt: Utterance | int) -> Tensor:
+        """LongTensor of symbol ids with <s> and </s> (one id per word boundary), of an utterance or pool row."""
+        if self.format_version >= 2:
+            return self._text_v2(int(utt) if isinstance(utt, (int, np.integer)) else utt.row)
+        if isinstance(utt, (int, np.integer)):
+            utt = self.table.utterance(int(utt))
         if self.use_hdf5:
             g = self._file()[utt.key]
             if not self._reencode:
@@ -279,14 +415,16 @@ class VALLEDataset(Dataset):
         check_stress_of(tokens, self.symmap.stress, str(utt.phn_path), "the symbol map in use")
         return torch.tensor(self.symmap.encode(tokens, source=str(utt.phn_path)), dtype=torch.long)
 
-    def prompt(self, utt: Utterance, resps: Tensor, rng: random.Random) -> Tensor:
-        """Pieces of the speaker's other utterances (see prompts.sample_prompt); the target's own
-        window when the speaker has no other one or with probability 1 - random_utterance."""
-        own = self.pool_index.get(utt.key)
-        cands = [i for i in self.speaker_pool.get(utt.speaker, []) if i != own]
+    def prompt(self, row: int, resps: Tensor, rng: random.Random) -> Tensor:
+        """Pieces of the speaker's other utterances (see prompts.sample_prompt; candidates from the
+        speaker's row ranges); the target's own window when the speaker has no other one or with
+        probability 1 - random_utterance."""
+        t = self.table
+        rows = t.speaker_rows(int(t.folder_speaker[t.folder_of[row]]))
+        cands = rows[rows != row].tolist()
         length = prompt_length(rng, self.prompt_duration, self.frame_rate)
         if cands and rng.random() < self.random_utterance:
-            return sample_prompt(cands, lambda i: self.codes(self.pool[i]), rng, trim_length=length,
+            return sample_prompt(cands, self.codes, rng, trim_length=length,
                                  max_prompts=self.max_prompts, random_utterance=self.random_utterance)
         return trim(resps, length, rng) if length else resps
 
@@ -297,27 +435,32 @@ class VALLEDataset(Dataset):
         else:
             index, epoch, position = int(key), 0, 0
             seed = item_seed(self.seed, 0, index)
-        if not 0 <= index < len(self.utterances):
+        if not 0 <= index < len(self.targets):
             raise IndexError(index)
-        utt = self.utterances[index]
+        t = self.table
+        row = int(self.targets[index])
+        folder = t.folders[int(t.folder_of[row])]
         rng = random.Random(seed)
-        resps = self.codes(utt)
+        resps = self.codes(row)
+        uid = t.uid(row)
+        key_s = f"{t.split}/{folder.group}/{folder.name}/{uid}"
         return {
             "index": index,
-            "text": self.text(utt),
-            "lang": self.languages.id(utt.language),
-            "prompt": self.prompt(utt, resps, rng),
+            "text": self.text(row),
+            "lang": self.languages.id(folder.language),
+            "prompt": self.prompt(row, resps, rng),
             "resps": resps,
-            "speaker": utt.speaker,
-            "path": f"{self.hdf5_path}:{utt.key}" if self.use_hdf5 else str(utt.qnt_path),
-            "key": utt.key,
+            "speaker": folder.speaker,
+            "path": f"{self.hdf5_path}:{key_s}" if self.use_hdf5 else str(Path(folder.dir) / f"{uid}{QNT_SUFFIX}"),
+            "key": key_s,
             "frames": int(resps.shape[0]),
             "epoch": epoch,
             "position": position,
         }
 
     def summary(self) -> str:
-        secs = sum(u.duration for u in self.utterances)
-        return (f"{self.split}: {len(self.utterances)} utterances, {len(self.speakers)} speakers, "
-                f"{len(self.groups)} groups, {secs / 3600:.2f} h, sample_type={self.sample_type}, "
-                f"source={'hdf5 ' + str(self.hdf5_path) if self.use_hdf5 else 'folders'}")
+        t = self.table
+        secs = float(t.frames[self.targets].sum()) / self.frame_rate
+        src = f"hdf5 v{self.format_version} {self.hdf5_path}" if self.use_hdf5 else "folders"
+        return (f"{self.split}: {len(self.targets)} utterances, {len(self.speakers)} speakers, "
+                f"{len(self.groups)} groups, {secs / 3600:.2f} h, sample_type={self.sample_type}, source={src}")

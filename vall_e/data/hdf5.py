@@ -1,6 +1,7 @@
-"""`data.h5`: the whole dataset in one file, so training needs no folder walk and no metadata files.
+"""`data.h5`: the whole dataset in one file (or N shards), so training needs no folder walk and no metadata files.
 
-Layout (format version 1):
+`build_hdf5` writes format version 2, the columnar, memory-mapped index of `vall_e.data.index`
+(opening costs O(speaker folders), not O(utterances)). Version 1 files still load; their layout:
 
 * one group per utterance, `{split}/{group}/{speaker folder}/{id}` with split in
   training | validation | noise: dataset `audio` [T, L] int16, dataset `text` symbol ids int16
@@ -26,8 +27,9 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from vall_e.data.listing import (DEFAULT_FRAME_RATE, PHN_SUFFIX, QNT_SUFFIX, language_of, resolve_dir, speaker_key,
-                                 speaker_parts, utterance_ids)
+from vall_e.data import index as idx
+from vall_e.data.listing import (DEFAULT_FRAME_RATE, METADATA_NAME, PHN_SUFFIX, QNT_SUFFIX, language_of, resolve_dir,
+                                 speaker_key, speaker_parts, utterance_ids)
 from vall_e.emb.codes import read_codes
 from vall_e.text.languages import LanguageMap
 from vall_e.text.symmap import Symmap, corpus_symmap, read_phonemes
@@ -35,7 +37,7 @@ from vall_e.utils.errors import UserError
 from vall_e.utils.io import atomic_path
 
 FORMAT = "vall_e.data"
-VERSION = 1
+VERSION = 2  # the newest this code reads; 1 = one group per utterance, 2 = vall_e.data.index
 SPLITS = ("training", "validation", "noise")
 
 
@@ -157,13 +159,20 @@ def _remove_stale_temps(path: Path) -> None:
 
 
 def build_hdf5(cfg: Any, path: str | os.PathLike | None = None, frame_rate: float = DEFAULT_FRAME_RATE,
-               progress: bool = True) -> Path:
+               progress: bool = True, *, version: int = VERSION, shards: int = 1, workers: int = 1) -> Path:
     """Write every utterance of the configured training/validation/noise folders to `path`.
 
     The symbol map is `corpus_symmap`'s for all the phonemes and their languages (extending
     `{cfg_path}/symmap.json` when it exists, so ids stay stable across modes and rebuilds; its stress
-    mode is stored with it). Returns the written path.
+    mode is stored with it). Version 2 (default) writes the columnar index, over `shards` files built
+    by `workers` processes; version 1 the one-group-per-utterance layout. Returns the written path.
     """
+    if version not in (1, VERSION):
+        raise UserError(f"dataset format version must be 1 or {VERSION}, got {version}")
+    if shards < 1 or workers < 1:
+        raise UserError(f"--shards and --workers must be at least 1 (got {shards}, {workers})")
+    if version == 1 and shards > 1:
+        raise UserError("format version 1 cannot be sharded")
     path = Path(path) if path is not None else Path(cfg.hdf5_path)
     d = cfg.dataset
     jobs: list[tuple[str, Path, str]] = []  # (split, folder, id)
@@ -201,12 +210,14 @@ def build_hdf5(cfg: Any, path: str | os.PathLike | None = None, frame_rate: floa
 
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(path)
+    if version == VERSION:
+        return _build_index(cfg, path, frame_rate, progress, jobs, phonemes, symmap, languages, shards, workers)
     levels_seen: set[int] = set()
     file_spec = None
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = FORMAT
-            f.attrs["version"] = VERSION
+            f.attrs["version"] = 1
             f.attrs["complete"] = False
             for job in tqdm(jobs, desc=f"writing {path.name}", unit="utt", disable=not progress):
                 split, folder, uid = job
@@ -259,3 +270,150 @@ def dataset_languages(cfg: Any) -> LanguageMap:
     for lang in cfg.dataset.speaker_languages:
         m.add(lang)
     return m
+
+
+# ------------------------------------------------------------------------------- version 2 (index)
+
+def _build_index(cfg: Any, path: Path, frame_rate: float, progress: bool, jobs: list[tuple[str, Path, str]],
+                 phonemes: dict[tuple[str, Path, str], list[str]], symmap: Symmap, languages: LanguageMap,
+                 shards: int, workers: int) -> Path:
+    """Version 2: folders spread over `shards` files (whole folders, balanced by count), `workers` at a time."""
+    by_folder: dict[tuple[str, Path], list[str]] = {}
+    for split, folder, uid in jobs:
+        by_folder.setdefault((split, folder), []).append(uid)
+    names: dict[tuple[str, str], Path] = {}
+    for split, folder in by_folder:
+        name = "/".join(speaker_parts(folder))
+        if (split, name) in names:
+            raise UserError(f"{folder} and {names[split, name]}: two {split} speaker folders named {name!r}; "
+                            "a dataset file needs distinct group/speaker folder names")
+        names[split, name] = folder
+    load = [0] * shards
+    parts: list[list[tuple[str, str, str, list[str]]]] = [[] for _ in range(shards)]
+    for (split, folder), ids in sorted(by_folder.items(), key=lambda kv: (-len(kv[1]), kv[0][0], str(kv[0][1]))):
+        i = min(range(shards), key=lambda k: (load[k], k))
+        load[i] += len(ids)
+        parts[i].append((split, str(folder), "/".join(speaker_parts(folder)), ids))
+    sym_json = _as_json_str(symmap.to_json())
+    results: list[dict[str, Any]] = []
+
+    def finish(f: h5py.File, info: dict[str, Any]) -> None:
+        spec = codec_spec_for(cfg, info["levels"], frame_rate, info["spec"])
+        idx.write_root(f, FORMAT, symmap_json=sym_json, languages_json=languages.to_json(), codec_json=json.dumps(spec))
+        f.attrs["complete"] = True
+
+    if shards == 1:
+        _write_index_file(str(path), parts[0], sym_json, progress, finish=finish)
+        return path
+    outs = [str(path.parent / idx.shard_name(path, i, shards)) for i in range(shards)]
+    for p in path.parent.glob(f".{path.stem}.shard-*"):
+        _unlink_quietly(p)
+    if workers == 1:
+        results = [_write_index_file(o, part, sym_json, progress, shard=(i, shards)) for i, (o, part) in
+                   enumerate(zip(outs, parts))]
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=min(workers, shards), mp_context=mp.get_context("spawn")) as ex:
+            futs = [ex.submit(_write_index_file, o, part, sym_json, False, None, (i, shards))
+                    for i, (o, part) in enumerate(zip(outs, parts))]
+            results = [fu.result() for fu in tqdm(futs, desc=f"writing {shards} shards", disable=not progress)]
+    levels = {r["levels"] for r in results if r["levels"]}
+    if len(levels) > 1:
+        raise UserError(f"codes in the dataset have different level counts {sorted(levels)}; "
+                        "re-quantize them with one codec setting")
+    info = {"levels": levels.pop() if levels else 0, "spec": next((r["spec"] for r in results if r["spec"]), None)}
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["complete"] = False
+            finish(f, info)
+            f.attrs["shards"] = json.dumps([Path(o).name for o in outs])
+    for p in path.parent.glob(f"{path.stem}.shard-*-of-*{path.suffix}"):  # an earlier build's other count
+        if str(p) not in outs:
+            _unlink_quietly(p)
+    return path
+
+
+def _unlink_quietly(p: Path) -> None:
+    try:
+        p.unlink()
+    except OSError:
+        pass
+
+
+def _write_index_file(out: str, folders: list[tuple[str, str, str, list[str]]], symmap_json: str, progress: bool,
+                      finish: Any = None, shard: tuple[int, int] | None = None) -> dict[str, Any]:
+    """One data file of format version 2 (a shard, or with `finish` the whole dataset), written atomically.
+
+    folders: (split, absolute folder, "group/folder" name, ids). Frames come from the folders'
+    metadata cache (measured where stale); codes and phonemes are read once more to be written.
+    """
+    from vall_e.data.listing import speaker_metadata
+
+    symmap = Symmap.from_json(symmap_json, source="the dataset's symbol map")
+    info: dict[str, Any] = {"levels": 0, "spec": None}
+    path = Path(out)
+    total = sum(len(ids) for *_, ids in folders)
+    with atomic_path(path) as tmp, tqdm(total=total, desc=f"writing {path.name}", unit="utt",
+                                        disable=not progress) as bar:
+        with h5py.File(tmp, "w") as f:
+            if shard is not None:
+                idx.write_root(f, FORMAT, shard=shard)
+            for split in SPLITS:
+                mine = sorted((x for x in folders if x[0] == split), key=lambda x: idx.folder_order_key(x[2]))
+                if not mine:
+                    continue
+                frames, phones, texts, ids_all, hashes = [], [], [], [], []
+                for _, folder_s, name, ids in mine:
+                    folder = Path(folder_s)
+                    if split == "noise":
+                        meta = {u: {"frames": int(read_codes(folder / f"{u}{QNT_SUFFIX}")[0].shape[0])} for u in ids}
+                    else:
+                        meta = speaker_metadata(folder)
+                    for uid in ids:
+                        if uid not in meta:
+                            raise UserError(f"{folder / uid}{QNT_SUFFIX}: vanished while building")
+                        frames.append(int(meta[uid]["frames"]))
+                        if split == "noise":
+                            t = np.zeros(0, dtype=np.int64)
+                        else:
+                            src = str(folder / f"{uid}{PHN_SUFFIX}")
+                            t = np.asarray(symmap.encode(read_phonemes(folder / f"{uid}{PHN_SUFFIX}"), source=src),
+                                           dtype=np.int64)
+                            if t.size and t.max() > np.iinfo(np.int16).max:
+                                raise UserError(f"symbol map has {int(t.max()) + 1} symbols; more than int16 "
+                                                "text can hold")
+                        texts.append(t.astype(np.int16))
+                        phones.append(len(t))
+                        ids_all.append(uid)
+                        hashes.append(idx.key_hash(f"{split}/{name}/{uid}"))
+                first = Path(mine[0][1]) / f"{mine[0][3][0]}{QNT_SUFFIX}"
+                levels = info["levels"] or int(read_codes(first)[0].shape[1])
+                info["levels"] = levels
+                ds = idx.create_split(f, split, [x[2] for x in mine], [len(x[3]) for x in mine], ids_all,
+                                      np.asarray(frames), np.asarray(phones), np.asarray(hashes, dtype=np.uint64),
+                                      levels)
+                row = 0
+                for _, folder_s, name, ids in mine:
+                    for uid in ids:
+                        qnt = Path(folder_s) / f"{uid}{QNT_SUFFIX}"
+                        codes, spec = read_codes(qnt)
+                        if info["spec"] is None and spec:
+                            info["spec"] = dict(spec)
+                        if int(codes.shape[1]) != levels:
+                            raise UserError(f"codes in the dataset have different level counts [{levels}, "
+                                            f"{int(codes.shape[1])}] ({qnt}); re-quantize them with one codec setting")
+                        a, b = int(ds["code_offsets"][row]), int(ds["code_offsets"][row + 1])
+                        if b - a != codes.shape[0]:
+                            raise UserError(f"{qnt}: {codes.shape[0]} frames, its folder's {METADATA_NAME} says "
+                                            f"{b - a}; the file changed while building, build again")
+                        ds["codes"][a:b] = codes.numpy().astype(np.int16)
+                        ta, tb = int(ds["text_offsets"][row]), int(ds["text_offsets"][row + 1])
+                        if tb > ta:
+                            ds["text"][ta:tb] = texts[row]
+                        row += 1
+                        bar.update(1)
+            if finish is not None:
+                finish(f, info)
+    return info

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -43,6 +43,7 @@ class Utterance:
     phones: int       # text length including <s> and </s>
     duration: float   # seconds = frames / frame_rate
     levels: int = 0   # codec levels L
+    row: int = field(default=-1, compare=False, repr=False)  # pool row of a dataset's table (-1: none)
 
     @property
     def qnt_path(self) -> Path:

@@ -12,10 +12,11 @@ depend on which DataLoader worker serves the item.
 from __future__ import annotations
 
 import hashlib
-import random
 import warnings
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable, Iterator, NamedTuple
 
+import numpy as np
 from torch.utils.data import Sampler
 
 
@@ -68,7 +69,7 @@ class LengthBucketSampler(Sampler[list[ItemKey]]):
             raise ValueError(f"bad rank {rank} for world size {world_size}")
         if frames_per_batch <= 0 and batch_size < 1:
             raise ValueError("batch_size must be positive when frames_per_batch is 0")
-        self.costs = [int(c) for c in costs]
+        self.costs = np.asarray(costs, dtype=np.int64).reshape(-1)
         self.batch_size = int(batch_size)
         self.frames_per_batch = int(frames_per_batch)
         self.max_batch_size = max_batch_size
@@ -81,9 +82,9 @@ class LengthBucketSampler(Sampler[list[ItemKey]]):
         self.pool_batches = max(1, pool_batches)
         self.epoch = 0
         self.position = 0
-        self._cache: tuple[int, list[list[int]]] | None = None
+        self._cache: tuple[int, Batches] | None = None
         if self.frames_per_batch > 0:
-            over = sum(c > self.frames_per_batch for c in self.costs)
+            over = int((self.costs > self.frames_per_batch).sum())
             if over:
                 warnings.warn(f"{over} of {len(self.costs)} utterances exceed frames_per_batch="
                               f"{self.frames_per_batch} on their own and are skipped; raise "
@@ -91,68 +92,103 @@ class LengthBucketSampler(Sampler[list[ItemKey]]):
                               stacklevel=2)
 
     # ----- the batches -----
-    def _items(self, epoch: int) -> list[int]:
-        items = list(self.epoch_items(epoch)) if self.epoch_items is not None else list(range(len(self.costs)))
+    def _items(self, epoch: int) -> np.ndarray:
+        items = (np.asarray(self.epoch_items(epoch), dtype=np.int64).reshape(-1) if self.epoch_items is not None
+                 else np.arange(len(self.costs), dtype=np.int64))
         if self.frames_per_batch > 0:
-            items = [i for i in items if self.costs[i] <= self.frames_per_batch]
+            items = items[self.costs[items] <= self.frames_per_batch]
         return items
 
-    def _pack(self, items: list[int]) -> list[list[int]]:
-        """Consecutive items (sorted by cost) into batches within the budget or of batch_size."""
-        batches: list[list[int]] = []
-        if self.frames_per_batch <= 0:
-            for i in range(0, len(items), self.batch_size):
-                batches.append(items[i:i + self.batch_size])
-            return batches
-        cur: list[int] = []
-        cur_max = 0
-        cap = self.max_batch_size or 1 << 62
-        for i in items:
-            m = max(cur_max, self.costs[i])
-            if cur and (m * (len(cur) + 1) > self.frames_per_batch or len(cur) >= cap):
-                batches.append(cur)
-                cur, m = [], self.costs[i]
-            cur.append(i)
-            cur_max = m
-        if cur:
-            batches.append(cur)
-        return batches
+    def _pack(self, costs: np.ndarray, pool: int) -> np.ndarray:
+        """Batch ends of the greedy frame-budget packing of items sorted by cost (ascending) inside each
+        pool of `pool` items: an item joins while max cost x count stays within the budget and the cap
+        allows. Every possible batch start's end is found at once (a vectorised binary search; the
+        batch [s, e) costs c[e-1] * (e - s), which grows with e), then the chain of starts is walked."""
+        n = len(costs)
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        step = pool * max(1, (1 << 20) // pool)  # whole pools, about a million items at a time: bounded memory
+        if n > step:
+            return np.concatenate([lo + self._pack(costs[lo:lo + step], pool) for lo in range(0, n, step)])
+        budget = self.frames_per_batch
+        s = np.arange(n, dtype=np.int64)
+        c = costs.astype(np.int64)
+        hi = np.minimum((s // pool + 1) * pool, n)
+        if self.max_batch_size:
+            hi = np.minimum(hi, s + self.max_batch_size)
+        hi = np.minimum(hi, s + np.maximum(1, budget // np.maximum(1, c)))
+        lo = s + 1  # one item always fits (longer ones were filtered out)
+        open_ = np.nonzero(lo < hi)[0]
+        while len(open_):
+            l, h = lo[open_], hi[open_]
+            mid = (l + h + 1) // 2
+            ok = c[mid - 1] * (mid - open_) <= budget
+            lo[open_] = np.where(ok, mid, l)
+            hi[open_] = np.where(ok, h, mid - 1)
+            open_ = open_[lo[open_] < hi[open_]]
+        ends: list[int] = []
+        for start in range(0, n, pool):  # the chain of batch starts, one pool (a short list) at a time
+            nxt = (lo[start:start + pool] - start).tolist()
+            stop, e = len(nxt), 0
+            while e < stop:
+                e = nxt[e]
+                ends.append(start + e)
+        return np.asarray(ends, dtype=np.int64)
 
-    def global_batches(self, epoch: int) -> list[list[int]]:
+    def global_batches(self, epoch: int) -> "Batches":
         """All ranks' batches of an epoch, in order, before sharding (deterministic)."""
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
-        rng = random.Random(f"vall_e.sampler:{self.seed}:{epoch}")
+        h = hashlib.blake2b(f"vall_e.sampler:{self.seed}:{epoch}".encode(), digest_size=8).digest()
+        rng = np.random.Generator(np.random.PCG64(int.from_bytes(h, "little")))
         items = self._items(epoch)
+        n = len(items)
         if self.shuffle:
-            rng.shuffle(items)
-            per_batch = self.batch_size if self.frames_per_batch <= 0 else max(
-                1, self.frames_per_batch // max(1, _median([self.costs[i] for i in items] or [1])))
+            items = items[rng.permutation(n)]
+            if self.frames_per_batch > 0 and n:
+                c = self.costs[items]
+                median = int(np.partition(c, n // 2)[n // 2])
+                per_batch = max(1, self.frames_per_batch // max(1, median))
+            else:
+                per_batch = self.batch_size
             pool = per_batch * self.pool_batches
         else:
-            items.sort()
-            pool = len(items) or 1
-        batches: list[list[int]] = []
-        for start in range(0, len(items), pool):
-            chunk = sorted(items[start:start + pool], key=lambda i: self.costs[i])  # stable
-            batches.extend(self._pack(chunk))
-        if self.drop_last and self.frames_per_batch <= 0:
-            full = [b for b in batches if len(b) == self.batch_size]
-            batches = full or batches  # a tiny dataset keeps its one short batch
-        if self.shuffle:
-            rng.shuffle(batches)
-        if self.world_size > 1 and batches:
-            rem = len(batches) % self.world_size
-            if rem and self.drop_last and len(batches) >= self.world_size:
-                batches = batches[: len(batches) - rem]
+            items = np.sort(items)
+            pool = n or 1
+        # sort by cost inside each pool (stable: ties keep the shuffled order)
+        c = self.costs[items]
+        key = (np.arange(n, dtype=np.int64) // pool) * (int(c.max(initial=0)) + 1) + c  # (pool, cost) in one int64
+        items = items[np.argsort(key, kind="stable")]
+        del c, key
+        if self.frames_per_batch > 0:
+            end = self._pack(self.costs[items], pool)
+            start = np.concatenate([[0], end[:-1]]).astype(np.int64) if len(end) else end
+        else:
+            start = np.concatenate([np.arange(lo, min(n, lo + pool), self.batch_size) for lo in range(0, n, pool)]) \
+                if n else np.zeros(0, dtype=np.int64)
+            end = np.minimum(start + self.batch_size, np.minimum((start // pool + 1) * pool, n))
+            if self.drop_last:
+                full = (end - start) == self.batch_size
+                if full.any():  # a tiny dataset keeps its one short batch
+                    start, end = start[full], end[full]
+        if self.shuffle and len(start):
+            perm = rng.permutation(len(start))
+            start, end = start[perm], end[perm]
+        nb = len(start)
+        if self.world_size > 1 and nb:
+            rem = nb % self.world_size
+            if rem and self.drop_last and nb >= self.world_size:
+                start, end = start[: nb - rem], end[: nb - rem]
             elif rem:
-                pad = self.world_size - rem
-                batches = batches + (batches * (pad // len(batches) + 1))[:pad]
+                pad = np.arange(self.world_size - rem) % nb
+                start, end = np.concatenate([start, start[pad]]), np.concatenate([end, end[pad]])
+        batches = Batches(items, start, end)
         self._cache = (epoch, batches)
         return batches
 
-    def rank_batches(self, epoch: int) -> list[list[int]]:
-        return self.global_batches(epoch)[self.rank::self.world_size]
+    def rank_batches(self, epoch: int) -> "Batches":
+        g = self.global_batches(epoch)
+        return Batches(g.items, g.start[self.rank::self.world_size], g.end[self.rank::self.world_size])
 
     # ----- iteration and state -----
     def set_epoch(self, epoch: int) -> None:
@@ -197,6 +233,24 @@ class LengthBucketSampler(Sampler[list[ItemKey]]):
         self.position = pos
 
 
-def _median(values: list[int]) -> int:
-    s = sorted(values)
-    return s[len(s) // 2]
+class Batches(Sequence):
+    """Batches as slices of one item array (no per-batch lists): batch k = items[start[k]:end[k]]."""
+
+    def __init__(self, items: np.ndarray, start: np.ndarray, end: np.ndarray) -> None:
+        self.items, self.start, self.end = items, np.asarray(start, dtype=np.int64), np.asarray(end, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def __getitem__(self, k: Any) -> Any:
+        if isinstance(k, slice):
+            return Batches(self.items, self.start[k], self.end[k])
+        return self.items[int(self.start[k]):int(self.end[k])].tolist()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Batches | list | tuple):
+            return len(self) == len(other) and all(a == list(b) for a, b in zip(self, other))
+        return NotImplemented
+
+    def sizes(self) -> np.ndarray:
+        return self.end - self.start

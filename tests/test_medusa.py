@@ -239,7 +239,7 @@ def test_streaming_frames_and_stop(monkeypatch):
     model = tiny(K=3)
     tts = engine(model)
     texts, langs, prompts = inputs(1)
-    p = SamplingParams(temperature=0.0)
+    p = SamplingParams(temperature=0.0, medusa=True)
     seen = []
     steps = tts.ar_steps(texts, langs, prompts, p, [40], 150, [4])
     while True:
@@ -260,13 +260,15 @@ def test_unsupported_settings_decode_one_step_at_a_time():
     from vall_e.generation.speculative import medusa_unsupported
 
     model = tiny(K=2)
-    assert medusa_unsupported(model, SamplingParams()) is None
-    assert "mirostat" in medusa_unsupported(model, SamplingParams(mirostat_tau=3.0))
-    assert "max_ar_context" in medusa_unsupported(model, SamplingParams(max_ar_context=10))
-    assert "no Medusa" in medusa_unsupported(tiny(K=0), SamplingParams())
+    assert "turned off" in medusa_unsupported(model, SamplingParams())  # off by default
+    on = SamplingParams(medusa=True)
+    assert medusa_unsupported(model, on) is None
+    assert "mirostat" in medusa_unsupported(model, replace(on, mirostat_tau=3.0))
+    assert "max_ar_context" in medusa_unsupported(model, replace(on, max_ar_context=10))
+    assert "no Medusa" in medusa_unsupported(tiny(K=0), on)
     tts = engine(model)
     texts, langs, prompts = inputs(1)
-    tts.generate_ar(texts, langs, prompts, SamplingParams(temperature=0.0, max_ar_context=5), [20], 150, [2])
+    tts.generate_ar(texts, langs, prompts, SamplingParams(temperature=0.0, max_ar_context=5, medusa=True), [20], 150, [2])
     assert tts.ar_stats == {}
 
 

@@ -168,7 +168,7 @@ class SamplingParams:
     max_ar_context: int = -1
     dynamic_temperature_mode: str = "pmax"
     seed: int | None = None
-    medusa: bool = True
+    medusa: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self, "sampling", SAMPLING_RANGES)

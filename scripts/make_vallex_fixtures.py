@@ -34,6 +34,12 @@ cn2an, pypinyin because their cleaners import the Chinese module) on every line 
 tests/fixtures/vallex/english_sentences.txt, tagged "[EN]...[EN]" as their generate_audio does, and
 writes tests/fixtures/vallex/english_ids.json: the ids and languages per sentence; likewise
 chinese_sentences.txt (already tagged, some mixed with English) -> chinese_ids.json.
+
+`--parts text-ja` (also part of `text`) does the same for japanese_sentences.txt, tagged "[JA]...[JA]"
+-> japanese_ids.json, with pyopenjtalk-plus (`pip install "vall-e[vallex-ja]"`) called with this
+project's OpenJTalk options (vall_e.text.vallex_ja.OPENJTALK_OPTIONS: the original pyopenjtalk had no
+post-processing to turn off); the file records pyopenjtalk-plus's version, whose dictionary shapes the
+result. Their cleaners import the Chinese module, which only needs jieba and cn2an to exist for this.
 """
 from __future__ import annotations
 
@@ -124,7 +130,7 @@ def main() -> None:
     ap.add_argument("--upstream", required=True, help=f"checkout of Plachtaa/VALL-E-X at {UPSTREAM_COMMIT}")
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--parts", nargs="+", default=["model", "text", "vocos", "amphion"],
-                    choices=["model", "text", "vocos", "amphion"])
+                    choices=["model", "text", "text-ja", "vocos", "amphion"])
     ap.add_argument("--amphion-upstream", default=None, help=f"checkout of open-mmlab/Amphion at {AMPHION_COMMIT}")
     ap.add_argument("--vocos-upstream", default=None, help=f"checkout of gemelo-ai/vocos at {VOCOS_COMMIT} (for vocos)")
     ap.add_argument("--out", default=str(ROOT / "tests" / "fixtures" / "vallex"))
@@ -137,6 +143,8 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     if "text" in args.parts:
         make_text_fixture(upstream, out_dir)
+    if "text" in args.parts or "text-ja" in args.parts:
+        make_japanese_fixture(upstream, out_dir)
     if "model" in args.parts:
         make_model_fixtures(args.sizes, out_dir)
     if "vocos" in args.parts:
@@ -356,6 +364,60 @@ def make_text_fixture(upstream: Path, out_dir: Path) -> None:
             f'"sentences": [\n{lines}\n]}}\n')
     (out_dir / "chinese_ids.json").write_text(text, encoding="utf-8")
     print(f"wrote {out_dir / 'chinese_ids.json'} ({len(rows)} sentences)")
+
+
+def japanese_reference_ids(upstream: Path, sentences: list[str]) -> list[dict]:
+    """Their cje_cleaners + bpe_69 table on "[JA]sentence[JA]", pyopenjtalk called with our options.
+    Shared with tests/test_vallex_text.py, which runs it live when given a checkout (VALLEX_UPSTREAM)."""
+    import functools
+    import importlib.util
+    import os
+    import types
+
+    import pyopenjtalk
+
+    from vall_e.text.vallex_ja import OPENJTALK_OPTIONS
+
+    stubs = [name for name in ("jieba", "cn2an") if importlib.util.find_spec(name) is None]
+    for name in stubs:  # imported by their Chinese module at load, unused for Japanese
+        sys.modules[name] = types.ModuleType(name)
+    if str(upstream) not in sys.path:
+        sys.path.insert(0, str(upstream))
+    try:
+        from utils.g2p import PhonemeBpeTokenizer  # their code
+    finally:
+        for name in stubs:  # so nothing else mistakes a stub for the package
+            del sys.modules[name]
+
+    tokenizer = PhonemeBpeTokenizer(tokenizer_path=str(upstream / "utils" / "g2p" / "bpe_69.json"))
+    original = pyopenjtalk.extract_fullcontext
+    pyopenjtalk.extract_fullcontext = functools.partial(original, **OPENJTALK_OPTIONS)
+    cwd = os.getcwd()
+    os.chdir(upstream)
+    try:
+        rows = []
+        for sentence in sentences:
+            ids, langs = tokenizer.tokenize(text=f"_[JA]{sentence}[JA]".strip())
+            rows.append({"text": sentence, "ids": ids, "langs": "".join(lang[0] for lang in langs)})
+    finally:
+        os.chdir(cwd)
+        pyopenjtalk.extract_fullcontext = original
+    return rows
+
+
+def make_japanese_fixture(upstream: Path, out_dir: Path) -> None:
+    import importlib.metadata as md
+
+    from vall_e.text.vallex_ja import OPENJTALK_OPTIONS
+
+    sentences = (out_dir / "japanese_sentences.txt").read_text(encoding="utf-8").splitlines()
+    rows = japanese_reference_ids(upstream, sentences)
+    versions = {"pyopenjtalk-plus": md.version("pyopenjtalk-plus")}
+    lines = ",\n".join(json.dumps(row, ensure_ascii=False) for row in rows)
+    text = (f'{{"upstream": "Plachtaa/VALL-E-X@{UPSTREAM_COMMIT}", "versions": {json.dumps(versions)}, '
+            f'"openjtalk_options": {json.dumps(OPENJTALK_OPTIONS)}, "sentences": [\n{lines}\n]}}\n')
+    (out_dir / "japanese_ids.json").write_text(text, encoding="utf-8")
+    print(f"wrote {out_dir / 'japanese_ids.json'} ({len(rows)} sentences)")
 
 
 def make_model_fixtures(sizes: list[str], out_dir: Path) -> None:

@@ -162,6 +162,29 @@ def test_cli_runs_a_converted_checkpoint(vallex_pt, tmp_path, tiny_encodec_dir):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nope.pt" in bad.stderr
 
 
+def test_cli_speaks_japanese_with_a_converted_checkpoint(vallex_pt, tmp_path, tiny_encodec_dir):
+    """`python -m vall_e "[JA]...[JA]"` (several sentences, no spaces) with a Japanese prompt
+    transcript; needs the vallex-ja extra."""
+    pytest.importorskip("pyopenjtalk")
+    import soundfile as sf
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    model = tmp_path / "vallex.safetensors"
+    r = subprocess.run([sys.executable, "-m", "vall_e.convert", str(vallex_pt), str(model), "--n-heads", "2",
+                        "--codec-model", str(tiny_encodec_dir)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    ref = tmp_path / "ref.wav"
+    sf.write(ref, (0.1 * torch.randn(24_000)).numpy(), 24_000)
+    out = tmp_path / "out.wav"
+    r = subprocess.run([sys.executable, "-m", "vall_e", "[JA]こんにちは。今日はいい天気ですね。[JA]", str(ref), str(out),
+                        "--model", str(model), "--vocoder", "encodec", "--max-ar-steps", "6",
+                        "--reference-text", "おはようございます。", "--language", "auto", "--device", "cpu",
+                        "--pause", "0.5", "--seed", "1"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    wav, sr = sf.read(out)
+    assert sr == 24_000 and 12_000 < len(wav) <= 12_000 + 2 * 6 * 320  # two sentences of <= 6 frames, one pause
+
+
 def test_amphion_checkpoint_folder_loads_and_speaks(tmp_path, tiny_encodec_dir):
     """An Amphion-style folder: pytorch_model.bin (a plain state dict) under checkpoint/..., with
     args.json (heads, prefix mode) and symbols.dict at the top."""

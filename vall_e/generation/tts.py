@@ -62,11 +62,19 @@ SYNC_EVERY = 8  # GPU decode path: frames between reads of "have all rows stoppe
 MAX_REFERENCE_SECONDS = 120.0  # a reference longer than this is refused from its header (never loaded)
 
 
+_CJK_END = re.compile(r"([。！？]+)(?=[^\s\[」』）)\"'”’])")
+
+
 def split_sentences(text: str, max_chars: int = 200) -> list[str]:
-    """Split long text into sentences (and over-long sentences at commas or spaces)."""
+    """Split long text into sentences (and over-long sentences at commas or spaces).
+
+    Chinese and Japanese put no space after 。！？: a sentence also ends there when more text follows
+    directly, unless a closing quote or bracket follows (「はい。」と言った) or a language tag. Every
+    piece of a tagged span carries its tags."""
     text = " ".join(text.split())
     if not text:
         return []
+    text = _CJK_END.sub(r"\1 ", text)
     parts = [p.strip() for p in re.split(r"(?<=[.!?;:。！？])\s+", text) if p.strip()]
     out: list[str] = []
     for p in parts:
@@ -77,6 +85,21 @@ def split_sentences(text: str, max_chars: int = 200) -> list[str]:
             p = p[cut + 1:].strip()
         if p:
             out.append(p)
+    return _carry_language_tags(out)
+
+
+_LANGUAGE_TAG = re.compile(r"\[(?:EN|ZH|JA)\]")
+
+
+def _carry_language_tags(pieces: list[str]) -> list[str]:
+    """A language span cut into sentences ("[JA]一。", "二。", "三。[JA]") is re-tagged in every piece
+    ("[JA]二。[JA]"), so a middle sentence is still read in its span's language (VALL-E X's tags)."""
+    out, open_tag = [], None
+    for piece in pieces:
+        start = open_tag
+        for m in _LANGUAGE_TAG.finditer(piece):
+            open_tag = None if m.group(0) == open_tag else m.group(0)
+        out.append((start or "") + piece + (open_tag or ""))
     return out
 
 

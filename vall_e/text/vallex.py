@@ -15,7 +15,8 @@ What VALL-E X's model was trained on (facts of its format, Plachtaa/VALL-E-X@3fa
 
 English needs `eng-to-ipa`, `inflect` and `Unidecode` (in the base install). Chinese needs
 `pip install "vall-e[vallex-zh]"` (pypinyin, jieba, cn2an; without them Chinese text is a one-line
-error naming the extra). Japanese (pyopenjtalk) is not ported yet: Japanese text is an error.
+error naming the extra). Japanese needs `pip install "vall-e[vallex-ja]"` (pyopenjtalk-plus, which
+bundles OpenJTalk's dictionary; see vallex_ja).
 Untagged text is tagged with `language`, or with langid's guess among en/zh/ja for "auto".
 """
 from __future__ import annotations
@@ -137,8 +138,11 @@ def span_ipa(lang: str, text: str) -> str:
         except ImportError as e:
             raise _missing("Chinese text", "vallex-zh", e) from None
         return chinese_ipa(text)
-    raise UserError("Japanese text: VALL-E X's Japanese front end (pyopenjtalk) is not ported yet; "
-                    "use English or Chinese text")
+    try:
+        from vall_e.text.vallex_ja import japanese_ipa
+    except ImportError as e:
+        raise _missing("Japanese text", "vallex-ja", e) from None
+    return japanese_ipa(text)
 
 
 # ------------------------------------------------------------------------------------ tagging

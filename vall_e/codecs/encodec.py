@@ -11,11 +11,9 @@ clips too short for that are encoded alone.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,6 +21,7 @@ from torch import Tensor
 from vall_e.codecs.base import Codec, register_codec
 from vall_e.utils.dtypes import torch_dtype
 from vall_e.utils.errors import UserError
+from vall_e.utils.hub import check_model_type, load_pretrained
 
 DEFAULT_MODEL = "facebook/encodec_24khz"
 # Largest padded batch fed to the model at once, in samples (about 100 s of 24 kHz audio).
@@ -48,56 +47,14 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Hide transformers' weight-loading progress bars and info logs while loading a codec."""
-    from transformers.utils import logging as tlog
-
-    bar = tlog.is_progress_bar_enabled()
-    verbosity = tlog.get_verbosity()
-    tlog.disable_progress_bar()
-    tlog.set_verbosity_error()
-    try:
-        yield
-    finally:
-        if bar:
-            tlog.enable_progress_bar()
-        tlog.set_verbosity(verbosity)
-
-
-def _looks_like_path(s: str) -> bool:
-    return s.startswith(("/", ".", "~")) or "\\" in s or s.count("/") > 1 or os.sep != "/" and os.sep in s
-
-
 def load_encodec_model(model: str | os.PathLike = DEFAULT_MODEL) -> Any:
     """`EncodecModel.from_pretrained(model)` with one-line errors for missing folders and no network."""
     from transformers import EncodecModel
 
     name = str(model)
-    path = Path(name).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise UserError(f"codec.model: {path} is a file; pass the folder that holds config.json "
-                            "and model.safetensors (written by EncodecModel.save_pretrained)")
-        if not (path / "config.json").is_file():
-            raise UserError(f"codec.model: {path} has no config.json; expected a folder written by "
-                            "EncodecModel.save_pretrained")
-        source = str(path)
-    elif _looks_like_path(name):
-        raise UserError(f"codec.model: no such folder {name}")
-    else:
-        source = name
-    try:
-        with _quiet_transformers():
-            m = EncodecModel.from_pretrained(source)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(
-            f"codec.model: could not load EnCodec model {name!r} ({first}). It is neither a local folder nor "
-            "downloadable from the Hugging Face hub here; on a machine with network run "
-            f"`EncodecModel.from_pretrained({name!r}).save_pretrained(DIR)` and pass codec.model=DIR") from None
-    if getattr(m.config, "model_type", "") != "encodec":
-        raise UserError(f"codec.model: {name!r} is a {m.config.model_type!r} model, not EnCodec")
+    m = load_pretrained(name, "codec.model", "EnCodec model", ["EncodecModel"], "codec.model=DIR",
+                        EncodecModel.from_pretrained)
+    check_model_type(m, "encodec", "codec.model", name, "EnCodec")
     return m.eval()
 
 

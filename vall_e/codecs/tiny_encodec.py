@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vall_e.codecs.encodec import _quiet_transformers
+from vall_e.utils.hub import quiet_transformers
 from vall_e.utils.io import atomic_dir
 
 TINY_CONFIG = dict(num_filters=8, hidden_size=32, codebook_dim=32, num_lstm_layers=1,
@@ -175,7 +175,7 @@ def make_tiny_encodec(out_dir: str | os.PathLike, calibration_audio: Sequence[Te
                       torch.full((1,), -0.1 * float(a_mean / a_std)))
 
     extractor = EncodecFeatureExtractor(feature_size=1, sampling_rate=config.sampling_rate, padding_value=0.0)
-    with atomic_dir(out_dir) as tmp, _quiet_transformers():
+    with atomic_dir(out_dir) as tmp, quiet_transformers():
         model.save_pretrained(tmp)
         extractor.save_pretrained(tmp)
     return out_dir

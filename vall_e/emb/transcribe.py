@@ -42,6 +42,7 @@ from tqdm import tqdm
 from vall_e.emb.segment import Phrase, SegmentConfig, Utterance, chunk_phrases, find_phrases, plan_utterances
 from vall_e.utils.audio import load_audio, save_audio
 from vall_e.utils.errors import UserError, run_main
+from vall_e.utils.hub import check_model_type, load_pretrained, quiet_transformers
 from vall_e.utils.io import atomic_write_text, remove_stale_temps
 
 DEFAULT_MODEL = "openai/whisper-large-v3-turbo"
@@ -58,41 +59,16 @@ BOUNDARY_TOLERANCE = 0.3  # seconds: how far a Whisper segment boundary may lie 
 # Whisper
 
 
-def _quiet() -> Any:
-    from vall_e.codecs.encodec import _quiet_transformers
-
-    return _quiet_transformers()
-
-
 def load_whisper(name: str, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
     """(model, processor) from a hub id or a local folder written by `save_pretrained`, one-line errors."""
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-    from vall_e.codecs.encodec import _looks_like_path
+    def load(source: str) -> tuple[Any, Any]:
+        return WhisperForConditionalGeneration.from_pretrained(source), WhisperProcessor.from_pretrained(source)
 
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise UserError(f"--model: {path} has no config.json; expected a folder written by "
-                            "WhisperForConditionalGeneration.save_pretrained (with its processor)")
-        source = str(path)
-    elif _looks_like_path(name):
-        raise UserError(f"--model: no such folder {name}")
-    else:
-        source = name
-    try:
-        with _quiet():
-            processor = WhisperProcessor.from_pretrained(source)
-            model = WhisperForConditionalGeneration.from_pretrained(source)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(
-            f"--model: could not load Whisper model {name!r} ({first}). It is neither a local folder nor "
-            "downloadable from the Hugging Face hub here; on a machine with network run "
-            f"`WhisperForConditionalGeneration.from_pretrained({name!r}).save_pretrained(DIR)` and "
-            f"`WhisperProcessor.from_pretrained({name!r}).save_pretrained(DIR)`, then pass --model DIR") from None
-    if getattr(model.config, "model_type", "") != "whisper":
-        raise UserError(f"--model: {name!r} is a {model.config.model_type!r} model, not Whisper")
+    model, processor = load_pretrained(name, "--model", "Whisper model",
+                                       ["WhisperForConditionalGeneration", "WhisperProcessor"], "--model DIR", load)
+    check_model_type(model, "whisper", "--model", name, "Whisper")
     return model.to(device=device, dtype=dtype).eval(), processor
 
 
@@ -151,7 +127,7 @@ class Whisper:
         """The language code Whisper hears in each clip."""
         id_to_code = {v: k[2:-2] for k, v in self.model.generation_config.lang_to_id.items()}
         out: list[str] = []
-        with torch.inference_mode(), _quiet():
+        with torch.inference_mode(), quiet_transformers():
             for b in range(0, len(clips), self.batch_size):
                 feats, _ = self._features(clips[b:b + self.batch_size])
                 out += [id_to_code[int(t)] for t in self.model.detect_language(feats).reshape(-1).tolist()]
@@ -163,7 +139,7 @@ class Whisper:
         called with the seconds of audio of each finished batch."""
         order = sorted(range(len(clips)), key=lambda k: -len(clips[k]))
         result: list[list[Piece]] = [[] for _ in clips]
-        with torch.inference_mode(), _quiet():
+        with torch.inference_mode(), quiet_transformers():
             for b in range(0, len(order), self.batch_size):
                 idx = order[b:b + self.batch_size]
                 feats, mask = self._features([clips[k] for k in idx])

@@ -86,15 +86,6 @@ class StdinReader:
                 line, buf = buf.split(b"\n", 1)
                 self.lines.put(line.decode("utf-8", "replace"))
 
-    def agree_max(self, value: int) -> int:
-        """The largest of every rank's `value` (the value itself without torchrun): a number one
-        rank's clock decides (the time-driven schedule position) must be the same on every rank."""
-        if self.world_size <= 1:
-            return int(value)
-        t = torch.tensor([int(value)], dtype=torch.long, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
-
     def poll(self) -> list[str]:
         out = []
         while True:

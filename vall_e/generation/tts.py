@@ -196,6 +196,8 @@ def _with_vocoder(codec: Any, meta: dict[str, Any], vocoder: str | None, device:
 class TTS:
     """A loaded model with its codec, symbol map and language map."""
 
+    sync_every = 1  # decode steps between host reads of "have all rows stopped?" (SYNC_EVERY on CUDA's static path)
+
     def __init__(self, models: dict[str, Any], meta: dict[str, Any], codec: Any, device: str = "cpu",
                  dtype: str = "float32", compile: bool = False, decode_layout: bool = False,
                  static_cache: bool | None = None) -> None:

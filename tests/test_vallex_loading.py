@@ -139,8 +139,8 @@ def test_engine_synthesizes_with_a_converted_model_and_reference_text(vallex_pt,
     assert torch.isfinite(torch.cat(chunks)).all()
 
 
-def test_cli_runs_a_converted_checkpoint(vallex_pt, tmp_path, tiny_encodec_dir):
-    """`python -m vall_e.convert` then `python -m vall_e --model X.safetensors --vocoder encodec`."""
+def _converted_model_and_reference(vallex_pt, tmp_path, tiny_encodec_dir):
+    """(subprocess env, `python -m vall_e.convert`'s output, a 1 s noise reference wav) for the CLI tests."""
     import soundfile as sf
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -150,6 +150,14 @@ def test_cli_runs_a_converted_checkpoint(vallex_pt, tmp_path, tiny_encodec_dir):
     assert r.returncode == 0, r.stderr
     ref = tmp_path / "ref.wav"
     sf.write(ref, (0.1 * torch.randn(24_000)).numpy(), 24_000)
+    return env, model, ref
+
+
+def test_cli_runs_a_converted_checkpoint(vallex_pt, tmp_path, tiny_encodec_dir):
+    """`python -m vall_e.convert` then `python -m vall_e --model X.safetensors --vocoder encodec`."""
+    import soundfile as sf
+
+    env, model, ref = _converted_model_and_reference(vallex_pt, tmp_path, tiny_encodec_dir)
     out = tmp_path / "out.wav"
     r = subprocess.run([sys.executable, "-m", "vall_e", "Hello there.", str(ref), str(out), "--model", str(model),
                         "--vocoder", "encodec", "--max-ar-steps", "10", "--reference-text", "Good morning.",
@@ -168,13 +176,7 @@ def test_cli_speaks_japanese_with_a_converted_checkpoint(vallex_pt, tmp_path, ti
     pytest.importorskip("pyopenjtalk")
     import soundfile as sf
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    model = tmp_path / "vallex.safetensors"
-    r = subprocess.run([sys.executable, "-m", "vall_e.convert", str(vallex_pt), str(model), "--n-heads", "2",
-                        "--codec-model", str(tiny_encodec_dir)], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    ref = tmp_path / "ref.wav"
-    sf.write(ref, (0.1 * torch.randn(24_000)).numpy(), 24_000)
+    env, model, ref = _converted_model_and_reference(vallex_pt, tmp_path, tiny_encodec_dir)
     out = tmp_path / "out.wav"
     r = subprocess.run([sys.executable, "-m", "vall_e", "[JA]こんにちは。今日はいい天気ですね。[JA]", str(ref), str(out),
                         "--model", str(model), "--vocoder", "encodec", "--max-ar-steps", "6",

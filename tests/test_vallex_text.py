@@ -19,15 +19,21 @@ FIXTURES = Path(__file__).parent / "fixtures" / "vallex"
 pytest.importorskip("eng_to_ipa")
 
 
+def _differing(rows: list[dict], tag: str) -> list[str]:
+    """The texts whose ids or per-token languages differ from the fixture's (`tag` wraps each text)."""
+    wrong = []
+    for row in rows:
+        ids, langs = vallex.token_ids(f"{tag}{row['text']}{tag}")
+        if ids != row["ids"] or "".join(lang[0] for lang in langs) != row["langs"]:
+            wrong.append(row["text"])
+    return wrong
+
+
 def test_fifty_english_sentences_give_the_original_ids():
     data = json.loads((FIXTURES / "english_ids.json").read_text(encoding="utf-8"))
     rows = data["sentences"]
     assert len(rows) == 50
-    wrong = []
-    for row in rows:
-        ids, langs = vallex.token_ids(f"[EN]{row['text']}[EN]")
-        if ids != row["ids"] or "".join(lang[0] for lang in langs) != row["langs"]:
-            wrong.append(row["text"])
+    wrong = _differing(rows, "[EN]")
     assert not wrong, f"{len(wrong)} sentences differ, e.g. {wrong[0]!r}"
 
 
@@ -53,11 +59,7 @@ def test_chinese_and_mixed_sentences_give_the_original_ids():
     for name in ("jieba", "pypinyin", "cn2an"):
         pytest.importorskip(name)
     data = json.loads((FIXTURES / "chinese_ids.json").read_text(encoding="utf-8"))
-    wrong = []
-    for row in data["sentences"]:
-        ids, langs = vallex.token_ids(row["text"])
-        if ids != row["ids"] or "".join(lang[0] for lang in langs) != row["langs"]:
-            wrong.append(row["text"])
+    wrong = _differing(data["sentences"], "")
     assert not wrong, f"{len(wrong)} of {len(data['sentences'])} differ (made with {data['versions']}), e.g. {wrong[0]!r}"
 
 
@@ -91,11 +93,7 @@ def test_japanese_sentences_give_the_original_ids():
     pytest.importorskip("pyopenjtalk")
     rows, source = _japanese_reference()
     assert len(rows) >= 40
-    wrong = []
-    for row in rows:
-        ids, langs = vallex.token_ids(f"[JA]{row['text']}[JA]")
-        if ids != row["ids"] or "".join(lang[0] for lang in langs) != row["langs"]:
-            wrong.append(row["text"])
+    wrong = _differing(rows, "[JA]")
     assert not wrong, f"{len(wrong)} of {len(rows)} differ from {source}, e.g. {wrong[0]!r}"
 
 

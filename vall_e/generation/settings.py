@@ -120,7 +120,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_ar_context", ("ar.max_ar_context",), "if > 0, the AR attends to only its last N frames"),
     Option("medusa", ("ar.medusa",), "decode several AR steps per forward pass with the model's Medusa heads "
            "(model.medusa_heads; exact: same greedy codes, same sampling distribution; off by default: on the CPU "
-           "with the demo's model it measured slower than one-step decoding)", flag="--medusa"),
+           "with the demo's model it measured slower than one-step decoding)"),
     Option("seed", ("ar.seed", "nar.seed"), "random seed for reproducible output (default: random)"),
     Option("max_ar_steps", ("max_ar_steps",), "cap on AR frames (0: follow the text length)"),
     Option("max_nar_levels", ("max_nar_levels",), "NAR passes (levels 1..N)"),

@@ -132,6 +132,13 @@ def test_metadata_is_cached_and_refreshed(corpus: Path, monkeypatch: pytest.Monk
     assert calls == ["utt1"]
     assert next(u for u in again if u.key == "training/grpA/alice/utt1").frames == 300
     assert json.loads(meta.read_text())["utterances"]["utt1"]["frames"] == 300
+    # a rewrite clears the temporary file a run killed mid-write left behind (and nothing else)
+    stale, other = d / ".metadata.json.ab12cd34.tmp.json", d / ".utt1.qnt.pt.ab12cd34.tmp.pt"
+    stale.write_text("{")
+    other.write_bytes(b"x")
+    save_codes(d / "utt1.qnt.pt", torch.zeros(150, 8, dtype=torch.long), SPEC)
+    listing.list_split(cfg, "training")
+    assert not stale.exists() and other.exists()
 
 
 def test_corrupt_codes_file_names_the_file(corpus: Path) -> None:

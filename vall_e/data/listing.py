@@ -20,7 +20,7 @@ from tqdm import tqdm
 from vall_e.emb.codes import load_codes
 from vall_e.text.symmap import read_phonemes
 from vall_e.utils.errors import UserError
-from vall_e.utils.io import atomic_write_text
+from vall_e.utils.io import atomic_write_text, remove_stale_temps
 
 QNT_SUFFIX = ".qnt.pt"
 PHN_SUFFIX = ".phn.txt"
@@ -156,6 +156,9 @@ def speaker_metadata(speaker_dir: str | os.PathLike, write: bool = True, progres
         if progress is not None:
             progress.update(1)
     if changed and write:
+        # a run killed mid-write leaves its temporary file; a concurrent writer whose temporary file
+        # this removes only loses its rename (an OSError below), never the listing
+        remove_stale_temps(speaker_dir, METADATA_NAME, exact=True)
         try:
             atomic_write_text(meta_path, json.dumps({"version": METADATA_VERSION, "utterances": out},
                                                     indent=1, sort_keys=True))

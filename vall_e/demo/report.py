@@ -116,6 +116,9 @@ def markdown(metrics: dict[str, Any]) -> str:
     lines += ["", "## Where the error comes from (oracle swaps, same test sentences)", "",
               _row(["decoded", "mean MCD-DTW", "under 8.5 dB"]), _row(["---"] * 3)]
     lines += [_row([label, _fmt(o[c]["mcd_mean"]), _fmt(o[c]["under_8_5"], True)]) for c, label in ORACLE_COLUMNS.items()]
+    if metrics["settings"]["p_ar"] >= 1.0:
+        lines += ["", "The NAR was not trained (`--p-ar 1.0`: every training sample trains the AR), so the rows with "
+                  "the model's NAR show an untrained NAR; `--p-ar 0.75 --nar-levels 7` trains and decodes it."]
     h = metrics["heldout_training_style"]
     lines += ["", "## Held-out sentences of the training corpus's kind (new made-up words)", "",
               _row(["", "trained", "espeak, other sentence"]), _row(["---"] * 3),

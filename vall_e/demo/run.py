@@ -74,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--p-ar", type=float, default=0.75, help="share of training samples that train the AR")
+    p.add_argument("--p-ar", type=float, default=1.0,
+                   help="share of training samples that train the AR (default 1.0: the demo decodes level 0 only, "
+                        "and on the development sentences at 1800 steps the AR trained alone scored 5.92 dB against "
+                        "6.42 with 0.75; below 1.0 the rest trains the NAR, for --nar-levels > 0)")
     p.add_argument("--ar-group", type=int, default=2, help="level-0 codes per AR step (VALL-E 2's grouping; 1 = plain)")
     p.add_argument("--text-heads", type=int, default=1,
                    help="heads per layer that read only the text, guided to the diagonal (0 = plain VALL-E)")
@@ -291,6 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.train_steps < 0:
         raise UserError(f"--train-steps must be >= 0, got {args.train_steps}")
+    if args.nar_levels > 0 and args.p_ar >= 1.0:
+        raise UserError(f"--nar-levels {args.nar_levels} decodes NAR levels, but --p-ar {args.p_ar:g} trains no NAR; "
+                        "give --p-ar below 1 (e.g. 0.75)")
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

@@ -22,10 +22,10 @@ import soundfile as sf
 pytestmark = pytest.mark.slow
 
 STEPS = 1200
-# measured at STEPS when this test was written (seed 0, 1 thread, stress as its own token; README "What the
-# demo does"): mean MCD-DTW 7.58 dB, 78% under 8.5 dB, 100% closer to its own sentence, 97% within 15% of
-# espeak's duration, right voice 97%; control 11.62 dB, untrained 11.70 dB. (With the stress marks merged
-# onto phones: 7.18 dB, 88%, 100%, 91%, 91%.) The bounds leave room for another machine's rounding.
+# measured at STEPS when this test was written (seed 0, 1 thread, the AR trained alone (--p-ar 1.0); README
+# "What the demo does"): mean MCD-DTW 6.60 dB, 94% under 8.5 dB, 100% closer to its own sentence, 100% within
+# 15% of espeak's duration, right voice 97%; control 11.39 dB, untrained 11.70 dB. (With --p-ar 0.75, the
+# earlier default: 7.37 dB, 97%, 100%, 91%, 91%.) The bounds leave room for another machine's rounding.
 
 
 def test_demo_speaks_words_it_never_heard(tmp_path: Path) -> None:
@@ -55,10 +55,10 @@ def test_demo_speaks_words_it_never_heard(tmp_path: Path) -> None:
     unseen = report["unseen_words"]
     trained, control, untrained = unseen["trained"], unseen["trained_other_text"], unseen["untrained"]
     # it reads: near the right sentence, and the controls are not
-    assert trained["mcd_mean"] <= 8.0, trained
-    assert trained["under_8_5"] >= 0.65, trained
+    assert trained["mcd_mean"] <= 7.3, trained
+    assert trained["under_8_5"] >= 0.8, trained
     assert trained["closer_than_every_other"] >= 0.9, trained
-    assert trained["duration_within_15"] >= 0.8, trained
+    assert trained["duration_within_15"] >= 0.85, trained
     assert control["mcd_mean"] > trained["mcd_mean"] + 3.0, (control, trained)
     assert untrained["mcd_mean"] > trained["mcd_mean"] + 3.0, (untrained, trained)
     # the codec is not what limits: its round trip is far below the model's error
@@ -71,4 +71,4 @@ def test_demo_speaks_words_it_never_heard(tmp_path: Path) -> None:
     assert curve[-1]["val.alignment_error"] < 3.0 < curve[0]["val.alignment_error"], curve
     speaker = report["speaker_identification"]
     if speaker["available"]:
-        assert speaker["nearest_is_own_voice"] >= 0.8, speaker
+        assert speaker["nearest_is_own_voice"] >= 0.85, speaker

@@ -731,9 +731,11 @@ def _demo_items(data_dir: Any, frame_rate: float, per_speaker: int = 2, prompt_s
 
 def _verify_cost(ctx: Ctx, K: int, keys: int = 600) -> dict[str, Any]:
     """Quarter preset (untrained: speed depends on shapes), batch 1, `keys` cache positions: the time of
-    one AR step, of one verification pass over K + 1 positions, and of the K heads on one row."""
+    one AR step, of one verification pass over K + 1 positions (the backbone's fused block path, and
+    for comparison the general forward it replaced), and of the K heads on one row."""
     from vall_e.config.model import resolve_dims
     from vall_e.generation.tts import cpu_decode_layout
+    from vall_e.models.backbones import transformer as tr
     from vall_e.models.valle import VALLE, VALLEConfig
 
     d, h, n = resolve_dims("quarter")
@@ -749,7 +751,8 @@ def _verify_cost(ctx: Ctx, K: int, keys: int = 600) -> dict[str, Any]:
         while state.length < keys:
             _, state = model.ar_step(tok, state)
         steps = torch.zeros(1, dtype=torch.long, device=ctx.device)
-        t_step, t_verify, t_heads = [], [], []
+        t_step, t_verify, t_general, t_heads = [], [], [], []
+        rows = tr.BLOCK_ROWS
         for _ in range(40):  # interleaved, best of 40; each call is undone so the context stays `keys`
             L = state.length
             t, _ = timed(lambda: model.ar_step(tok, state), ctx.device)
@@ -758,10 +761,19 @@ def _verify_cost(ctx: Ctx, K: int, keys: int = 600) -> dict[str, Any]:
             t, _ = timed(lambda: model.ar_verify(tok.repeat(1, K + 1), state, steps), ctx.device)
             t_verify.append(t)
             model.ar_rollback(state, L)
+            tr.BLOCK_ROWS = 1  # the general forward (what a pass ran through before the block path)
+            try:
+                t, _ = timed(lambda: model.ar_verify(tok.repeat(1, K + 1), state, steps), ctx.device)
+            finally:
+                tr.BLOCK_ROWS = rows
+            t_general.append(t)
+            model.ar_rollback(state, L)
             t, _ = timed(lambda: model.medusa_logits(state.hidden), ctx.device)
             t_heads.append(t)
-    out = {"keys": keys, "step_ms": min(t_step) * 1e3, "verify_ms": min(t_verify) * 1e3, "heads_ms": min(t_heads) * 1e3}
+    out = {"keys": keys, "step_ms": min(t_step) * 1e3, "verify_ms": min(t_verify) * 1e3,
+           "verify_general_ms": min(t_general) * 1e3, "heads_ms": min(t_heads) * 1e3}
     out["pass_over_step"] = (out["verify_ms"] + out["heads_ms"]) / out["step_ms"]
+    out["general_pass_over_step"] = (out["verify_general_ms"] + out["heads_ms"]) / out["step_ms"]
     return out
 
 

@@ -403,7 +403,9 @@ def report(results: dict[str, Any]) -> str:
         c = md.get("quarter_pass_cost")
         if c:
             lines.append(f"quarter: a step {c['step_ms']:.2f} ms, a {md['medusa_heads'] + 1}-position pass "
-                         f"{c['verify_ms']:.2f} ms + heads {c['heads_ms']:.2f} ms ({c['pass_over_step']:.2f}x a step)")
+                         f"{c['verify_ms']:.2f} ms + heads {c['heads_ms']:.2f} ms ({c['pass_over_step']:.2f}x a step)"
+                         + (f"; through the general forward {c['verify_general_ms']:.2f} ms "
+                            f"({c['general_pass_over_step']:.2f}x)" if "verify_general_ms" in c else ""))
         q = md.get("quarter_e2e_10s")
         if q:
             lines.append(f"quarter 10 s RTF: one step {q['measured_rtf_one_step']:.2f}, projected with heads "

@@ -586,7 +586,7 @@ class VALLE(nn.Module):
                             cache=state.cache, use_cache=True)
         state.cache = out.cache
         state.length = L + S
-        logits = self.ar_head(out.hidden)
+        logits = decode_linear(self.ar_head, out.hidden.reshape(B * S, -1)).view(B, S, -1)  # a few rows
         if self.config.ar_group > 1:
             logits = logits.unflatten(-1, (self.config.ar_group, -1))
         return logits, out.hidden

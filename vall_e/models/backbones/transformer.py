@@ -11,8 +11,9 @@ Speed (the AR decode step runs once per 13 ms of audio): cos/sin come from a cac
 are rotated in one pass, the attention mask is turned into an additive bias once per forward (not
 in each layer), a one-token step builds its mask from the validity row alone, and eval skips the
 dropout calls. A one-token step in eval without autograd takes `_decode_one`, a functional path with
-no module calls (optionally a compiled graph, `compile_decode`). See benchmarks/README.md for the
-measurements.
+no module calls (optionally a compiled graph, `compile_decode`); a few new tokens on a cache (a Medusa
+verification pass) take `_decode_block`, the same structure for several rows. See benchmarks/README.md
+for the measurements.
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ from .kv_cache import KVCache
 # a masked single query on cuDNN's attention measured ~45 ms a step on an H100, so it is left out;
 # flash takes no mask, so the memory-efficient kernel comes first.
 DECODE_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+# A cached forward of 2..BLOCK_ROWS causal tokens in eval (a Medusa verification pass) takes `_decode_block`.
+BLOCK_ROWS = 8
 STATIC_CAPACITY_STEP = 256  # a static cache's capacity is rounded up to this: one graph serves many lengths
 
 
@@ -338,6 +341,9 @@ class TransformerBackbone(Backbone):
             raise ValueError("this backbone has text heads: pass mask.text (which tokens are text)")
         if S == 1 and cache is not None and not (self.training or torch.is_grad_enabled()):
             return self._decode_one(x, mask.valid, cache, mask.text, mask.text_pos)
+        if (1 < S <= BLOCK_ROWS and cache is not None and past > 0 and not cache.static
+                and not (self.training or torch.is_grad_enabled()) and bool(mask.causal.all())):
+            return self._decode_block(x, mask.valid, cache, mask.text, mask.text_pos)
         if cache is not None and cache.static and S == 1:
             raise ValueError("a static cache decodes through decode_static (eval, no autograd)")
 
@@ -472,6 +478,79 @@ class TransformerBackbone(Backbone):
             h = _norm(layer.ffn_norm, x)
             x = x + (_ffn(layer.ffn, h) if type(layer.ffn) is FeedForward else layer.ffn(h[:, None])[:, 0])
         return _norm(self.norm, x)[:, None]
+
+    # ------------------------------------------------------------------ a few-token decode block
+
+    def _decode_block(self, x: Tensor, valid: Tensor, cache: KVCache, text: Tensor | None = None,
+                      text_pos: Tensor | None = None) -> BackboneOutput:
+        """P (2..BLOCK_ROWS) new causal tokens per sample against the cache, in eval without autograd:
+        what `forward` computes, for a Medusa verification pass (speculative.py).
+
+        Why: through `forward` such a pass cost 2-4x a one-token step (benchmarks/README.md, "Medusa
+        decoding"); a pass must cost little more than a step to gain anything. This is `_decode_one`'s
+        structure for B * P rows: functional ops, rotary by one batched matmul from the cached table,
+        the masks built once for all layers (the cached keys' validity row, causal only within the
+        block), and the batched-rows linears of `decode_linear`. x [B, P, D]; valid [B, past + P].
+        Tests check it against the full forward (1e-5, fp32).
+        """
+        B, P, _ = x.shape
+        start = cache.length
+        K = start + P
+        if K > cache.max_length:
+            raise RuntimeError(f"KV cache full: {K} positions needed, capacity {cache.max_length}")
+        dev = x.device
+        block = torch.ones(P, P, dtype=torch.bool, device=dev).tril_()  # query j sees block keys <= j
+        # positions: the number of valid keys before each new token
+        positions = (valid[:, :start].sum(-1, keepdim=True) + valid[:, start:].long().cumsum(-1) - 1).clamp_min(0)
+        rot = self._rotation(positions.reshape(B * P), K, x.dtype)  # [B * P, Dh, Dh]
+        allowed = valid[:, None, :].expand(B, P, K).clone()  # [B, P, K]
+        allowed[:, :, start:] = (allowed[:, :, start:] | torch.eye(P, dtype=torch.bool, device=dev)) & block
+        bias = self._bias(allowed[:, None], x.dtype)  # [B, 1, P, K]
+        rot_t = None
+        if self.text_heads:  # the new tokens are not text: their text heads see the valid text keys only
+            text_keys = (text & valid)[:, None, :].expand(B, P, K).clone()
+            none = ~text_keys[:, 0].any(-1)  # no text at all: a row keeps itself
+            text_keys[:, :, start:] |= none[:, None, None] & torch.eye(P, dtype=torch.bool, device=dev)
+            t = self.text_heads
+            bias = torch.cat([self._bias(text_keys[:, None], x.dtype).expand(B, t, P, K),
+                              bias.expand(B, self.n_heads - t, P, K)], dim=1)  # [B, H, P, K]
+            if text_pos is not None:
+                ct, st = self.rotary.signed(text_pos[:, -P:].reshape(B * P, 1), x.dtype)  # [B * P, 1, Dh]
+                rot_t = torch.diag_embed(ct[:, 0]) + self._swap[(dev, x.dtype)] * st
+        g = self.n_heads // self.kv_heads  # a kv head's g query heads as g * P query rows
+        if bias.shape[1] == 1:
+            bias = bias.repeat(1, 1, g, 1) if g > 1 else bias
+        else:
+            bias = bias.reshape(B, self.kv_heads, g * P, K)
+        hidden = self._block_layers(x, rot, bias, cache.k_layers, cache.v_layers, start, rot_t)
+        cache.advance(P)
+        return BackboneOutput(hidden=hidden, cache=cache, aux_loss=None)
+
+    def _block_layers(self, x: Tensor, rot: Tensor, bias: Tensor, k_layers: list[Tensor], v_layers: list[Tensor],
+                      start: int, rot_t: Tensor | None = None) -> Tensor:
+        """The blocks and the final norm for P tokens: x [B, P, D], rot [B * P, Dh, Dh], bias
+        [B, 1 or Hkv, g * P, start + P] (g = n_heads / kv_heads query rows per kv head, head-major),
+        each layer's cache [B, Hkv, capacity, Dh] (slots start .. start + P - 1 are written here)."""
+        B, P, D = x.shape
+        H, Hkv, Dh = self.n_heads, self.kv_heads, self.head_dim
+        N, K = B * P, start + P
+        x = x.reshape(N, D)  # one row per token: 2-D products, the batched-rows linears
+        for i, layer in enumerate(self.layers):
+            attn = layer.attn
+            qkv = decode_linear(attn.qkv, _norm(layer.attn_norm, x)).view(N, H + 2 * Hkv, Dh)
+            qk = torch.bmm(qkv[:, : H + Hkv], rot)  # rotated q and k of every head: [N, H + Hkv, Dh]
+            if rot_t is not None:  # text heads' queries rotate by their own positions
+                t = self.text_heads
+                qk = torch.cat([torch.bmm(qkv[:, :t], rot_t), qk[:, t:]], 1)
+            k_cache, v_cache = k_layers[i], v_layers[i]
+            k_cache.narrow(2, start, P).copy_(qk[:, H:].view(B, P, Hkv, Dh).transpose(1, 2))
+            v_cache.narrow(2, start, P).copy_(qkv[:, H + Hkv:].view(B, P, Hkv, Dh).transpose(1, 2))
+            q = qk[:, :H].view(B, P, H, Dh).transpose(1, 2).reshape(B, Hkv, -1, Dh)  # [B, Hkv, g * P, Dh]
+            y = F.scaled_dot_product_attention(q, k_cache.narrow(2, 0, K), v_cache.narrow(2, 0, K), attn_mask=bias)
+            x = x + decode_linear(attn.out, y.view(B, H, P, Dh).transpose(1, 2).reshape(N, D))
+            h = _norm(layer.ffn_norm, x)
+            x = x + (_ffn(layer.ffn, h) if type(layer.ffn) is FeedForward else layer.ffn(h[:, None])[:, 0])
+        return _norm(self.norm, x).view(B, P, D)
 
     @staticmethod
     def static_capacity(n: int) -> int:

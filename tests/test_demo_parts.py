@@ -102,3 +102,16 @@ def test_summarize_counts_a_missing_output_as_a_miss():
     assert s["mcd_mean"] == pytest.approx(np.mean([6.0, 9.0, 8.0]))
     assert s["under_8_5"] == pytest.approx(2 / 4) and s["closer_than_every_other"] == pytest.approx(2 / 4)
     assert s["duration_within_15"] == pytest.approx(2 / 4) and s["missing"] == 1
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--nar-levels", "7"], "trains no NAR"),                      # the default --p-ar 1.0 trains none
+    (["--kv-heads", "3"], "must divide --heads 4"),
+    (["--kv-heads", "2"], "--text-heads 1 must be a multiple"),   # 2 query heads per KV head
+])
+def test_demo_rejects_settings_that_cannot_work_before_any_work(argv: list[str], match: str, tmp_path: Path):
+    from vall_e.demo.run import main
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=match):
+        main(["--out", str(out), *argv])
+    assert not out.exists()  # refused before preparing anything

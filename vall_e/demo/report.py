@@ -70,7 +70,7 @@ def collect(trainer: Any, cfg: Any, meta: dict[str, Any], tables: dict[str, dict
                      "frames_per_second": timing["frames_per_second"], "threads": timing["threads"],
                      "profile_shares": timing["profile"], "text_head_rate": rate, "model": meta["models"]},
         "settings": {k: getattr(args, k) for k in ("speakers", "utterances", "minutes", "train_steps", "codes",
-                                                     "d_model", "layers", "heads", "batch_size", "lr", "p_ar",
+                                                     "d_model", "layers", "heads", "kv_heads", "batch_size", "lr", "p_ar",
                                                      "ar_group", "text_heads", "nar_levels", "ar_temperature", "ar_min_p",
                                                      "seed")},
         "items": [{"speaker": it.speaker, "text": it.text,

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=0,
+                   help="key/value heads (grouped-query attention; 0 = --heads; --text-heads must then be a "
+                        "multiple of heads / kv-heads)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--p-ar", type=float, default=1.0,
@@ -125,7 +128,8 @@ def write_config(args: argparse.Namespace, data: DemoData, rate: float, iteratio
                   # most samples train the AR: it is the part that has to learn to read the text
                   "p_ar": args.p_ar, "text_heads": args.text_heads,
                   "guided_attention": 1.0 if args.text_heads else 0.0,
-                  "text_head_rate": round(rate, 4) if args.text_heads else 0.0, "ar_group": args.ar_group},
+                  "text_head_rate": round(rate, 4) if args.text_heads else 0.0, "ar_group": args.ar_group,
+                  "kv_heads": args.kv_heads},
         "hyperparameters": {"batch_size": args.batch_size, "learning_rate": args.lr, "scheduler": "cosine",
                             "warmup_steps": min(100, iterations // 10), "min_lr_ratio": 0.05,
                             "gradient_clipping": 1.0,
@@ -294,6 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.train_steps < 0:
         raise UserError(f"--train-steps must be >= 0, got {args.train_steps}")
+    kv = args.kv_heads or args.heads
+    if args.heads % kv or args.text_heads % (args.heads // kv):
+        raise UserError(f"--kv-heads {args.kv_heads} must divide --heads {args.heads}, and --text-heads "
+                        f"{args.text_heads} must be a multiple of heads / kv-heads")
     if args.nar_levels > 0 and args.p_ar >= 1.0:
         raise UserError(f"--nar-levels {args.nar_levels} decodes NAR levels, but --p-ar {args.p_ar:g} trains no NAR; "
                         "give --p-ar below 1 (e.g. 0.75)")

@@ -458,11 +458,7 @@ class TransformerBackbone(Backbone):
         x = x.view(B, D)  # one row per sample: 2-D products skip matmul's reshapes
         for i, layer in enumerate(self.layers):
             attn = layer.attn
-            qkv = decode_linear(attn.qkv, _norm(layer.attn_norm, x)).view(B, H + 2 * Hkv, Dh)
-            qk = torch.bmm(qkv[:, : H + Hkv], rot)  # rotated q and k of every head: [B, H + Hkv, Dh]
-            if rot_t is not None:  # text heads' queries rotate by their own positions
-                t = self.text_heads
-                qk = torch.cat([torch.bmm(qkv[:, :t], rot_t), qk[:, t:]], 1)
+            qkv, qk = self._decode_qkv(layer, x, rot, rot_t)
             k_cache, v_cache = k_layers[i], v_layers[i]
             if isinstance(start, Tensor):  # static: write at the device-side slot, attend over every slot
                 k_cache.index_copy_(2, start, qk[:, H:, None])
@@ -526,6 +522,17 @@ class TransformerBackbone(Backbone):
         cache.advance(P)
         return BackboneOutput(hidden=hidden, cache=cache, aux_loss=None)
 
+    def _decode_qkv(self, layer: nn.Module, x: Tensor, rot: Tensor, rot_t: Tensor | None) -> tuple[Tensor, Tensor]:
+        """One layer's projections for N decode rows x [N, D]: qkv [N, H + 2 Hkv, Dh] and the rotated q and k
+        of every head [N, H + Hkv, Dh] (the text heads' queries rotated by their own positions)."""
+        H, Hkv = self.n_heads, self.kv_heads
+        qkv = decode_linear(layer.attn.qkv, _norm(layer.attn_norm, x)).view(x.shape[0], H + 2 * Hkv, self.head_dim)
+        qk = torch.bmm(qkv[:, : H + Hkv], rot)
+        if rot_t is not None:
+            t = self.text_heads
+            qk = torch.cat([torch.bmm(qkv[:, :t], rot_t), qk[:, t:]], 1)
+        return qkv, qk
+
     def _block_layers(self, x: Tensor, rot: Tensor, bias: Tensor, k_layers: list[Tensor], v_layers: list[Tensor],
                       start: int, rot_t: Tensor | None = None) -> Tensor:
         """The blocks and the final norm for P tokens: x [B, P, D], rot [B * P, Dh, Dh], bias
@@ -537,11 +544,7 @@ class TransformerBackbone(Backbone):
         x = x.reshape(N, D)  # one row per token: 2-D products, the batched-rows linears
         for i, layer in enumerate(self.layers):
             attn = layer.attn
-            qkv = decode_linear(attn.qkv, _norm(layer.attn_norm, x)).view(N, H + 2 * Hkv, Dh)
-            qk = torch.bmm(qkv[:, : H + Hkv], rot)  # rotated q and k of every head: [N, H + Hkv, Dh]
-            if rot_t is not None:  # text heads' queries rotate by their own positions
-                t = self.text_heads
-                qk = torch.cat([torch.bmm(qkv[:, :t], rot_t), qk[:, t:]], 1)
+            qkv, qk = self._decode_qkv(layer, x, rot, rot_t)
             k_cache, v_cache = k_layers[i], v_layers[i]
             k_cache.narrow(2, start, P).copy_(qk[:, H:].view(B, P, Hkv, Dh).transpose(1, 2))
             v_cache.narrow(2, start, P).copy_(qkv[:, H + Hkv:].view(B, P, Hkv, Dh).transpose(1, 2))

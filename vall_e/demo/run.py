@@ -40,6 +40,7 @@ from vall_e.emb.codes import read_codes
 from vall_e.generation.sampling import SamplingParams
 from vall_e.generation.settings import GenerationSettings
 from vall_e.generation.tts import TTS
+from vall_e.models.backbones.base import check_kv_heads
 from vall_e.models.build import build_models
 from vall_e.models.model_file import read_export
 from vall_e.models.valle import VALLE, VALLEConfig
@@ -298,10 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.train_steps < 0:
         raise UserError(f"--train-steps must be >= 0, got {args.train_steps}")
-    kv = args.kv_heads or args.heads
-    if args.heads % kv or args.text_heads % (args.heads // kv):
+    try:  # the backbone's own rule, checked before hours of preparation rather than at the first step
+        check_kv_heads(args.heads, args.kv_heads, args.text_heads)
+    except ValueError:
         raise UserError(f"--kv-heads {args.kv_heads} must divide --heads {args.heads}, and --text-heads "
-                        f"{args.text_heads} must be a multiple of heads / kv-heads")
+                        f"{args.text_heads} must be a multiple of heads / kv-heads") from None
     if args.nar_levels > 0 and args.p_ar >= 1.0:
         raise UserError(f"--nar-levels {args.nar_levels} decodes NAR levels, but --p-ar {args.p_ar:g} trains no NAR; "
                         "give --p-ar below 1 (e.g. 0.75)")

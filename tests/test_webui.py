@@ -59,6 +59,7 @@ EXPECTED = {
     "context_seconds": (2.0, lambda s: s.ar.max_ar_context, 150, {}),  # also dropped by the reference
     "max_nar_levels": (3, lambda s: s.max_nar_levels, 3, {}),
     "max_repeat_seconds": (1.0, lambda s: s.max_repeat_frames, 75, {}),
+    "pitch_guard": (4.0, lambda s: s.pitch_guard, 4.0, {}),
     "medusa": (True, lambda s: s.ar.medusa, True, {}),
     "split_sentences": (False, lambda s: s.split_sentences, False, {}),
     "pause": (0.5, lambda s: s.pause, 0.5, {}),

@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AR min-p filter at synthesis (drops codes below this share of the likeliest one's "
                         "probability; 0.1 chosen on the development sentences, 4 sampling seeds: 0.25 dB better "
                         "than none at temperature 0.6, durations as good)")
+    p.add_argument("--pitch-guard", type=float, default=4.0,
+                   help="sample an output again when its median pitch is more than this many semitones from its "
+                        "prompt's (0 = off; 4 chosen on the development sentences: the outputs that drifted into "
+                        "another voice sat 7-13 semitones away, every other within 1.6)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     p.add_argument("--fresh", action="store_true", help="delete the output folder first")
@@ -250,26 +254,31 @@ def run_synthesis(tts: TTS, untrained: TTS, items: list[TestItem], held: list[Te
                                              min_p=args.ar_min_p, seed=args.seed),
                                   nar=replace(SamplingParams.nar_defaults(), temperature=0.0, seed=args.seed),
                                   input_prompt_length=1.5, split_sentences=False,
-                                  max_ar_steps=450, max_nar_levels=levels)  # 450 steps: 6-12 s; the sentences take 2-3 s
+                                  max_ar_steps=450, max_nar_levels=levels,  # 450 steps: 6-12 s; the sentences take 2-3 s
+                                  pitch_guard=args.pitch_guard)
     prompts = [tts.encode_reference(str(it.prompt), 1.5) for it in items]
     tags = [f"{i:02d}_{it.speaker}" for i, it in enumerate(items)]
     texts = [it.text for it in items]
-    codes = tts.generate_codes(texts, prompts, replace(settings, max_nar_levels=7))
-    trained = write_column(tts, "trained", [c[:, :1 + levels] for c in codes], wav_dir, tags)
+    zeros = torch.zeros(len(items), dtype=torch.long)
+    ids = [tts.encode_text(t) for t in texts]
+    codes = tts.generate_codes(texts, prompts, settings)  # the pitch guard judges what is decoded
+    # all 7 NAR levels on the same level 0, for the oracle table (the NAR is greedy: the same codes either way)
+    codes_all = tts.generate_nar(ids, zeros, prompts, [c[:, 0] for c in codes], settings.nar, 7)
+    trained = write_column(tts, "trained", codes, wav_dir, tags)
     control = write_column(tts, "trained_other_text",
                            tts.generate_codes([it.other_text for it in items], prompts, settings), wav_dir, tags)
-    fresh = write_column(untrained, "untrained", untrained.generate_codes(texts, prompts, settings), wav_dir, tags)
+    # the untrained control without the guard: its outputs are noise, which the guard would only sample again
+    fresh = write_column(untrained, "untrained",
+                         untrained.generate_codes(texts, prompts, replace(settings, pitch_guard=0.0)), wav_dir, tags)
     true = [_codes(it.reference) for it in items]
-    ids = [tts.encode_text(t) for t in texts]
-    true_nar = tts.generate_nar(ids, torch.zeros(len(ids), dtype=torch.long), prompts, [t[:, 0] for t in true],
-                                settings.nar, 7)
+    true_nar = tts.generate_nar(ids, zeros, prompts, [t[:, 0] for t in true], settings.nar, 7)
     level0 = (Column("model_ar_level0_only", trained.wavs) if levels == 0
               else write_column(tts, "model_ar_level0_only", [c[:, :1] for c in codes], wav_dir, tags))
     columns = {"unseen": [trained, control, fresh, Column("other_sentence", [it.other_reference for it in items])],
                "oracle": [write_column(tts, "codec_round_trip", true, wav_dir, tags),
                           write_column(tts, "true_level0_only", [t[:, :1] for t in true], wav_dir, tags),
                           write_column(tts, "true_level0_model_nar", true_nar, wav_dir, tags),
-                          write_column(tts, "model_ar_model_nar", codes, wav_dir, tags), level0]}
+                          write_column(tts, "model_ar_model_nar", codes_all, wav_dir, tags), level0]}
     held_prompts = [tts.encode_reference(str(it.prompt), 1.5) for it in held]
     held_tags = [f"heldout_{i:02d}_{it.speaker}" for i, it in enumerate(held)]
     held_codes = tts.generate_codes([it.text for it in held], held_prompts, settings)

@@ -27,6 +27,7 @@ SETTINGS_RANGES: dict[str, Range] = {
     "max_repeat_frames": Range(ge=1),
     "min_frames_per_phoneme": Range(ge=0),
     "pause": Range(ge=0),
+    "pitch_guard": Range(ge=0, note="0 = off"),
 }
 
 
@@ -44,6 +45,9 @@ class GenerationSettings:
     language: str = "en"
     split_sentences: bool = True
     pause: float = 0.25  # seconds of silence between joined sentences
+    # > 0: an output whose median pitch is more than this many semitones from its prompt's is sampled
+    # again, up to `vall_e.generation.pitch.TRIES` times, keeping the closest (not in streaming)
+    pitch_guard: float = 0.0
     # what the reference says: models whose text front end reads it (converted VALL-E X / Amphion
     # checkpoints) put it before the text and take the whole reference as the prompt; others ignore it
     reference_text: str = ""
@@ -133,6 +137,9 @@ OPTIONS: tuple[Option, ...] = (
            "Amphion models, which then use the whole reference as the prompt)"),
     Option("split_sentences", ("split_sentences",), "split long text into sentences", flag="--no-split"),
     Option("pause", ("pause",), "seconds of silence between joined sentences/lines"),
+    Option("pitch_guard", ("pitch_guard",), "if > 0, an output whose median pitch is more than this many "
+           "semitones from the reference's is sampled again (up to 3 more tries, the closest kept; "
+           "not in streaming): catches the AR drifting into another voice"),
 )
 OPTION_NAMES = tuple(o.name for o in OPTIONS)
 _BY_NAME = {o.name: o for o in OPTIONS}

@@ -33,6 +33,8 @@ from vall_e.codecs.world import WorldCodec
 from vall_e.config import load_config
 from vall_e.data.prompts import trim_or_repeat
 from vall_e.generation.constraints import DecodingConstraints
+from vall_e.generation.pitch import TRIES as PITCH_TRIES
+from vall_e.generation.pitch import median_log_f0, semitones_apart
 from vall_e.generation.sampling import BeamSearch, SamplingParams, TokenSampler
 from vall_e.generation.settings import GenerationSettings
 from vall_e.generation.speculative import medusa_steps, medusa_unsupported
@@ -58,6 +60,7 @@ ENGINE_DTYPES = (*DTYPES, "int8")  # what `TTS` accepts as its dtype (int8: dyna
 # The step limit allows a generous 3x slack before cutting a sequence off.
 FRAMES_PER_PHONEME_LIMIT = 20
 MIN_AR_STEPS = 75
+RETRY_SEED_STRIDE = 1_000_003  # a pitch-guard retry samples with seed + try x this (a stream no other seed uses nearby)
 SYNC_EVERY = 8  # GPU decode path: frames between reads of "have all rows stopped?" (each read waits for the GPU)
 MAX_REFERENCE_SECONDS = 120.0  # a reference longer than this is refused from its header (never loaded)
 
@@ -576,9 +579,51 @@ class TTS:
         steps = self._step_limits(text_ids, settings.max_ar_steps)
         floors = [int(settings.min_frames_per_phoneme * self._own_length(t, ids, lang, settings))
                   for t, ids, lang in zip(texts, text_ids, languages)]
-        level0 = self.generate_ar(text_ids, langs, list(prompts), settings.ar, steps, settings.max_repeat_frames,
-                                  floors)
-        return self.generate_nar(text_ids, langs, list(prompts), level0, settings.nar, settings.max_nar_levels)
+        codes = self._ar_then_nar(text_ids, langs, list(prompts), settings, steps, floors)
+        if settings.pitch_guard > 0:
+            codes = self._guard_pitch(codes, text_ids, langs, list(prompts), settings, steps, floors)
+        return codes
+
+    def _ar_then_nar(self, text_ids: list[Tensor], langs: Tensor, prompts: list[Tensor], settings: GenerationSettings,
+                     steps: list[int], floors: list[int]) -> list[Tensor]:
+        level0 = self.generate_ar(text_ids, langs, prompts, settings.ar, steps, settings.max_repeat_frames, floors)
+        return self.generate_nar(text_ids, langs, prompts, level0, settings.nar, settings.max_nar_levels)
+
+    def _pitch_distances(self, codes: list[Tensor], prompts: list[Tensor], indices: list[int]) -> dict[int, float]:
+        """Semitones between each output's median pitch and its prompt's, both decoded by the codec
+        (`vall_e.generation.pitch`); NaN where the prompt has no voiced frame."""
+        out, refs = {}, {}
+        for i in indices:
+            levels = max(1, codes[i].shape[1])
+            key = (id(prompts[i]), levels)  # one voice's prompt is usually shared by every text
+            if key not in refs:
+                refs[key] = median_log_f0(self.decode([prompts[i][:, :levels]])[0], self.sample_rate)
+            out[i] = semitones_apart(median_log_f0(self.decode([codes[i]])[0], self.sample_rate), refs[key])
+        return out
+
+    def _guard_pitch(self, codes: list[Tensor], text_ids: list[Tensor], langs: Tensor, prompts: list[Tensor],
+                     settings: GenerationSettings, steps: list[int], floors: list[int]) -> list[Tensor]:
+        """Sample again the outputs that left their prompt's pitch register by more than
+        `settings.pitch_guard` semitones (a new seed per try, only those outputs, batched), up to
+        `pitch.TRIES` generations each; keep the closest try. Seeded settings stay reproducible."""
+        codes = list(codes)
+        best = self._pitch_distances(codes, prompts, list(range(len(codes))))
+        for attempt in range(1, PITCH_TRIES):
+            redo = [i for i, d in best.items() if d > settings.pitch_guard]  # NaN (no register) compares False
+            if not redo:
+                break
+            logger.info("pitch guard: %d output(s) more than %g semitones from the reference's pitch, sampling "
+                        "again (try %d of %d)", len(redo), settings.pitch_guard, attempt + 1, PITCH_TRIES)
+            seed = settings.ar.seed
+            retry = replace(settings, ar=replace(settings.ar, seed=None if seed is None else
+                                                 (seed + attempt * RETRY_SEED_STRIDE) % (2**53)))
+            again = self._ar_then_nar([text_ids[i] for i in redo], langs[redo], [prompts[i] for i in redo], retry,
+                                      [steps[i] for i in redo], [floors[i] for i in redo])
+            dist = self._pitch_distances(again, [prompts[i] for i in redo], list(range(len(redo))))
+            for j, i in enumerate(redo):
+                if dist[j] < best[i]:
+                    codes[i], best[i] = again[j], dist[j]
+        return codes
 
     def decode(self, codes: list[Tensor]) -> list[Tensor]:
         out = []

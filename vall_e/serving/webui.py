@@ -118,6 +118,8 @@ CONTROLS: tuple[Control, ...] = (
             info="NAR passes (code levels 1..N); fewer = faster, coarser audio"),
     Control("max_repeat_seconds", "Stop on a code repeated for (s)", "advanced", minimum=0.1, maximum=10.0,
             step=0.1, info="a sequence stuck on one code this long is ended"),
+    Control("pitch_guard", "Pitch guard (semitones)", "advanced", minimum=0.0, maximum=24.0, step=0.5,
+            info="> 0: an output whose median pitch is this far from the reference's is sampled again; 0 = off"),
     Control("medusa", "Medusa heads (AR)", "advanced", kind="checkbox",
             info="models with Medusa heads decode several AR steps per forward pass, with the same output"),
     Control("split_sentences", "Split into sentences", "advanced", kind="checkbox",

@@ -118,6 +118,126 @@ def test_heads_start_as_the_ar_head_and_train(G):
     assert "medusa1.nll" not in stats_nar  # NAR samples have no next steps to propose
 
 
+def _ar_batch(B: int = 2, T: int = 9, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"text": [torch.randint(1, N_TEXT, (6 + i,), generator=g) for i in range(B)],
+            "prompt": [torch.randint(0, N_CODES, (5, 2), generator=g) for _ in range(B)],
+            "resps": [torch.randint(0, N_CODES, (T + 2 * i, 2), generator=g) for i in range(B)],
+            "levels": torch.zeros(B, dtype=torch.long)}
+
+
+class _ShiftedAR(torch.nn.Module):
+    """A stand-in for Medusa head k: the AR head's logits at the position `shift` steps after the
+    hidden state it is given (found among the forward's hidden states), i.e. exactly what
+    self-distillation asks head k to learn."""
+
+    def __init__(self, model: VALLE, shift: int) -> None:
+        super().__init__()
+        self.model, self.shift, self.hidden = model, shift, None
+
+    def forward(self, h: Tensor) -> Tensor:
+        H = self.hidden  # [B, S, d]
+        flat = H.reshape(-1, H.shape[-1])
+        idx = torch.cdist(h.detach(), flat.detach()).argmin(-1)
+        b, t = idx // H.shape[1], (idx % H.shape[1] + self.shift).clamp_max(H.shape[1] - 1)
+        return self.model.ar_head(H[b, t])
+
+
+def _with_shifted_heads(model: VALLE, offset: int = 0) -> list[_ShiftedAR]:
+    heads = [_ShiftedAR(model, k + offset) for k in range(1, len(model.medusa_heads) + 1)]
+    model.medusa_heads = torch.nn.ModuleList(heads)
+
+    def grab(module, args, out):
+        for head in heads:
+            head.hidden = out.hidden
+
+    model.backbone.register_forward_hook(grab)
+    return heads
+
+
+def test_distill_config():
+    cfg = VALLEConfig(kind="ar", medusa_heads=2, medusa_distill=True, d_model=32, n_heads=2, n_layers=1)
+    assert VALLEConfig.from_dict(cfg.to_dict()) == cfg and VALLEConfig().medusa_distill is False
+    with pytest.raises(UserError, match="medusa_distill"):
+        VALLEConfig(medusa_heads=1, medusa_distill="yes")
+
+
+@pytest.mark.parametrize("G", [1, 2])
+def test_distill_loss_is_zero_for_heads_that_are_the_shifted_ar(G):
+    """With `medusa_distill`, heads that give the AR head's distribution k steps on (same group slot)
+    have zero KL and full agreement; heads off by one step do not; the true-code loss stays as it was."""
+    batch = _ar_batch()
+    model = tiny(K=2, G=G, medusa_distill=True)
+    with torch.no_grad():
+        model.ar_head.weight.mul_(50.0)  # a peaked AR distribution: the argmax is well defined
+    _with_shifted_heads(model)
+    with torch.no_grad():
+        _, stats = model(batch)
+    for k in (1, 2):
+        assert stats[f"medusa{k}.kl"] < 1e-5 and stats[f"medusa{k}.acc"] == 1.0
+        assert stats[f"medusa{k}.nll"] > 0.1  # still the cross-entropy against the true code
+    _with_shifted_heads(model, offset=1)  # head k proposes step k + 1 instead: wrong
+    with torch.no_grad():
+        _, off = model(batch)
+    assert off["medusa1.kl"] > 0.1 and off["medusa1.acc"] < 0.9
+    model.config = replace(model.config, medusa_distill=False)  # the default: true codes, no KL
+    _with_shifted_heads(model)
+    with torch.no_grad():
+        _, true_code = model(batch)
+    assert "medusa1.kl" not in true_code and true_code["medusa1.nll"] > 0.1
+
+
+@pytest.mark.parametrize("G", [1, 2])
+def test_distill_targets_are_detached(G):
+    """No gradient reaches the AR head or the hidden states through the distillation target: with
+    heads whose output does not depend on the hidden state, the Medusa loss has no gradient but the
+    heads' biases'."""
+    model = tiny(K=2, G=G, medusa_distill=True).train()
+    batch = _ar_batch()
+    levels = batch["levels"]
+    seqs, starts, resp_t, _ = model._training_layout(batch, levels)
+    x, valid = model._pad(seqs)
+    with torch.no_grad():
+        h = model.backbone(x, model._mask(levels == 0, valid, batch["text"], starts)).hidden
+    h = h.clone().requires_grad_(True)
+    with torch.no_grad():
+        for head in model.medusa_heads:
+            head.out.weight.zero_()
+            head.block.weight.zero_()
+    loss = model._medusa_loss(h, resp_t, levels[resp_t.sample], {})
+    assert loss > 0
+    loss.backward()
+    assert model.ar_head.weight.grad is None and model.ar_head.bias.grad is None
+    assert h.grad is None or not h.grad.any()
+    assert all(head.out.bias.grad.abs().sum() > 0 for head in model.medusa_heads)
+
+
+def test_distill_training_raises_agreement_with_the_ar():
+    """A few optimiser steps on the heads alone (the rest frozen, as `trainer.medusa_only`) raise their
+    agreement with the AR head's argmax at the shifted step and lower the KL."""
+    from vall_e.models.build import freeze_all_but_medusa
+
+    model = tiny(K=2, medusa_distill=True)
+    with torch.no_grad():
+        model.ar_head.weight.mul_(50.0)
+    model.init_medusa_from_ar()
+    freeze_all_but_medusa(model)
+    batch = _ar_batch(B=4, T=12)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with torch.no_grad():
+        _, before = model(batch)
+    for _ in range(40):
+        loss, _ = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        _, after = model(batch)
+    for k in (1, 2):
+        assert after[f"medusa{k}.acc"] > before[f"medusa{k}.acc"] + 0.3, (before, after)
+        assert after[f"medusa{k}.kl"] < 0.5 * before[f"medusa{k}.kl"]
+
+
 def test_medusa_only_freezes_all_but_the_heads():
     from vall_e.models.build import freeze_all_but_medusa
 

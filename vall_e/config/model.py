@@ -154,6 +154,10 @@ class ModelOptions:
                                    "t+2..t+1+K, verified in one forward pass (exact decoding, faster); 0 = off")
     medusa_loss_weight: float = setting(1.0, "weight of the Medusa heads' loss (head k's cross-entropy counts "
                                              "0.8**(k-1) of it)")
+    medusa_distill: bool = setting(False, "self-distillation (Medusa-2) for the Medusa heads: head k learns the AR "
+                                          "head's own (detached) distribution at the step it proposes, by KL "
+                                          "divergence, instead of the true code; medusa{k}.acc is then agreement "
+                                          "with the AR head's argmax")
     backbone_extra: dict[str, Any] = setting({}, "more keyword options for the backbone (e.g. rope_base)")
 
 
@@ -223,6 +227,8 @@ class VALLEConfig(StoredConfig, ModelOptions):
             raise UserError(f"model.medusa_heads: a {self.kind} network has no AR to put the heads on")
         if not self.medusa_loss_weight >= 0:
             raise UserError(f"model.medusa_loss_weight {self.medusa_loss_weight}: must be >= 0")
+        if not isinstance(self.medusa_distill, bool):
+            raise UserError(f"model.medusa_distill {self.medusa_distill!r}: must be true or false")
         if not isinstance(self.backbone_extra, dict):
             raise UserError(f"model.backbone_extra {self.backbone_extra!r}: must be a mapping")
 

@@ -387,16 +387,31 @@ class VALLE(nn.Module):
         return ce, top1, top10
 
     def _medusa_loss(self, h: Tensor, resp_t: "_Targets", tok_level: Tensor, values: dict[str, Tensor]) -> Tensor:
-        """Sum over heads k = 1..K of 0.8**(k-1) x the cross-entropy of head k at each AR position
-        against the target k steps after the AR head's (Medusa-1's weighting); positions whose
-        shifted target is past the sequence's STOP are left out. Adds `medusa{k}.nll/.acc`."""
+        """Sum over heads k = 1..K of 0.8**(k-1) x head k's loss at each AR position (Medusa-1's
+        weighting); positions whose shifted target is past the sequence's STOP are left out.
+
+        By default head k's loss is the cross-entropy against the true code k steps after the AR head's,
+        and `medusa{k}.nll` / `medusa{k}.acc` (top-1 against that code) are logged. With
+        `medusa_distill` (Medusa-2's self-distillation) the target is instead the AR head's own
+        distribution at that shifted position (same forward, same group slot, detached): the loss is
+        KL(AR || head), logged as `medusa{k}.kl`; `medusa{k}.acc` is then the head's agreement with the
+        AR head's argmax there (what greedy decoding accepts) and `medusa{k}.nll` is still the
+        cross-entropy against the true code (not trained on)."""
         c, dev, G = self.config, self.device, self.config.ar_group
         ar = (tok_level == 0).nonzero().squeeze(1)  # AR targets: per sample in position order, G slots each
         sample, pos, target, sub = (t[ar] for t in (resp_t.sample, resp_t.pos, resp_t.target, resp_t.sub))
         h_tok = h[sample.to(dev), pos.to(dev)]
+        rows = torch.arange(len(ar), device=dev)
+        teacher = None
+        if c.medusa_distill:  # the AR head's log-probabilities at every AR target (its own slot)
+            with torch.no_grad():
+                ar_logits = self._head(h_tok.detach(), 0).float()
+                if G > 1:
+                    ar_logits = ar_logits.view(len(ar), G, -1)[rows, sub.to(dev)]
+                teacher = F.log_softmax(ar_logits, -1)
         total = h.new_zeros(())
         for k, head in enumerate(self.medusa_heads, start=1):
-            shift = k * G
+            shift = k * G  # the same slot k steps on: k * G targets later in the flat list
             if len(ar) <= shift:
                 break
             keep = (sample[shift:] == sample[:-shift]).nonzero().squeeze(1).to(dev)
@@ -406,10 +421,17 @@ class VALLE(nn.Module):
             if G > 1:
                 logits = logits.view(len(keep), G, -1)[torch.arange(len(keep), device=dev), sub[keep.cpu()].to(dev)]
             t = target[shift:][keep.cpu()].to(dev)
-            ce = F.cross_entropy(logits, t)
-            total = total + 0.8 ** (k - 1) * ce
-            values[f"medusa{k}.nll"] = ce.detach()
-            values[f"medusa{k}.acc"] = (logits.argmax(-1) == t).float().mean()
+            if teacher is None:
+                loss = F.cross_entropy(logits, t)
+                values[f"medusa{k}.nll"] = loss.detach()
+                values[f"medusa{k}.acc"] = (logits.argmax(-1) == t).float().mean()
+            else:
+                p_log = teacher[shift:][keep]
+                loss = F.kl_div(F.log_softmax(logits, -1), p_log, reduction="batchmean", log_target=True)
+                values[f"medusa{k}.kl"] = loss.detach()
+                values[f"medusa{k}.nll"] = F.cross_entropy(logits.detach(), t)
+                values[f"medusa{k}.acc"] = (logits.argmax(-1) == p_log.argmax(-1)).float().mean()
+            total = total + 0.8 ** (k - 1) * loss
         return total
 
     def _total_loss(self, values: dict[str, Tensor], ce: Tensor, out: BackboneOutput, resp_t: "_Targets",

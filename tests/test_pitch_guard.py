@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests.test_inference import reference, tts  # noqa: F401  (the engine tests' fixtures: a tiny model, a voice)
 from vall_e.generation.pitch import TRIES, median_log_f0, semitones_apart
 from vall_e.utils.errors import UserError
 
@@ -47,20 +47,6 @@ def test_negative_guard_is_a_settings_error():
 
     with pytest.raises(UserError, match="pitch_guard"):
         settings_from({"pitch_guard": -1.0})
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    from tests.conftest import write_reference
-
-    return write_reference(tmp_path_factory.mktemp("ref") / "voice.wav")
-
-
-@pytest.fixture(scope="module")
-def tts(model_file):
-    from vall_e.generation.tts import TTS
-
-    return TTS.from_pretrained(model_file, device="cpu")
 
 
 def _settings(guard: float, seed: int | None = 5):

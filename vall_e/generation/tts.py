@@ -562,7 +562,8 @@ class TTS:
     # ------------------------------------------------------------------ public API
     def generate_codes(self, texts: Sequence[str], prompts: Sequence[Tensor], settings: GenerationSettings,
                        languages: Sequence[str] | None = None) -> list[Tensor]:
-        """Texts (one per prompt) -> codes [T_i, L] per text."""
+        """Texts (one per prompt) -> codes [T_i, L] per text. With `settings.pitch_guard` > 0, outputs that
+        left their prompt's pitch register are sampled again (`_guard_pitch`)."""
         if len(texts) != len(prompts):
             raise ValueError("one prompt per text is needed")
         languages = list(languages or [settings.language] * len(texts))

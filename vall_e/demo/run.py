@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
-import os
 import random
 import shutil
 import sys
@@ -35,7 +34,7 @@ from vall_e.data import VALLEDataset, make_dataloader
 from vall_e.demo import report
 from vall_e.demo.corpus import (DemoData, TestItem, fit_and_quantize, frames_per_token, heldout_items, make_corpora,
                                 phonemize, unseen_items)
-from vall_e.demo.scoring import Analyses, score_column, speaker_identification, summarize
+from vall_e.demo.scoring import Analyses, score_column, speaker_identification
 from vall_e.emb.codes import read_codes
 from vall_e.generation.sampling import SamplingParams
 from vall_e.generation.settings import GenerationSettings

@@ -72,7 +72,7 @@ def collect(trainer: Any, cfg: Any, meta: dict[str, Any], tables: dict[str, dict
         "settings": {k: getattr(args, k) for k in ("speakers", "utterances", "minutes", "train_steps", "codes",
                                                      "d_model", "layers", "heads", "kv_heads", "batch_size", "lr", "p_ar",
                                                      "ar_group", "text_heads", "nar_levels", "ar_temperature", "ar_min_p",
-                                                     "seed")},
+                                                     "pitch_guard", "seed")},
         "items": [{"speaker": it.speaker, "text": it.text,
                    **{name: rows[i]["mcd"] for name, rows in tables["unseen"].items()},
                    "closer": tables["unseen"]["trained"][i]["closer"],

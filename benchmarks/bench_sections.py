@@ -729,10 +729,16 @@ def _demo_items(data_dir: Any, frame_rate: float, per_speaker: int = 2, prompt_s
     return items
 
 
-def _verify_cost(ctx: Ctx, K: int, keys: int = 600) -> dict[str, Any]:
+# Greedy verification trees the medusa section measures beside the chain (`medusa_tree` settings)
+MEDUSA_TREES = ("16,8,4", "16x2,8,4", "32,16,8")
+
+
+def _verify_cost(ctx: Ctx, K: int, keys: int = 600, trees: tuple[str, ...] = ()) -> dict[str, Any]:
     """Quarter preset (untrained: speed depends on shapes), batch 1, `keys` cache positions: the time of
     one AR step, of one verification pass over K + 1 positions (the backbone's fused block path, and
-    for comparison the general forward it replaced), and of the K heads on one row."""
+    for comparison the general forward it replaced), of the K heads on one row, and of a pass over each
+    of `trees` (its rows with tree attention)."""
+    from vall_e.generation.speculative import parse_tree
     from vall_e.config.model import resolve_dims
     from vall_e.generation.tts import cpu_decode_layout
     from vall_e.models.backbones import transformer as tr
@@ -770,10 +776,22 @@ def _verify_cost(ctx: Ctx, K: int, keys: int = 600) -> dict[str, Any]:
             model.ar_rollback(state, L)
             t, _ = timed(lambda: model.medusa_logits(state.hidden), ctx.device)
             t_heads.append(t)
+        t_trees: dict[str, list[float]] = {}
+        shapes = {spec: parse_tree(spec, K, ctx.device) for spec in trees}
+        for _ in range(10 if trees else 0):
+            for spec, tree in shapes.items():
+                L = state.length
+                t, _ = timed(lambda: model.ar_verify(tok.repeat(1, tree.size), state, steps, tree.block), ctx.device)
+                t_trees.setdefault(spec, []).append(t)
+                model.ar_rollback(state, L)
     out = {"keys": keys, "step_ms": min(t_step) * 1e3, "verify_ms": min(t_verify) * 1e3,
            "verify_general_ms": min(t_general) * 1e3, "heads_ms": min(t_heads) * 1e3}
     out["pass_over_step"] = (out["verify_ms"] + out["heads_ms"]) / out["step_ms"]
     out["general_pass_over_step"] = (out["verify_general_ms"] + out["heads_ms"]) / out["step_ms"]
+    if trees:
+        out["trees"] = {spec: {"rows": shapes[spec].size, "verify_ms": min(ts) * 1e3,
+                               "pass_over_step": (min(ts) * 1e3 + out["heads_ms"]) / out["step_ms"]}
+                        for spec, ts in t_trees.items()}
     return out
 
 
@@ -804,6 +822,8 @@ def medusa(ctx: Ctx, model_path: Any, data_dir: Any, earlier: dict[str, Any]) ->
                            "batch": 1, "threads": ctx.threads}
     modes = {"greedy": SamplingParams(temperature=0.0, seed=0),
              "sampling": SamplingParams.ar_defaults(seed=0)}
+    trees = tuple(t for t in MEDUSA_TREES if len(t.split(",")) <= cfg.medusa_heads)
+    modes.update({f"tree {t}": SamplingParams(temperature=0.0, seed=0, medusa_tree=t) for t in trees})
     for mode, params in modes.items():
         best: dict[tuple[int, bool], float] = {}
         frames: dict[tuple[int, bool], int] = {}
@@ -825,7 +845,7 @@ def medusa(ctx: Ctx, model_path: Any, data_dir: Any, earlier: dict[str, Any]) ->
                     if on:
                         passes += tts.ar_stats["passes"]
                         kept += tts.ar_stats["steps"]
-                if mode == "greedy":
+                if params.greedy:
                     identical &= bool(torch.equal(codes[False], codes[True]))
         row: dict[str, Any] = {}
         for on, name in ((False, "plain"), (True, "medusa")):
@@ -835,15 +855,20 @@ def medusa(ctx: Ctx, model_path: Any, data_dir: Any, earlier: dict[str, Any]) ->
         row["speedup"] = row["medusa"]["frames_per_s"] / row["plain"]["frames_per_s"]
         row["steps_per_pass"] = kept / max(passes, 1)  # AR steps (groups of ar_group frames) per forward pass
         row["frames_per_pass"] = row["steps_per_pass"] * cfg.ar_group
-        if mode == "greedy":
+        if params.greedy:
             row["identical_codes"] = identical
-        out[mode] = row
+        if params.medusa_tree:
+            out.setdefault("trees", {})[params.medusa_tree] = row
+        else:
+            out[mode] = row
         ctx.log(f"[medusa] {mode}: {row['steps_per_pass']:.2f} steps per pass, speedup {row['speedup']:.2f}x")
     del tts
     _free()
 
-    cost = _verify_cost(ctx, cfg.medusa_heads)
+    cost = _verify_cost(ctx, cfg.medusa_heads, trees=trees)
     out["quarter_pass_cost"] = cost
+    for t, row in out.get("trees", {}).items():  # what the demo's acceptance would give the quarter's pass costs
+        row["quarter_projected_ar_speedup"] = row["steps_per_pass"] / cost["trees"][t]["pass_over_step"]
     e2e = _g(earlier.get("e2e", {}).get("seconds", {}), 10)
     qbw = earlier.get("ar", {}).get("quarter", {}).get("bandwidth")
     n10 = _g(earlier.get("nar", {}).get("quarter", {}), 10)

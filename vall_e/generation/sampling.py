@@ -148,7 +148,9 @@ class SamplingParams:
     how many recent response frames the AR attends to (<= 0 = all; `DecodingConstraints` applies
     it). seed None = drawn from torch's global RNG. medusa: decode with the model's Medusa heads when
     it has them (`model.medusa_heads`; greedy output identical, sampling the same distribution, see
-    `vall_e.generation.speculative`). Bounds: `SAMPLING_RANGES`.
+    `vall_e.generation.speculative`). medusa_tree: greedy only: verify a tree of the heads' top
+    candidates per pass instead of a chain of their best ("16,8,4": 16 candidates at depth 1, 8 under
+    the best of them, 4 under the best of those; "" = the chain). Bounds: `SAMPLING_RANGES`.
     """
 
     temperature: float = 1.0
@@ -169,9 +171,13 @@ class SamplingParams:
     dynamic_temperature_mode: str = "pmax"
     seed: int | None = None
     medusa: bool = False
+    medusa_tree: str = ""
 
     def __post_init__(self) -> None:
         check_fields(self, "sampling", SAMPLING_RANGES)
+        if self.medusa_tree:
+            from vall_e.generation.speculative import TREE_MAX_DEPTH, parse_tree
+            parse_tree(self.medusa_tree, TREE_MAX_DEPTH)  # the syntax; the depth is checked against the model
         if self.dynamic_temperature_mode not in DYNAMIC_TEMPERATURE_MODES:
             raise UserError(f"sampling.dynamic_temperature_mode={self.dynamic_temperature_mode!r}: must be one of "
                             f"{', '.join(DYNAMIC_TEMPERATURE_MODES)}")

@@ -125,6 +125,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("medusa", ("ar.medusa",), "decode several AR steps per forward pass with the model's Medusa heads "
            "(model.medusa_heads; exact: same greedy codes, same sampling distribution; off by default: on the CPU "
            "with the demo's model it measured slower than one-step decoding)"),
+    Option("medusa_tree", ("ar.medusa_tree",), "with medusa and greedy AR decoding: verify a tree of the heads' "
+           "top candidates per pass (e.g. 16,8,4: more steps per pass, more rows per pass; for a GPU, where rows "
+           "cost little) instead of a chain of their best (empty)"),
     Option("seed", ("ar.seed", "nar.seed"), "random seed for reproducible output (default: random)"),
     Option("max_ar_steps", ("max_ar_steps",), "cap on AR frames (0: follow the text length)"),
     Option("max_nar_levels", ("max_nar_levels",), "NAR passes (levels 1..N)"),

@@ -34,6 +34,7 @@ on the draws), a rolling context (`max_ar_context`), and backbones whose cache c
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -41,6 +42,91 @@ from torch import Tensor
 
 from vall_e.generation.constraints import DecodingConstraints
 from vall_e.generation.sampling import PAD_ID, SamplingParams, TokenSampler, apply_length_penalty
+from vall_e.utils.errors import UserError
+
+
+@dataclass(frozen=True)
+class MedusaTree:
+    """A tree of candidate steps for greedy verification (Medusa's tree attention): node 0 is the step
+    the AR picked, a node at depth d is one of head d's top candidate groups (ranked by joint
+    log-probability of their G frames), nodes in breadth-first order.
+
+    parent/depth/rank: Long[S] per node (the root is its own parent, depth 0); levels[d]: the node
+    indices at depth d + 1; ranks[d]: their candidate ranks; widths[d]: head d's candidates used;
+    block: Bool[S, S], node i's ancestors and itself (`Mask.block`)."""
+
+    parent: Tensor
+    depth: Tensor
+    levels: tuple[Tensor, ...]
+    ranks: tuple[Tensor, ...]
+    widths: tuple[int, ...]
+    block: Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.parent.shape[0])
+
+    def frame_offsets(self, group: int) -> Tensor:
+        """Long[S * group]: frames before each frame of the step after each node (its depth's)."""
+        return (self.depth[:, None] * group + torch.arange(group, device=self.depth.device)).flatten()
+
+
+TREE_MAX_NODES = 256
+TREE_MAX_DEPTH = 4  # model.medusa_heads is at most 4
+
+
+def parse_tree(spec: str, heads: int, device: torch.device | str = "cpu") -> MedusaTree:
+    """`medusa_tree` ("16x2,8,4") -> MedusaTree: one entry per depth, "W" (head d's top W candidates
+    under each expanded node of the depth above) or "WxE" (and the best E of them are expanded to
+    the next depth; E = 1 when left out). "16,8,4" is 16 + 8 + 4 candidates, 29 rows with the root."""
+    entries = [e.strip() for e in spec.split(",") if e.strip()]
+    widths, expand = [], []
+    for e in entries:
+        w, _, x = e.lower().partition("x")
+        if not w.isdigit() or (x and not x.isdigit()) or int(w) < 1 or (x and not 1 <= int(x) <= int(w)):
+            raise UserError(f"medusa_tree={spec!r}: each depth is W or WxE (1 <= E <= W), e.g. 16x2,8,4")
+        widths.append(int(w))
+        expand.append(int(x) if x else 1)
+    if not widths:
+        raise UserError(f"medusa_tree={spec!r}: give the candidates per depth, e.g. 16,8,4")
+    if len(widths) > heads:
+        raise UserError(f"medusa_tree={spec!r} has {len(widths)} depths; the model has {heads} Medusa heads")
+    parent, depth, rank = [0], [0], [0]
+    frontier = [0]
+    for d, (w, e) in enumerate(zip(widths, expand)):
+        nxt = []
+        for p in frontier:
+            for r in range(w):
+                parent.append(p)
+                depth.append(d + 1)
+                rank.append(r)
+                if r < e:
+                    nxt.append(len(parent) - 1)
+        frontier = nxt
+        if len(parent) > TREE_MAX_NODES:
+            raise UserError(f"medusa_tree={spec!r}: more than {TREE_MAX_NODES} nodes")
+    n = len(parent)
+    block = torch.eye(n, dtype=torch.bool)
+    for i in range(1, n):  # breadth-first: a parent's row is complete before its children's
+        block[i] |= block[parent[i]]
+    par, dep, rk = (torch.tensor(v, device=device) for v in (parent, depth, rank))
+    levels = tuple(torch.nonzero(dep == d + 1)[:, 0] for d in range(len(widths)))
+    return MedusaTree(par, dep, levels, tuple(rk[lv] for lv in levels), tuple(widths), block.to(device))
+
+
+def top_groups(log_probs: Tensor, n: int) -> Tensor:
+    """The n most likely groups of G frames under independent per-frame log-probabilities [B, G, V]:
+    Long[B, n, G], best first."""
+    B, G, V = log_probs.shape
+    top = log_probs.topk(min(n, V), -1)
+    scores, groups = top.values[:, 0], top.indices[:, 0, :, None]
+    for g in range(1, G):
+        joint = (scores[:, :, None] + top.values[:, g, None, :]).flatten(1)
+        scores, flat = joint.topk(min(n, joint.shape[1]), -1)
+        k = top.values.shape[-1]
+        groups = torch.cat([groups.gather(1, (flat // k)[..., None].expand(-1, -1, g)),
+                            top.indices[:, g].gather(1, flat % k)[..., None]], -1)
+    return groups
 
 
 def medusa_unsupported(model: Any, params: SamplingParams) -> str | None:
@@ -74,8 +160,13 @@ def medusa_steps(model: Any, text_ids: list[Tensor], langs: Tensor, prompts: lis
     B = len(text_ids)
     dev = device
     limit = rules.limit
+    tree = parse_tree(params.medusa_tree, K, dev) if params.medusa_tree and params.greedy else None
+    if tree is not None and max(tree.widths) > model.config.n_codes ** G:
+        raise UserError(f"medusa_tree={params.medusa_tree!r}: more candidates per depth than the model has "
+                        f"groups of codes ({model.config.n_codes ** G})")
+    fed = K + 1 if tree is None else max(K + 1, tree.size)  # the most steps one pass feeds
     n_steps = -(-(limit + 1) // G) + 1
-    capacity = (n_steps + 2) * (K + 1) if B > 1 else n_steps + 2 * K + 3
+    capacity = (n_steps + 2) * (K + 1) + fed if B > 1 else n_steps + K + fed + 2
     logits, state = model.ar_prefill([t.to(dev) for t in text_ids], langs.to(dev), [p.to(dev) for p in prompts],
                                      max_length=capacity)
     sampler = TokenSampler(params, stop_id=stop_id, batch_size=B, device=dev)
@@ -127,20 +218,24 @@ def medusa_steps(model: Any, text_ids: list[Tensor], langs: Tensor, prompts: lis
         frames.add_(rows.long())
         done = torch.where(rows, now_done, done)
 
-    def greedy_block(block: Tensor) -> Tensor:
+    def greedy_block(block: Tensor, offsets: Tensor | None = None) -> Tensor:
         """The one-step loop's greedy picks [B, n] for the logits [B, n, V] of the next n frames, frame j's
         conditioned on the frames before it being the drafted ones (the picks only count up to the first
         frame that differs from its draft). Only for `fast`: no processor reads the history there, so
-        frame j's logits change only by its row's length."""
+        frame j's logits change only by its row's length. `offsets` Long[n]: frames before frame j
+        (default j); given, the frames are groups of G of a tree, and STOP carries on within a group only."""
         n = block.shape[1]
         x = block.float()
-        lens = lengths[:, None] + torch.arange(n, device=dev)  # live frames before frame j (if none is STOP)
+        lens = lengths[:, None] + (torch.arange(n, device=dev) if offsets is None else offsets)  # live frames before frame j
         if params.length_penalty:
             x = apply_length_penalty(x.flatten(0, 1), lens.flatten(), stop_id, params.length_penalty).view_as(x)
         x = x.clone()
         x[..., stop_id] = torch.where(lens < rules.floor[:, None], -torch.inf, x[..., stop_id])
         best = x.argmax(-1)
         best = torch.where((lens >= rules.caps[:, None]) | done[:, None], stop_id, best)
+        if offsets is not None:  # groups of a tree: after STOP only STOP, within each group
+            after = (best == stop_id).view(B, -1, G).long().cumsum(2).view(B, n) > 0
+            return torch.where(after, stop_id, best)
         return torch.where((best == stop_id).long().cumsum(1) > 0, stop_id, best)  # after STOP only STOP
 
     def commit_block(tokens: Tensor, counts: Tensor) -> None:
@@ -191,6 +286,48 @@ def medusa_steps(model: Any, text_ids: list[Tensor], langs: Tensor, prompts: lis
                     yield int(frames.max()) - 1, tok, done
         if bool(done.all()):
             break
+        if tree is not None and batched:  # greedy over a tree of the heads' top candidates
+            L = state.length
+            lp = model.medusa_logits(state.hidden).float().view(B, K, G, -1).log_softmax(-1)
+            nodes = torch.cat([top_groups(lp[:, d], w)[:, tree.ranks[d]] for d, w in enumerate(tree.widths)], 1)
+            feed = torch.where(done[:, None, None], stop_id, torch.cat([x0[:, None], nodes], 1))  # [B, S, G]
+            S = feed.shape[1]
+            v_logits, v_hidden = model.ar_verify(feed if G > 1 else feed[..., 0], state, kept, tree.block)
+            n_passes += 1
+            was_live = ~done
+            picks = greedy_block(v_logits.float().view(B, S * G, -1), tree.frame_offsets(G)).view(B, S, G)
+            # a node is accepted when it is the pick after its parent and its parent is accepted
+            acc = torch.cat([was_live[:, None], (feed[:, 1:] == picks[:, tree.parent[1:]]).all(-1)], 1)
+            for level in tree.levels:
+                acc[:, level] &= acc[:, tree.parent[level]]
+            # at most one node per depth is accepted (siblings differ): the path, root first
+            path = torch.zeros(B, len(tree.levels) + 1, dtype=torch.long, device=dev)
+            for d, level in enumerate(tree.levels):
+                hit = acc[:, level]
+                path[:, d + 1] = torch.where(hit.any(1), level[hit.long().argmax(1)], 0)
+            accepted = acc[:, 1:].sum(1)
+            last = path.gather(1, accepted[:, None])  # the deepest accepted node (the root: none)
+            steps_out = feed.gather(1, path[:, 1:, None].expand(B, path.shape[1] - 1, G))
+            steps_out = torch.cat([steps_out, steps_out[:, :1]], 1)
+            correction = picks.gather(1, last[:, :, None].expand(B, 1, G))
+            steps_out.scatter_(1, accepted.view(B, 1, 1).expand(B, 1, G), correction)  # the path, then the pick after it
+            counts = torch.where(was_live, (accepted + 1) * G, 0)
+            before = frames.clone()
+            commit_block(steps_out.view(B, -1), counts)
+            for j in range(int(counts[0]) if B == 1 else 0):
+                yield int(before[0]) + j, steps_out.view(B, -1)[:, j], done
+            pending, has_pending = correction[:, 0], was_live.clone()
+            keep = 1 + accepted
+            longest = int(torch.where(was_live, keep, torch.ones_like(keep)).max())
+            hidden = v_hidden.gather(1, last[:, :, None].expand(B, 1, v_hidden.shape[-1]))[:, 0]
+            model.ar_keep(state, L, path[:, :longest], hidden)
+            state.valid[:, L:L + longest] &= torch.arange(longest, device=dev)[None, :] < keep[:, None]
+            logits = v_logits.view(B, S, G, -1).gather(1, last.view(B, 1, 1, 1).expand(B, 1, G, v_logits.shape[-1]))[:, 0]
+            logits = logits if G > 1 else logits[:, 0]
+            kept = kept + keep
+            n_kept += int((keep * was_live).sum())
+            n_rows += int(was_live.sum())
+            continue
         # 2. drafts from the heads
         head_logits = model.medusa_logits(state.hidden).float()  # [B, K, (G,) V]
         head_logits = head_logits.view(B, K, G, -1)

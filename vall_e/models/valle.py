@@ -583,13 +583,16 @@ class VALLE(nn.Module):
             logits = logits.view(logits.shape[0], self.config.ar_group, -1)
         return logits, state
 
-    def ar_verify(self, tokens: Tensor, state: ARState, steps: Tensor) -> tuple[Tensor, Tensor]:
+    def ar_verify(self, tokens: Tensor, state: ARState, steps: Tensor, tree: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor]:
         """Feed S response steps per sample in one forward pass (a chosen step and the Medusa heads'
         proposals after it): tokens Long[B, S] (Long[B, S, G] with `ar_group` G > 1). `steps` Long[B]:
         response steps each sample has kept so far (its text heads' positions; rows of a batch keep
         different counts). Returns the AR logits after each fed step, [B, S, n_codes + 1] ([B, S, G,
         n_codes + 1]), and the hidden states [B, S, d]. The cache holds all S; `ar_rollback` drops the
-        rejected ones."""
+        rejected ones. `tree` Bool[S, S] (`Mask.block`): the S steps are a tree of candidates, step i
+        following its ancestors (tree[i, j]) instead of every step before it; `ar_keep` then keeps one
+        path of it."""
         self._require("ar")
         B, S = tokens.shape[:2]
         L = state.length
@@ -600,11 +603,12 @@ class VALLE(nn.Module):
         state.valid[:, L:L + S] = True
         text_pos = None
         if state.text_pos is not None:
-            offsets = torch.arange(S, device=self.device)
+            offsets = torch.arange(S, device=self.device) if tree is None else tree.to(self.device).sum(-1) - 1
             state.text_pos[:, L:L + S] = ((steps.to(self.device)[:, None] + offsets) * self.config.ar_group).float()
             text_pos = state.text_pos[:, :L + S]
         out = self.backbone(x, Mask(state.causal, state.valid[:, :L + S],
-                                    None if state.text is None else state.text[:, :L + S], text_pos),
+                                    None if state.text is None else state.text[:, :L + S], text_pos,
+                                    None if tree is None else tree.to(self.device)),
                             cache=state.cache, use_cache=True)
         state.cache = out.cache
         state.length = L + S
@@ -612,6 +616,32 @@ class VALLE(nn.Module):
         if self.config.ar_group > 1:
             logits = logits.unflatten(-1, (self.config.ar_group, -1))
         return logits, out.hidden
+
+    @classmethod
+    def ar_keep(cls, state: ARState, start: int, slots: Tensor, hidden: Tensor | None = None) -> None:
+        """Keep one path of a tree `ar_verify` fed at `start`: slots Long[B, n] (offsets from `start`,
+        each row's path in order) move to start .. start + n - 1 in every layer's keys and values (and
+        the text heads' positions), and the cache is cut after them (`ar_rollback`)."""
+        n = slots.shape[1]
+        if start + n > state.length or bool((slots >= state.length - start).any()):
+            raise ValueError(f"ar_keep: slots past the {state.length - start} steps fed at {start}")
+        cache, dev = state.cache, slots.device
+        if isinstance(cache, KVCache):
+            layers = list(zip(cache.k_layers, cache.v_layers))
+        elif hasattr(cache, "layers") and all(hasattr(layer, "keys") for layer in cache.layers):
+            layers = [(layer.keys, layer.values) for layer in cache.layers]  # transformers' DynamicCache
+        else:
+            raise UserError(f"Medusa's tree verification needs a KV cache whose slots it can move; the "
+                            f"{type(cache).__name__} of this backbone cannot (leave medusa_tree empty)")
+        for keys, values in layers:
+            for t in (keys, values):
+                B, H, _, Dh = t.shape
+                index = slots.to(t.device).view(B, 1, n, 1).expand(B, H, n, Dh)
+                t.narrow(2, start, n).copy_(t.narrow(2, start, state.length - start).gather(2, index))
+        if state.text_pos is not None:
+            tail = state.text_pos[:, start:state.length]
+            state.text_pos[:, start:start + n] = tail.gather(1, slots.to(dev))
+        cls.ar_rollback(state, start + n, hidden)
 
     @staticmethod
     def ar_rollback(state: ARState, length: int, hidden: Tensor | None = None) -> None:
@@ -624,7 +654,8 @@ class VALLE(nn.Module):
             cache.length = length
             cache.slot.fill_(length)  # the static (GPU) path's write position lives on the device
         elif hasattr(cache, "crop"):  # transformers' DynamicCache (llama, mixtral)
-            cache.crop(length)
+            if length < state.length:  # a negative count drops that many (transformers 5 takes nothing else)
+                cache.crop(length - state.length)
             for attr in ("vall_e_length",):  # the llama backbone's own length counter
                 if hasattr(cache, attr):
                     setattr(cache, attr, length)

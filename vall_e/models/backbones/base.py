@@ -28,15 +28,23 @@ class Mask:
     causal: Bool[B]      True = AR sample (causal), False = NAR sample (bidirectional).
     valid:  Bool[B, K]   True = a real token, False = padding, over all keys: K = past + S.
     text:   Bool[B, K]   True = a text (phoneme) token; only backbones with text heads read it.
+    block:  Bool[S, S]   a tree of the S new tokens instead of a chain (Medusa's tree verification):
+                         block[i, j] = new token j is new token i or one of its ancestors. A causal
+                         query sees the cached keys and its ancestors among the new ones, and its
+                         position is the valid cached keys plus its valid ancestors. None = a chain.
     """
 
     causal: Tensor
     valid: Tensor
     text: Tensor | None = None
     text_pos: Tensor | None = None  # Float[B, K]: rotary positions of the text heads (None = the shared ones)
+    block: Tensor | None = None
 
     def positions(self, seq_len: int) -> Tensor:
         """Long[B, seq_len]: positions of the last `seq_len` keys (the current queries)."""
+        if self.block is not None:
+            past = self.valid[:, :-seq_len].sum(-1, keepdim=True)
+            return (past + (self.block[None] & self.valid[:, -seq_len:, None].transpose(1, 2)).sum(-1) - 1).clamp_min(0)
         pos = self.valid.long().cumsum(-1) - 1
         return pos.clamp_min(0)[:, -seq_len:]
 
@@ -51,6 +59,8 @@ class Mask:
         q_idx = torch.arange(K - seq_len, K, device=device)[:, None]  # [S, 1]
         k_idx = torch.arange(K, device=device)[None, :]  # [1, K]
         causal_ok = (k_idx <= q_idx)[None]  # [1, S, K]
+        if self.block is not None:  # a tree of new tokens: each sees its ancestors among them
+            causal_ok = torch.cat([causal_ok[:, :, :K - seq_len], self.block.to(device)[None]], -1)
         allowed = torch.where(self.causal[:, None, None], causal_ok, torch.ones_like(causal_ok))
         allowed = allowed & self.valid[:, None, :]
         allowed = allowed | (q_idx == k_idx)[None]  # every row keeps itself

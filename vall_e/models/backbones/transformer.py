@@ -343,7 +343,7 @@ class TransformerBackbone(Backbone):
             return self._decode_one(x, mask.valid, cache, mask.text, mask.text_pos)
         if (1 < S <= BLOCK_ROWS and cache is not None and past > 0 and not cache.static
                 and not (self.training or torch.is_grad_enabled()) and bool(mask.causal.all())):
-            return self._decode_block(x, mask.valid, cache, mask.text, mask.text_pos)
+            return self._decode_block(x, mask.valid, cache, mask.text, mask.text_pos, mask.block)
         if cache is not None and cache.static and S == 1:
             raise ValueError("a static cache decodes through decode_static (eval, no autograd)")
 
@@ -478,7 +478,7 @@ class TransformerBackbone(Backbone):
     # ------------------------------------------------------------------ a few-token decode block
 
     def _decode_block(self, x: Tensor, valid: Tensor, cache: KVCache, text: Tensor | None = None,
-                      text_pos: Tensor | None = None) -> BackboneOutput:
+                      text_pos: Tensor | None = None, tree: Tensor | None = None) -> BackboneOutput:
         """P (2..BLOCK_ROWS) new causal tokens per sample against the cache, in eval without autograd:
         what `forward` computes, for a Medusa verification pass (speculative.py).
 
@@ -487,7 +487,8 @@ class TransformerBackbone(Backbone):
         structure for B * P rows: functional ops, rotary by one batched matmul from the cached table,
         the masks built once for all layers (the cached keys' validity row, causal only within the
         block), and the batched-rows linears of `decode_linear`. x [B, P, D]; valid [B, past + P].
-        Tests check it against the full forward (1e-5, fp32).
+        Tests check it against the full forward (1e-5, fp32). `tree` (`Mask.block`): the P tokens are
+        a tree, each seeing its ancestors among them (Medusa's tree verification), not a chain.
         """
         B, P, _ = x.shape
         start = cache.length
@@ -495,9 +496,14 @@ class TransformerBackbone(Backbone):
         if K > cache.max_length:
             raise RuntimeError(f"KV cache full: {K} positions needed, capacity {cache.max_length}")
         dev = x.device
-        block = torch.ones(P, P, dtype=torch.bool, device=dev).tril_()  # query j sees block keys <= j
-        # positions: the number of valid keys before each new token
-        positions = (valid[:, :start].sum(-1, keepdim=True) + valid[:, start:].long().cumsum(-1) - 1).clamp_min(0)
+        if tree is None:
+            block = torch.ones(P, P, dtype=torch.bool, device=dev).tril_()  # query j sees block keys <= j
+            # positions: the number of valid keys before each new token
+            positions = (valid[:, :start].sum(-1, keepdim=True) + valid[:, start:].long().cumsum(-1) - 1).clamp_min(0)
+        else:  # a tree: query j sees its ancestors; its position counts the valid ones
+            block = tree.to(dev)
+            positions = (valid[:, :start].sum(-1, keepdim=True) + (block[None] & valid[:, None, start:]).sum(-1) - 1
+                         ).clamp_min(0)
         rot = self._rotation(positions.reshape(B * P), K, x.dtype)  # [B * P, Dh, Dh]
         allowed = valid[:, None, :].expand(B, P, K).clone()  # [B, P, K]
         allowed[:, :, start:] = (allowed[:, :, start:] | torch.eye(P, dtype=torch.bool, device=dev)) & block

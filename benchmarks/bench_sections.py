@@ -876,7 +876,7 @@ def medusa(ctx: Ctx, model_path: Any, data_dir: Any, earlier: dict[str, Any]) ->
     if e2e:
         ar_s = e2e["stages_s"]["generate_ar"]
         proj = {}
-        for mode in modes:
+        for mode in ("greedy", "sampling"):
             ar_speedup = out[mode]["steps_per_pass"] / cost["pass_over_step"]
             proj[mode] = {"ar_speedup": ar_speedup, "rtf": (e2e["total_s"] - ar_s + ar_s / ar_speedup) / e2e["audio_s"]}
         out["quarter_e2e_10s"] = {"measured_rtf_one_step": e2e["rtf"], "projected_with_heads": proj,

@@ -9,7 +9,8 @@ For each preset and batch size it decodes `--tokens` frames greedily (untrained 
 through three paths of the same model: `dynamic` (the ordinary cached step, eager), `static`
 (the static cache, eager) and `static+compile` (CUDA graph on a GPU). The decode loop reads nothing
 back to the host until the end (greedy argmax stays on the device), so tokens/s is what the
-device sustains; the compile time is reported apart. The issue's GPU targets (H100 class, batch 1,
+device sustains; the compile time is reported apart. Then, per preset, the cost of a Medusa verification pass (a
+chain and each of `--trees`) against a step (`medusa_verify`). The issue's GPU targets (H100 class, batch 1,
 bf16): quarter >= 1000 tokens/s, full >= 400 tokens/s.
 """
 from __future__ import annotations
@@ -86,6 +87,54 @@ def measure(preset: str, batch: int, ctx: Any, tokens: int, compile: bool, repea
     return out
 
 
+def verify_cost(preset: str, ctx: Any, trees: list[str], keys: int = 600, repeats: int = 20) -> dict[str, Any]:
+    """Batch 1, `keys` cached positions, eager dynamic cache: a one-token step against a Medusa
+    verification pass over a 4-position chain and over each tree of `trees` (`medusa_tree` specs):
+    ms and the pass's cost in steps. Rows that cost little more than a step are what a tree needs to pay."""
+    import torch
+    from bench_common import build_model, random_inputs, sync
+
+    from vall_e.generation.speculative import TREE_MAX_DEPTH, parse_tree
+
+    text, prompt = random_inputs(60, batch=1, seed=1)
+    text, prompt = [t.to(ctx.device) for t in text], [p.to(ctx.device) for p in prompt]
+    model = build_model(preset, ctx)
+    shapes = {"chain": None, **{t: parse_tree(t, TREE_MAX_DEPTH, ctx.device) for t in trees}}
+    times: dict[str, list[float]] = {}
+    with torch.inference_mode():
+        _, state = model.ar_prefill(text, None, prompt, max_length=keys + 300)
+        tok = torch.zeros(1, dtype=torch.long, device=ctx.device)
+        while state.length < keys:
+            _, state = model.ar_step(tok, state)
+        steps = torch.zeros(1, dtype=torch.long, device=ctx.device)
+        L = state.length
+
+        def timed(fn: Any) -> float:
+            sync(ctx.device)
+            t0 = time.perf_counter()
+            fn()
+            sync(ctx.device)
+            model.ar_rollback(state, L)
+            return time.perf_counter() - t0
+
+        for r in range(repeats + 2):  # interleaved; the first two are warm-up
+            for name, tree in [("step", None)] + list(shapes.items()):
+                if name == "step":
+                    t = timed(lambda: model.ar_step(tok, state))
+                else:
+                    rows = 4 if tree is None else tree.size
+                    t = timed(lambda: model.ar_verify(tok.repeat(1, rows), state, steps, None if tree is None else tree.block))
+                if r >= 2:
+                    times.setdefault(name, []).append(t)
+    step = min(times.pop("step")) * 1e3
+    out: dict[str, Any] = {"keys": keys, "step_ms": step}
+    for name, ts in times.items():
+        out[name] = {"rows": 4 if shapes[name] is None else shapes[name].size, "pass_ms": min(ts) * 1e3,
+                     "pass_over_step": min(ts) * 1e3 / step}
+    del model
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
@@ -97,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled static path")
     ap.add_argument("--out", type=Path, default=HERE / "gpu_decode.json")
+    ap.add_argument("--trees", default="16,8,4;16x2,8,4;32,16,8",
+                    help="Medusa verification trees (';'-separated medusa_tree specs) whose pass cost is measured "
+                         "against a step at batch 1 ('' = none)")
     args = ap.parse_args(argv)
     import torch
     from bench_common import DTYPES, Ctx, load_average, machine_info
@@ -126,6 +178,14 @@ def main(argv: list[str] | None = None) -> int:
             results["machine"]["load_average_end"] = load_average()
             args.out.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
+    trees = [t for t in args.trees.split(";") if t.strip()]
+    for preset in [p for p in args.presets.split(",") if p] if trees else []:
+        try:
+            results.setdefault("medusa_verify", {})[preset] = verify_cost(preset, ctx, trees)
+        except Exception as e:  # noqa: BLE001 - record it
+            results.setdefault("medusa_verify", {})[preset] = {"error": f"{type(e).__name__}: {e}"}
+        ctx.log(f"{preset} medusa verify: {json.dumps(results['medusa_verify'][preset])}")
+        atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
     for key, r in results["results"].items():
         print(key, "  ".join(f"{p}: {x['tokens_per_s']:.0f} tok/s ({x['ms_per_step']:.2f} ms/step)" if "tokens_per_s" in x
                              else f"{p}: {x}" for p, x in r.items()) if "error" not in r else r["error"])

@@ -61,6 +61,7 @@ EXPECTED = {
     "max_repeat_seconds": (1.0, lambda s: s.max_repeat_frames, 75, {}),
     "pitch_guard": (4.0, lambda s: s.pitch_guard, 4.0, {}),
     "medusa": (True, lambda s: s.ar.medusa, True, {}),
+    "medusa_tree": ("16,8,4", lambda s: s.ar.medusa_tree, "16,8,4", {}),
     "split_sentences": (False, lambda s: s.split_sentences, False, {}),
     "pause": (0.5, lambda s: s.pause, 0.5, {}),
 }

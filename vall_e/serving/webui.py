@@ -122,6 +122,10 @@ CONTROLS: tuple[Control, ...] = (
             info="> 0: an output whose median pitch is this far from the reference's is sampled again; 0 = off"),
     Control("medusa", "Medusa heads (AR)", "advanced", kind="checkbox",
             info="models with Medusa heads decode several AR steps per forward pass, with the same output"),
+    Control("medusa_tree", "Medusa tree (greedy AR)", "advanced", kind="dropdown",
+            choices=("", "16,8,4", "16x2,8,4", "32,16,8"),
+            info="with Medusa heads and temperature 0: verify a tree of candidates per pass (for a GPU); "
+                 "empty = a chain"),
     Control("split_sentences", "Split into sentences", "advanced", kind="checkbox",
             info="long text is synthesized sentence by sentence in one batch"),
     Control("pause", "Pause between sentences (s)", "advanced", minimum=0.0, maximum=2.0, step=0.05),

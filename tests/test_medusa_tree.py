@@ -201,3 +201,36 @@ def test_a_tree_is_for_greedy_decoding_only():
     with pytest.raises(UserError, match="more candidates per depth"):
         tts.generate_ar(texts, langs, prompts, SamplingParams(temperature=0.0, medusa=True, medusa_tree="100"),
                         [30, 30], 150, [4, 4])
+
+
+@pytest.mark.parametrize("cap", [7, 13])
+def test_greedy_over_a_tree_stops_at_the_cap_mid_group(cap):
+    """A cap that falls inside a group and inside an accepted path: the codes still end where one-step
+    decoding ends them."""
+    model = tiny(K=3, G=2, text_heads=1, text_head_rate=2.0)
+    texts, langs, prompts = inputs(2)
+    hidden, fed = plain_trace(model, texts, langs, prompts, steps=24, G=2)
+    model.medusa_logits = RunnerUp(model, hidden, fed, wrong=2)
+    plain, fast, _ = _greedy(model, 2, "4x4,4x4,4", steps=cap)
+    assert [len(c) for c in plain] == [len(c) for c in fast] and max(len(c) for c in plain) <= cap
+    assert all(torch.equal(a, b) for a, b in zip(plain, fast))
+
+
+def test_streaming_over_a_tree_yields_the_frames_in_order():
+    model = tiny(K=3)
+    texts, langs, prompts = inputs(1)
+    hidden, fed = plain_trace(model, texts, langs, prompts, steps=47, G=1)
+    model.medusa_logits = RunnerUp(model, hidden, fed, wrong=2)
+    tts = engine(model)
+    p = SamplingParams(temperature=0.0, medusa=True, medusa_tree="4x4,4x4,4")
+    seen, steps = [], tts.ar_steps(texts, langs, prompts, p, [40], 150, [4])
+    while True:
+        try:
+            _, tokens, done = next(steps)
+        except StopIteration:
+            break
+        if bool(done[0]):
+            break
+        seen.append(int(tokens[0]))
+    plain = tts.generate_ar(texts, langs, prompts, replace(p, medusa=False), [40], 150, [4])
+    assert seen == plain[0].tolist()

@@ -177,7 +177,13 @@ def targets(sec: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
                      + sum(v for k, v in r10["stages_s"].items() if k not in ("generate_ar", "generate_nar")))
             note = (f"floor on this machine ~{floor / r10['audio_s']:.2f}: AR at the bandwidth bound, NAR at the "
                     f"measured matmul peak, other stages as measured")
-        add(f"quarter end-to-end RTF, 10 s ({sec['e2e']['codec']} codec)", r10["rtf"], "<= 0.5", r10["rtf"] <= 0.5, note)
+        if note is None:
+            add(f"quarter end-to-end RTF, 10 s ({sec['e2e']['codec']} codec)", r10["rtf"], "<= 1.25x the floor",
+                None, "the floor needs this file's ar, nar and bandwidth sections")
+        else:  # issue 16 restated the target against the floor the same run measures (it was <= 0.5)
+            limit = 1.25 * floor / r10["audio_s"]
+            add(f"quarter end-to-end RTF, 10 s ({sec['e2e']['codec']} codec)", r10["rtf"],
+                f"<= 1.25x the floor = {limit:.2f}", r10["rtf"] <= limit, note)
     half = ar.get("half", {}).get("bandwidth")
     if half:
         v = half["achieved_over_bound"]
@@ -188,7 +194,12 @@ def targets(sec: dict[str, Any], ctx: Any) -> list[dict[str, Any]]:
         bw16 = _g(sec["batch"].get("bandwidth_model_speedup", {}), 16)
         note = (f"{b16['tokens_per_s']:.0f} vs {_g(eng, 1)['tokens_per_s']:.0f} tokens/s"
                 + (f"; a purely memory-bound step would allow {bw16:.1f}x" if bw16 else ""))
-        add("batch 16 aggregate AR tokens/s vs batch 1 (engine)", b16["vs_batch_1"], ">= 6x", b16["vs_batch_1"] >= 6, note)
+        if bw16:  # issue 16 restated the target against the memory-bound speed-up (it was >= 6x)
+            add("batch 16 aggregate AR tokens/s vs batch 1 (engine)", b16["vs_batch_1"],
+                f">= 90% of the memory-bound {bw16:.1f}x = {0.9 * bw16:.1f}x", b16["vs_batch_1"] >= 0.9 * bw16, note)
+        else:
+            add("batch 16 aggregate AR tokens/s vs batch 1 (engine)", b16["vs_batch_1"], ">= 90% of the memory-bound "
+                "speed-up", None, note)
     tr = sec.get("train", {})
     tq, ref = tr.get("transformer"), tr.get("reference", {}).get("transformer")
     if tq and ref:

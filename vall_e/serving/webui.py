@@ -269,6 +269,8 @@ def _widget(gr, c: Control):
         choices = list(c.choices)
         if c.name == "language":
             choices = supported_languages()
+        if c.name == "medusa_tree":  # the empty value (a chain) gets a visible label
+            choices = [(x or "chain", x) for x in choices]
         return gr.Dropdown(choices=choices, value=c.default, label=c.label, info=c.help or None,
                            allow_custom_value=c.name == "language", elem_id=f"ctl-{c.name}")
     raise ValueError(f"unknown control kind {c.kind!r}")

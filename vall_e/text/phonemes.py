@@ -23,18 +23,20 @@ phone means merged, a lone stress mark means separate, neither fits both. The mo
 the symbol map (`Symmap.stress`), so data, checkpoints and model files say how their text was cut.
 
 Text is cut into chunks at sentence ends before phonemizing, so very long text stays fast; all the
-chunks of a batch of texts go to espeak in one call. Backends are cached per language and used
-under one lock (espeak-ng is not thread-safe).
+chunks of a batch of texts go to espeak in one call. espeak-ng runs in one child process
+(`vall_e.text.espeak_process`), used under one lock (espeak-ng is not thread-safe): a text that crashes
+the library gets a UserError naming it instead of ending the program.
 """
 from __future__ import annotations
 
-import logging
+import atexit
+import os
 import re
 import threading
 import unicodedata
-from typing import Any, Iterable, Literal, Sequence, overload
+from typing import Iterable, Literal, Sequence, overload
 
-from vall_e.text.espeak import configure_phonemizer
+from vall_e.text.espeak_process import EspeakCrashed, PhonemizerProcess
 from vall_e.text.languages import normalize_language
 from vall_e.utils.errors import UserError
 
@@ -51,32 +53,37 @@ LEGACY_STRESS = MERGED  # what a symbol map, dataset or model file that records 
 MAX_CHUNK_CHARS = 500
 
 _lock = threading.RLock()
-_backends: dict[str, Any] = {}
+_process: PhonemizerProcess | None = None  # espeak-ng runs in a child process: see `espeak_process`
+_process_pid = 0  # the process `_process` belongs to
 _SENTENCE_END = re.compile(r"(?<=[.!?;:…。！？])\s+|\n+")
 
 
-def _backend(espeak_code: str) -> Any:
-    """Cached phonemizer EspeakBackend for an espeak language code (call under `_lock`)."""
-    backend = _backends.get(espeak_code)
-    if backend is None:
-        configure_phonemizer()
-        from phonemizer.backend import EspeakBackend
+def _worker() -> PhonemizerProcess:
+    """The process-wide phonemizer child (call under `_lock`); a forked process (a data loader worker)
+    starts its own instead of sharing its parent's pipes."""
+    global _process, _process_pid
+    if _process is None or _process_pid != os.getpid():
+        _process, _process_pid = PhonemizerProcess(), os.getpid()
+        atexit.register(_process.close)
+    return _process
 
-        logger = logging.getLogger("vall_e.phonemizer")
-        logger.setLevel(logging.ERROR)
+
+def _phonemize_chunks(code: str, chunks: list[str]) -> list[str | EspeakCrashed]:
+    """IPA per chunk from the child process; a chunk espeak-ng crashed on gets its EspeakCrashed (the
+    batch is retried one chunk at a time to find it)."""
+    with _lock:
         try:
-            backend = EspeakBackend(
-                espeak_code,
-                preserve_punctuation=True,
-                with_stress=True,
-                language_switch="remove-flags",
-                words_mismatch="ignore",
-                logger=logger,
-            )
-        except RuntimeError as e:
-            raise UserError(f"espeak-ng cannot phonemize language {espeak_code!r}: {e}") from None
-        _backends[espeak_code] = backend
-    return backend
+            return list(_worker().phonemize(code, chunks))
+        except EspeakCrashed as e:
+            if len(chunks) == 1:
+                return [e]
+        out: list[str | EspeakCrashed] = []
+        for chunk in chunks:
+            try:
+                out.extend(_worker().phonemize(code, [chunk]))
+            except EspeakCrashed as e:
+                out.append(e)
+        return out
 
 
 def _clean(text: str) -> str:
@@ -204,19 +211,15 @@ def phonemize_many(texts: Sequence[str], language: str = "en", on_error: str = "
         spans.append((i, len(flat), len(flat) + len(chunks)))
         flat.extend(chunks)
     if flat:
-        with _lock:
-            backend = _backend(code)
-            try:
-                out = backend.phonemize(flat, strip=True, njobs=1)
-                if len(out) != len(flat):
-                    # phonemizer joins consecutive punctuation-only lines (["«", "«"] -> ["««"]), which
-                    # would misalign every text after them: then phonemize one chunk per call
-                    out = [(backend.phonemize([chunk], strip=True, njobs=1) or [""])[0] for chunk in flat]
-            except (RuntimeError, ValueError) as e:
-                raise UserError(f"espeak-ng failed to phonemize ({code}): {e}") from None
+        out = _phonemize_chunks(code, flat)
         if len(out) != len(flat):
             raise UserError(f"espeak-ng returned {len(out)} lines for {len(flat)} text chunks ({code})")
         for i, a, b in spans:
+            crash = next((o for o in out[a:b] if isinstance(o, EspeakCrashed)), None)
+            if crash is not None:
+                results[i] = UserError(f"espeak-ng ({code}) crashed on text {_preview(texts[i])} (exit "
+                                       f"{crash.returncode}); change or remove the characters it cannot take")
+                continue
             tokens = tokenize(" ".join(out[a:b]), stress)
             if not any(t != BOUNDARY and t not in PUNCTUATION and t not in STRESS_MARKS for t in tokens):
                 results[i] = UserError(f"text {_preview(texts[i])} has nothing espeak-ng ({code}) can pronounce")

@@ -357,13 +357,10 @@ def test_speculative_sampling_keeps_the_distribution():
 # ---------------------------------------------------------------- streaming, STOP, fallbacks
 
 
-def test_streaming_frames_and_stop(monkeypatch):
-    """`ar_steps` yields every kept frame once, in order, ending with STOP, as the one-step loop does."""
-    model = tiny(K=3)
-    tts = engine(model)
-    texts, langs, prompts = inputs(1)
-    p = SamplingParams(temperature=0.0, medusa=True)
-    seen = []
+def streamed_frames(tts: TTS, texts, langs, prompts, p: SamplingParams) -> tuple[list[int], list | None]:
+    """The frames `ar_steps` yields for one sample up to STOP, and its return value (None when it
+    yielded STOP first)."""
+    seen, codes = [], None
     steps = tts.ar_steps(texts, langs, prompts, p, [40], 150, [4])
     while True:
         try:
@@ -374,6 +371,16 @@ def test_streaming_frames_and_stop(monkeypatch):
         if bool(done[0]):
             break
         seen.append(int(tokens[0]))
+    return seen, codes
+
+
+def test_streaming_frames_and_stop(monkeypatch):
+    """`ar_steps` yields every kept frame once, in order, ending with STOP, as the one-step loop does."""
+    model = tiny(K=3)
+    tts = engine(model)
+    texts, langs, prompts = inputs(1)
+    p = SamplingParams(temperature=0.0, medusa=True)
+    seen, codes = streamed_frames(tts, texts, langs, prompts, p)
     plain = tts.generate_ar(texts, langs, prompts, replace(p, medusa=False), [40], 150, [4])
     assert seen == plain[0].tolist()
     assert len(seen) < 40 or codes is None  # it stopped by STOP or by its cap

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tests.test_medusa import Oracle, engine, inputs, plain_trace, tiny
+from tests.test_medusa import Oracle, engine, inputs, plain_trace, streamed_frames, tiny
 from vall_e.generation.sampling import SamplingParams
 from vall_e.generation.settings import settings_from
 from vall_e.generation.speculative import parse_tree, top_groups
@@ -223,14 +223,6 @@ def test_streaming_over_a_tree_yields_the_frames_in_order():
     model.medusa_logits = RunnerUp(model, hidden, fed, wrong=2)
     tts = engine(model)
     p = SamplingParams(temperature=0.0, medusa=True, medusa_tree="4x4,4x4,4")
-    seen, steps = [], tts.ar_steps(texts, langs, prompts, p, [40], 150, [4])
-    while True:
-        try:
-            _, tokens, done = next(steps)
-        except StopIteration:
-            break
-        if bool(done[0]):
-            break
-        seen.append(int(tokens[0]))
+    seen, _ = streamed_frames(tts, texts, langs, prompts, p)
     plain = tts.generate_ar(texts, langs, prompts, replace(p, medusa=False), [40], 150, [4])
     assert seen == plain[0].tolist()

@@ -25,7 +25,7 @@ timeout 240 "$PY" -m pytest -p no:cacheprovider -q -s tests/test_gpu.py tests/te
     -k "cuda or gpu or static" 2>&1 | tee "$OUT/gpu_tests.log" | grep -v "step/s" | tail -15
 # AR tokens/s through the dynamic, static and static + CUDA graph paths (bf16, batch 1 and 16), then the
 # cost of a Medusa verification pass (a chain and three trees) against a step (medusa_verify)
-timeout 300 "$PY" benchmarks/gpu_decode.py --device cuda --dtype bfloat16 --presets quarter,full --batches 1,16 \
+timeout 360 "$PY" benchmarks/gpu_decode.py --device cuda --dtype bfloat16 --presets quarter,full --batches 1,16 \
     --tokens 400 --out "$OUT/gpu_decode.json" 2>&1 | tail -8 | tee "$OUT/gpu_decode.log"
 # RTF (e2e, with the compiled static path as its `compile` row), GQA at batch 16, training tokens/s and memory
 if [ -f benchmarks/run.py ]; then

@@ -738,8 +738,8 @@ def _verify_cost(ctx: Ctx, K: int, keys: int = 600, trees: tuple[str, ...] = ())
     one AR step, of one verification pass over K + 1 positions (the backbone's fused block path, and
     for comparison the general forward it replaced), of the K heads on one row, and of a pass over each
     of `trees` (its rows with tree attention)."""
-    from vall_e.generation.speculative import parse_tree
     from vall_e.config.model import resolve_dims
+    from vall_e.generation.speculative import parse_tree
     from vall_e.generation.tts import cpu_decode_layout
     from vall_e.models.backbones import transformer as tr
     from vall_e.models.valle import VALLE, VALLEConfig

@@ -65,7 +65,7 @@ def _scripted(tts, monkeypatch, script):
     """Replace the pitch measurement by a script: call n returns script[n] for the indices asked."""
     calls = []
 
-    def fake(codes, prompts, indices):
+    def fake(codes, prompts, indices, refs=None):
         calls.append(list(indices))
         return {i: script[len(calls) - 1][k] for k, i in enumerate(indices)}
 

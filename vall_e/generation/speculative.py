@@ -165,6 +165,7 @@ def medusa_steps(model: Any, text_ids: list[Tensor], langs: Tensor, prompts: lis
         raise UserError(f"medusa_tree={params.medusa_tree!r}: more candidates per depth than the model has "
                         f"groups of codes ({model.config.n_codes ** G})")
     fed = K + 1 if tree is None else max(K + 1, tree.size)  # the most steps one pass feeds
+    tree_offsets = None if tree is None else tree.frame_offsets(G)  # frames before each tree node's next step
     n_steps = -(-(limit + 1) // G) + 1
     capacity = (n_steps + 2) * (K + 1) + fed if B > 1 else n_steps + K + fed + 2
     logits, state = model.ar_prefill([t.to(dev) for t in text_ids], langs.to(dev), [p.to(dev) for p in prompts],
@@ -295,7 +296,7 @@ def medusa_steps(model: Any, text_ids: list[Tensor], langs: Tensor, prompts: lis
             v_logits, v_hidden = model.ar_verify(feed if G > 1 else feed[..., 0], state, kept, tree.block)
             n_passes += 1
             was_live = ~done
-            picks = greedy_block(v_logits.float().view(B, S * G, -1), tree.frame_offsets(G)).view(B, S, G)
+            picks = greedy_block(v_logits.float().view(B, S * G, -1), tree_offsets).view(B, S, G)
             # a node is accepted when it is the pick after its parent and its parent is accepted
             acc = torch.cat([was_live[:, None], (feed[:, 1:] == picks[:, tree.parent[1:]]).all(-1)], 1)
             for level in tree.levels:

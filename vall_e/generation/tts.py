@@ -590,10 +590,13 @@ class TTS:
         level0 = self.generate_ar(text_ids, langs, prompts, settings.ar, steps, settings.max_repeat_frames, floors)
         return self.generate_nar(text_ids, langs, prompts, level0, settings.nar, settings.max_nar_levels)
 
-    def _pitch_distances(self, codes: list[Tensor], prompts: list[Tensor], indices: list[int]) -> dict[int, float]:
+    def _pitch_distances(self, codes: list[Tensor], prompts: list[Tensor], indices: list[int],
+                         refs: dict[tuple[int, int], float] | None = None) -> dict[int, float]:
         """Semitones between each output's median pitch and its prompt's, both decoded by the codec
-        (`vall_e.generation.pitch`); NaN where the prompt has no voiced frame."""
-        out, refs = {}, {}
+        (`vall_e.generation.pitch`); NaN where the prompt has no voiced frame. `refs` caches the prompts'
+        pitches across calls (by prompt object and level count)."""
+        out: dict[int, float] = {}
+        refs = {} if refs is None else refs
         for i in indices:
             levels = max(1, codes[i].shape[1])
             key = (id(prompts[i]), levels)  # one voice's prompt is usually shared by every text
@@ -608,7 +611,8 @@ class TTS:
         `settings.pitch_guard` semitones (a new seed per try, only those outputs, batched), up to
         `pitch.TRIES` generations each; keep the closest try. Seeded settings stay reproducible."""
         codes = list(codes)
-        best = self._pitch_distances(codes, prompts, list(range(len(codes))))
+        refs: dict[tuple[int, int], float] = {}  # each prompt's pitch, measured once for every try
+        best = self._pitch_distances(codes, prompts, list(range(len(codes))), refs)
         for attempt in range(1, PITCH_TRIES):
             redo = [i for i, d in best.items() if d > settings.pitch_guard]  # NaN (no register) compares False
             if not redo:
@@ -620,7 +624,7 @@ class TTS:
                                                  (seed + attempt * RETRY_SEED_STRIDE) % (2**53)))
             again = self._ar_then_nar([text_ids[i] for i in redo], langs[redo], [prompts[i] for i in redo], retry,
                                       [steps[i] for i in redo], [floors[i] for i in redo])
-            dist = self._pitch_distances(again, [prompts[i] for i in redo], list(range(len(redo))))
+            dist = self._pitch_distances(again, [prompts[i] for i in redo], list(range(len(redo))), refs)
             for j, i in enumerate(redo):
                 if dist[j] < best[i]:
                     codes[i], best[i] = again[j], dist[j]

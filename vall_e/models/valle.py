@@ -625,7 +625,7 @@ class VALLE(nn.Module):
         n = slots.shape[1]
         if start + n > state.length or bool((slots >= state.length - start).any()):
             raise ValueError(f"ar_keep: slots past the {state.length - start} steps fed at {start}")
-        cache, dev = state.cache, slots.device
+        cache = state.cache
         if isinstance(cache, KVCache):
             layers = list(zip(cache.k_layers, cache.v_layers))
         elif hasattr(cache, "layers") and all(hasattr(layer, "keys") for layer in cache.layers):
@@ -640,7 +640,7 @@ class VALLE(nn.Module):
                 t.narrow(2, start, n).copy_(t.narrow(2, start, state.length - start).gather(2, index))
         if state.text_pos is not None:
             tail = state.text_pos[:, start:state.length]
-            state.text_pos[:, start:start + n] = tail.gather(1, slots.to(dev))
+            state.text_pos[:, start:start + n] = tail.gather(1, slots.to(tail.device))
         cls.ar_rollback(state, start + n, hidden)
 
     @staticmethod

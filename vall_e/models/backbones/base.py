@@ -44,7 +44,7 @@ class Mask:
         """Long[B, seq_len]: positions of the last `seq_len` keys (the current queries)."""
         if self.block is not None:
             past = self.valid[:, :-seq_len].sum(-1, keepdim=True)
-            return (past + (self.block[None] & self.valid[:, -seq_len:, None].transpose(1, 2)).sum(-1) - 1).clamp_min(0)
+            return (past + (self.block[None] & self.valid[:, None, -seq_len:]).sum(-1) - 1).clamp_min(0)
         pos = self.valid.long().cumsum(-1) - 1
         return pos.clamp_min(0)[:, -seq_len:]
 

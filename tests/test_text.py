@@ -395,3 +395,20 @@ def test_a_real_espeak_crash_is_survived():
     out = phonemize_many(["worker", "© worker", "olá amigo"], "pt", on_error="return")
     assert isinstance(out[0], list) and isinstance(out[2], list)
     assert isinstance(out[1], list) or "crashed" in str(out[1])
+
+
+def test_amphion_phones_survive_a_crash_in_the_same_child(crashing_child):
+    """Amphion's front end (another phonemizer profile) goes through the same child process."""
+    from vall_e.text.amphion import phones
+
+    before = phones("Hello, world.")
+    assert before == ["h", "ə", "l", "oʊ", ",", "_", "w", "ɜː", "l", "d", "."]
+    with pytest.raises(UserError, match=r"espeak-ng crashed on the text 'A BOOM here\.' \(exit "):
+        phones("A BOOM here.")
+    assert phones("Hello, world.") == before
+
+
+def test_an_unknown_phonemizer_profile_is_refused():
+    from vall_e.text.espeak_process import handle
+
+    assert "unknown phonemizer profile" in handle({"code": "en-us", "chunks": ["a"], "profile": "x"})["error"]

@@ -11,19 +11,18 @@ processors/phone_extractor.py, text/text_token_collation.py):
   (a later duplicate wins, as a dict built from the list does); a text is '<bos>' phones '<eos>'.
 
 The phones depend on the espeak-ng version; this project's comes from the espeakng-loader wheel.
+espeak-ng runs in the same child process as the rest of the text front end (`vall_e.text.espeak_process`,
+profile "amphion"), so a text that crashes it gets a one-line error instead of ending a server.
 """
 from __future__ import annotations
 
 import re
-import threading
 from pathlib import Path
 from typing import Any
 
-from vall_e.text.espeak import configure_phonemizer
+from vall_e.text.espeak_process import EspeakCrashed
+from vall_e.text.phonemes import phonemize_in_child
 from vall_e.utils.errors import UserError
-
-_lock = threading.Lock()
-_backend: Any = None
 
 
 def parse_symbols(text: str, source: str) -> dict[str, int]:
@@ -63,21 +62,11 @@ def split_phones(phonemized: str) -> list[str]:
 
 
 def phones(text: str) -> list[str]:
-    global _backend
     text = text.replace("”", '"').replace("“", '"').strip()
-    with _lock:
-        if _backend is None:
-            configure_phonemizer()
-            from phonemizer.backend import EspeakBackend
-            from phonemizer.punctuation import Punctuation
-
-            _backend = EspeakBackend("en-us", punctuation_marks=Punctuation.default_marks(), preserve_punctuation=True,
-                                     with_stress=False, tie=False, language_switch="keep-flags",
-                                     words_mismatch="ignore")
-        from phonemizer.separator import Separator
-
-        out = _backend.phonemize([text], separator=Separator(word="_", syllable="-", phone="|"), strip=True, njobs=1)
-    return split_phones(out[0])
+    out = phonemize_in_child("en-us", [text], profile="amphion")[0]
+    if isinstance(out, EspeakCrashed):
+        raise UserError(f"espeak-ng crashed on the text {text[:60]!r} (exit {out.returncode}); rephrase it")
+    return split_phones(out)
 
 
 class AmphionFrontend:

@@ -8,8 +8,11 @@ process (`python -m vall_e.text.espeak_process`, started on the first call, ~0.2
 phonemizer backends; a crash ends only the child. The caller gets `EspeakCrashed`, the next call starts
 a new child, and `vall_e.text.phonemes` retries a crashed batch chunk by chunk to name the text.
 
-The protocol is one JSON line each way: {"code": espeak language code, "chunks": [text, ...]} ->
-{"out": [ipa, ...]} or {"error": message, "kind": "language" | "phonemize"}.
+The protocol is one JSON line each way: {"code": espeak language code, "chunks": [text, ...],
+"profile": "vall_e" | "amphion"} -> {"out": [ipa, ...]} or {"error": message, "kind": "language" |
+"phonemize"}. A profile is a set of phonemizer options: this project's (stress kept, language switches
+removed) or Amphion VALL-E's (no stress, switches kept, phones separated by '|' and words by '_'), so
+published Amphion checkpoints get their own phones from the same crash-proof child.
 """
 from __future__ import annotations
 
@@ -49,14 +52,14 @@ class PhonemizerProcess:
         return subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                 env=env, text=True, encoding="utf-8", bufsize=1)
 
-    def phonemize(self, code: str, chunks: Sequence[str]) -> list[str]:
-        """IPA per chunk. Raises EspeakCrashed if the child died on them, UserError for what espeak-ng
-        refused (an unknown language, a phonemizer error)."""
+    def phonemize(self, code: str, chunks: Sequence[str], profile: str = "vall_e") -> list[str]:
+        """IPA per chunk under a profile's options (`PROFILES`). Raises EspeakCrashed if the child died
+        on them, UserError for what espeak-ng refused (an unknown language, a phonemizer error)."""
         if self._proc is None or self._proc.poll() is not None:
             self._proc = self._start()
         proc = self._proc
         try:
-            proc.stdin.write(json.dumps({"code": code, "chunks": list(chunks)}) + "\n")
+            proc.stdin.write(json.dumps({"code": code, "chunks": list(chunks), "profile": profile}) + "\n")
             proc.stdin.flush()
             line = proc.stdout.readline()
         except (BrokenPipeError, OSError):
@@ -86,42 +89,61 @@ class PhonemizerProcess:
 
 # ---------------------------------------------------------------------------------------- the child
 
-_backends: dict[str, Any] = {}
+PROFILES = ("vall_e", "amphion")
+_backends: dict[tuple[str, str], Any] = {}
 
 
-def _backend(code: str) -> Any:
-    """Cached phonemizer EspeakBackend for an espeak language code."""
-    backend = _backends.get(code)
+def _backend(code: str, profile: str) -> Any:
+    """Cached phonemizer EspeakBackend for an espeak language code and a profile's options."""
+    backend = _backends.get((code, profile))
     if backend is None:
         from vall_e.text.espeak import configure_phonemizer
 
         configure_phonemizer()
         from phonemizer.backend import EspeakBackend
+        from phonemizer.punctuation import Punctuation
 
         logger = logging.getLogger("vall_e.phonemizer")
         logger.setLevel(logging.ERROR)
+        if profile == "amphion":
+            options = dict(punctuation_marks=Punctuation.default_marks(), preserve_punctuation=True, with_stress=False,
+                           tie=False, language_switch="keep-flags", words_mismatch="ignore")
+        else:
+            options = dict(preserve_punctuation=True, with_stress=True, language_switch="remove-flags",
+                           words_mismatch="ignore", logger=logger)
         try:
-            backend = EspeakBackend(code, preserve_punctuation=True, with_stress=True,
-                                    language_switch="remove-flags", words_mismatch="ignore", logger=logger)
+            backend = EspeakBackend(code, **options)
         except RuntimeError as e:
             raise UserError(f"espeak-ng cannot phonemize language {code!r}: {e}") from None
-        _backends[code] = backend
+        _backends[(code, profile)] = backend
     return backend
+
+
+def _phonemize_options(profile: str) -> dict[str, Any]:
+    options: dict[str, Any] = dict(strip=True, njobs=1)
+    if profile == "amphion":
+        from phonemizer.separator import Separator
+
+        options["separator"] = Separator(word="_", syllable="-", phone="|")
+    return options
 
 
 def handle(request: dict[str, Any]) -> dict[str, Any]:
     """One request's reply (the child's work, also callable in process)."""
-    code, chunks = request["code"], request["chunks"]
+    code, chunks, profile = request["code"], request["chunks"], request.get("profile", "vall_e")
+    if profile not in PROFILES:
+        return {"error": f"unknown phonemizer profile {profile!r}: use one of {', '.join(PROFILES)}", "kind": "language"}
     try:
-        backend = _backend(code)
+        backend = _backend(code, profile)
     except UserError as e:
         return {"error": str(e), "kind": "language"}
+    options = _phonemize_options(profile)
     try:
-        out = backend.phonemize(chunks, strip=True, njobs=1)
+        out = backend.phonemize(chunks, **options)
         if len(out) != len(chunks):
             # phonemizer joins consecutive punctuation-only lines (["«", "«"] -> ["««"]), which would
             # misalign every text after them: then phonemize one chunk per call
-            out = [(backend.phonemize([chunk], strip=True, njobs=1) or [""])[0] for chunk in chunks]
+            out = [(backend.phonemize([chunk], **options) or [""])[0] for chunk in chunks]
     except (RuntimeError, ValueError) as e:
         return {"error": f"espeak-ng failed to phonemize ({code}): {e}", "kind": "phonemize"}
     return {"out": out}

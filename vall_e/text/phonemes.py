@@ -68,19 +68,20 @@ def _worker() -> PhonemizerProcess:
     return _process
 
 
-def _phonemize_chunks(code: str, chunks: list[str]) -> list[str | EspeakCrashed]:
-    """IPA per chunk from the child process; a chunk espeak-ng crashed on gets its EspeakCrashed (the
-    batch is retried one chunk at a time to find it)."""
+def phonemize_in_child(code: str, chunks: list[str], profile: str = "vall_e") -> list[str | EspeakCrashed]:
+    """IPA per chunk from the child process under a profile's options (`espeak_process.PROFILES`); a
+    chunk espeak-ng crashed on gets its EspeakCrashed (the batch is retried one chunk at a time to
+    find it)."""
     with _lock:
         try:
-            return list(_worker().phonemize(code, chunks))
+            return list(_worker().phonemize(code, chunks, profile))
         except EspeakCrashed as e:
             if len(chunks) == 1:
                 return [e]
         out: list[str | EspeakCrashed] = []
         for chunk in chunks:
             try:
-                out.extend(_worker().phonemize(code, [chunk]))
+                out.extend(_worker().phonemize(code, [chunk], profile))
             except EspeakCrashed as e:
                 out.append(e)
         return out
@@ -211,7 +212,7 @@ def phonemize_many(texts: Sequence[str], language: str = "en", on_error: str = "
         spans.append((i, len(flat), len(flat) + len(chunks)))
         flat.extend(chunks)
     if flat:
-        out = _phonemize_chunks(code, flat)
+        out = phonemize_in_child(code, flat)
         if len(out) != len(flat):
             raise UserError(f"espeak-ng returned {len(out)} lines for {len(flat)} text chunks ({code})")
         for i, a, b in spans:

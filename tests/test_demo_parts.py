@@ -95,6 +95,39 @@ def test_plan_training_fits_what_the_budget_leaves():
         plan_training(tight, clock, {"seconds_per_step": 0.5}, 2400)
 
 
+def test_speaker_identification_counts_hits_and_margins(tmp_path: Path, monkeypatch):
+    """Embeddings stand in for the speaker encoder (each file's name says where it points): two voices,
+    one output near-tied and one taken for the other voice, one silent."""
+    from vall_e.demo import report, scoring
+    from vall_e.demo.corpus import TestItem
+
+    directions = {"a": np.array([1.0, 0.0]), "b": np.array([0.0, 1.0]), "near_a": np.array([0.6, 0.5]),
+                  "far_a": np.array([0.2, 1.0])}
+
+    def embed(path):
+        name = Path(path).stem.split("_", 1)[1]
+        return None if name == "silent" else directions[name] / np.linalg.norm(directions[name])
+
+    files = {name: tmp_path / f"{name}.wav" for name in ("0_a", "1_a", "2_b", "3_b", "4_near_a", "5_far_a", "6_silent")}
+    monkeypatch.setattr(scoring, "speaker_encoder_for", lambda spec: (type("E", (), {"name": "stand-in"})(), None))
+    monkeypatch.setattr(scoring, "load_audio", lambda path, sr, allow_silent=False: type("A", (), {"numpy": lambda self: path})())
+    monkeypatch.setattr(scoring, "speaker_embedding", lambda path, sr, enc: embed(path))
+    item = lambda speaker: TestItem(speaker, 0, "", Path(), Path(), [], "", Path())  # noqa: E731
+    voices = {"a": [files["0_a"], files["1_a"]], "b": [files["2_b"], files["3_b"]]}
+    sid = scoring.speaker_identification([item("a"), item("a"), item("a")],
+                                         [files["4_near_a"], files["5_far_a"], files["6_silent"]], voices)
+    near = directions["near_a"] / np.linalg.norm(directions["near_a"])
+    far = directions["far_a"] / np.linalg.norm(directions["far_a"])
+    assert sid["hits"] == 1 and sid["n"] == 3 and sid["nearest_is_own_voice"] == pytest.approx(1 / 3)
+    assert sid["mean_margin"] == pytest.approx(((near[0] - near[1]) + (far[0] - far[1])) / 2)
+    assert sid["min_margin"] == pytest.approx(far[0] - far[1]) and sid["min_margin"] < 0
+    line = report._right_voice(sid)
+    assert "1 of 3" in line and f"lowest {far[0] - far[1]:.3f}" in line and "stand-in" in line
+    column = {"mcd_mean": 6.0, "under_8_5": 1.0, "closer_than_every_other": 1.0, "duration_within_15": 1.0}
+    metrics = {"unseen_words": {"trained": column, "trained_other_text": column}, "speaker_identification": sid}
+    assert report.headline(metrics).endswith("right voice 33% (1 of 3)")
+
+
 def test_summarize_counts_a_missing_output_as_a_miss():
     rows = [{"mcd": 6.0, "closer": True, "duration": 1.0}, {"mcd": 9.0, "closer": False, "duration": 1.3},
             {"mcd": math.nan, "closer": False, "duration": 0.0}, {"mcd": 8.0, "closer": True, "duration": 0.9}]

@@ -93,6 +93,17 @@ def _fmt(x: float, pct: bool = False) -> str:
     return f"{100 * x:.0f}%" if pct else f"{x:.2f}"
 
 
+def _right_voice(sid: dict[str, Any]) -> str:
+    text = _fmt(sid["nearest_is_own_voice"], True)
+    if "hits" in sid:  # metrics written before the counts and margins were kept lack them
+        text += f" ({sid['hits']} of {sid['n']}"
+        if "mean_margin" in sid:
+            text += (f"; cosine to the own voice minus the nearest other voice's: mean {sid['mean_margin']:.3f}, "
+                     f"lowest {sid['min_margin']:.3f}")
+        text += ")"
+    return f"{text}, {sid['encoder']}"
+
+
 def markdown(metrics: dict[str, Any]) -> str:
     u = metrics["unseen_words"]
     lines = ["## Unseen words", "",
@@ -110,8 +121,8 @@ def markdown(metrics: dict[str, Any]) -> str:
              _row(["mean duration / espeak's", *(_fmt(u[c]["duration_ratio_mean"]) for c in UNSEEN_COLUMNS)]), ""]
     sid = metrics["speaker_identification"]
     lines.append(f"Right voice (speaker embedding nearest to its own voice among the demo's "
-                 f"{metrics['settings']['speakers']} voices): " + (f"{_fmt(sid['nearest_is_own_voice'], True)} ({sid['encoder']})"
-                                       if sid.get("available") else f"not measured: {sid['why']}"))
+                 f"{metrics['settings']['speakers']} voices): " + (_right_voice(sid) if sid.get("available")
+                                                                   else f"not measured: {sid['why']}"))
     o = metrics["oracle_swaps"]
     lines += ["", "## Where the error comes from (oracle swaps, same test sentences)", "",
               _row(["decoded", "mean MCD-DTW", "under 8.5 dB"]), _row(["---"] * 3)]
@@ -154,7 +165,15 @@ def headline(metrics: dict[str, Any]) -> str:
     c = metrics["unseen_words"]["trained_other_text"]
     return (f"unseen words: mean MCD-DTW {t['mcd_mean']:.2f} dB (control {c['mcd_mean']:.2f}), "
             f"{_fmt(t['under_8_5'], True)} under 8.5 dB, closer to its own sentence than to every other in "
-            f"{_fmt(t['closer_than_every_other'], True)}, duration within ±15% in {_fmt(t['duration_within_15'], True)}")
+            f"{_fmt(t['closer_than_every_other'], True)}, duration within ±15% in {_fmt(t['duration_within_15'], True)}"
+            + _headline_voice(metrics["speaker_identification"]))
+
+
+def _headline_voice(sid: dict[str, Any]) -> str:
+    if not sid.get("available"):
+        return ""
+    counts = f" ({sid['hits']} of {sid['n']})" if "hits" in sid else ""
+    return f", right voice {_fmt(sid['nearest_is_own_voice'], True)}{counts}"
 
 
 def plot_training(cfg: Any, path: Path) -> None:

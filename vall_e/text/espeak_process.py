@@ -10,9 +10,9 @@ a new child, and `vall_e.text.phonemes` retries a crashed batch chunk by chunk t
 
 The protocol is one JSON line each way: {"code": espeak language code, "chunks": [text, ...],
 "profile": "vall_e" | "amphion"} -> {"out": [ipa, ...]} or {"error": message, "kind": "language" |
-"phonemize"}. A profile is a set of phonemizer options: this project's (stress kept, language switches
-removed) or Amphion VALL-E's (no stress, switches kept, phones separated by '|' and words by '_'), so
-published Amphion checkpoints get their own phones from the same crash-proof child.
+"profile" | "phonemize"}. A profile is a set of phonemizer options: this project's (stress kept,
+language switches removed) or Amphion VALL-E's (no stress, switches kept, phones separated by '|' and
+words by '_'), so published Amphion checkpoints get their own phones from the same crash-proof child.
 """
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
     """One request's reply (the child's work, also callable in process)."""
     code, chunks, profile = request["code"], request["chunks"], request.get("profile", "vall_e")
     if profile not in PROFILES:
-        return {"error": f"unknown phonemizer profile {profile!r}: use one of {', '.join(PROFILES)}", "kind": "language"}
+        return {"error": f"unknown phonemizer profile {profile!r}: use one of {', '.join(PROFILES)}", "kind": "profile"}
     try:
         backend = _backend(code, profile)
     except UserError as e:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -92,7 +91,7 @@ def verify_cost(preset: str, ctx: Any, trees: list[str], keys: int = 600, repeat
     verification pass over a 4-position chain and over each tree of `trees` (`medusa_tree` specs):
     ms and the pass's cost in steps. Rows that cost little more than a step are what a tree needs to pay."""
     import torch
-    from bench_common import build_model, random_inputs, sync
+    from bench_common import build_model, random_inputs, timed
 
     from vall_e.generation.speculative import TREE_MAX_DEPTH, parse_tree
 
@@ -109,21 +108,15 @@ def verify_cost(preset: str, ctx: Any, trees: list[str], keys: int = 600, repeat
         steps = torch.zeros(1, dtype=torch.long, device=ctx.device)
         L = state.length
 
-        def timed(fn: Any) -> float:
-            sync(ctx.device)
-            t0 = time.perf_counter()
-            fn()
-            sync(ctx.device)
-            model.ar_rollback(state, L)
-            return time.perf_counter() - t0
-
         for r in range(repeats + 2):  # interleaved; the first two are warm-up
             for name, tree in [("step", None)] + list(shapes.items()):
                 if name == "step":
-                    t = timed(lambda: model.ar_step(tok, state))
+                    t, _ = timed(lambda: model.ar_step(tok, state), ctx.device)
                 else:
                     rows = 4 if tree is None else tree.size
-                    t = timed(lambda: model.ar_verify(tok.repeat(1, rows), state, steps, None if tree is None else tree.block))
+                    t, _ = timed(lambda: model.ar_verify(tok.repeat(1, rows), state, steps,
+                                                         None if tree is None else tree.block), ctx.device)
+                model.ar_rollback(state, L)
                 if r >= 2:
                     times.setdefault(name, []).append(t)
     step = min(times.pop("step")) * 1e3
@@ -131,7 +124,6 @@ def verify_cost(preset: str, ctx: Any, trees: list[str], keys: int = 600, repeat
     for name, ts in times.items():
         out[name] = {"rows": 4 if shapes[name] is None else shapes[name].size, "pass_ms": min(ts) * 1e3,
                      "pass_over_step": min(ts) * 1e3 / step}
-    del model
     return out
 
 
